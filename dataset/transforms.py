@@ -1,0 +1,68 @@
+"""Image preprocessing for the two encoders, exactly as the original feeds them.
+
+CLIP: shortest side to the crop size (bicubic), centre crop, CLIP mean/std (transformers'
+PIL-backed CLIP processor, which matches the processor the original used to float precision).
+SAM: longest side to 1024 (bilinear, new side int(old*scale+0.5)), ImageNet mean/std on the
+0-255 scale, zero padding bottom/right to a square.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def build_clip_processor(image_size: int, name_or_path: str | None = None):
+    """The CLIP image processor: from the tower's preprocessor_config.json when available,
+    else built from the geometry (the values every CLIP-L release uses)."""
+    from transformers import CLIPImageProcessorPil
+
+    if name_or_path:
+        try:
+            return CLIPImageProcessorPil.from_pretrained(name_or_path)
+        except (OSError, ValueError):
+            pass
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size},
+                                 resample=3, do_center_crop=True, image_mean=list(CLIP_MEAN),
+                                 image_std=list(CLIP_STD))
+
+
+class ClipTransform:
+    def __init__(self, image_size: int, name_or_path: str | None = None):
+        self.processor = build_clip_processor(image_size, name_or_path)
+
+    def __call__(self, image_rgb: np.ndarray) -> torch.Tensor:
+        """uint8 HxWx3 RGB -> float32 3xSxS."""
+        return self.processor(images=image_rgb, return_tensors="pt")["pixel_values"][0]
+
+
+@dataclass(frozen=True)
+class SamInput:
+    pixels: torch.Tensor  # float32 3 x S x S, normalised and zero padded
+    resized_size: tuple[int, int]  # (h, w) before padding
+    original_size: tuple[int, int]  # (H, W) of the input image
+
+
+class SamTransform:
+    def __init__(self, image_size: int = 1024):
+        self.image_size = image_size
+        self.resizer = ResizeLongestSide(image_size)
+        self.mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+
+    def __call__(self, image_rgb: np.ndarray) -> SamInput:
+        resized = self.resizer.apply_image(image_rgb)
+        h, w = resized.shape[:2]
+        x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+        x = (x - self.mean) / self.std
+        x = F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+        return SamInput(x, (h, w), (int(image_rgb.shape[0]), int(image_rgb.shape[1])))

@@ -1,0 +1,49 @@
+"""LoRA and the trainable/frozen split, as the original trains SESAME.
+
+LoRA (r 8, alpha 16, dropout 0.05) on LLaMA's q_proj/v_proj only; trained in full: lm_head,
+embed_tokens, the SAM mask decoder and text_hidden_fcs; frozen: CLIP, the projector, SAM's image
+and prompt encoders and every other LLaMA weight.
+"""
+from __future__ import annotations
+
+from .sesame import SesameModel
+
+FULLY_TRAINABLE = ("lm_head", "embed_tokens", "text_hidden_fcs")
+
+
+def apply_lora(model: SesameModel) -> None:
+    """Wrap the LLM with peft LoRA adapters. Only the LLM is wrapped, so CLIP, SAM and the
+    projector can never be targeted."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = model.config.lora
+    targets = "|".join(cfg.target_modules)
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                      target_modules=rf".*\.layers\.\d+\.self_attn\.({targets})")
+    model.llm = get_peft_model(model.llm, lora)
+
+
+def is_trainable(name: str, train_mask_decoder: bool = True) -> bool:
+    if "lora_" in name or any(part in name for part in FULLY_TRAINABLE):
+        return True
+    return train_mask_decoder and "visual_model.mask_decoder" in name
+
+
+def set_trainable(model: SesameModel) -> list[str]:
+    """Freeze everything, then unfreeze the trainable parts; returns the trainable names."""
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad = is_trainable(name, model.config.train_mask_decoder)
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def merge_lora(model: SesameModel) -> None:
+    """Fold the adapters into q_proj/v_proj and drop peft, leaving a plain LlamaForCausalLM."""
+    if hasattr(model.llm, "merge_and_unload"):
+        model.llm = model.llm.merge_and_unload()
+
+
+def enable_gradient_checkpointing(model: SesameModel) -> None:
+    model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

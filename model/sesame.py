@@ -1,0 +1,302 @@
+"""The SESAME model: LLaVA-1.5 (CLIP ViT-L/14 + 2-layer GELU projector + LLaMA) + SAM + text_hidden_fcs.
+
+The [SEG] path, prompt to mask:
+  prompt ids (one IMAGE_TOKEN_INDEX per row)
+    -> `splice_image_features`: CLIP layer -2 patches -> mm_projector, spliced in at the placeholder
+    -> LLaMA -> final-norm hidden states
+    -> the state at the position *before* each [SEG] (the one that predicts [SEG])
+    -> text_hidden_fcs (h -> h -> ReLU -> 256)
+    -> one sparse prompt token for SAM's mask decoder (`model.sam.decode_masks`)
+    -> mask logits at the original image size, threshold > 0.
+
+Submodules are named so the released checkpoint keys map one-to-one (see `model/checkpoint.py`):
+`llm.model.*` <-> `model.*`, `llm.lm_head` <-> `lm_head`, `mm_projector` <-> `model.mm_projector`,
+`visual_model` <-> `model.visual_model`, `text_hidden_fcs` <-> `model.text_hidden_fcs`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from .batch import SesameBatch
+from .config import SesameConfig
+from .conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .generation import LogitsHook, greedy_generate, positions_from_mask
+from .losses import bce_loss_sum, dice_loss_sum
+from .sam import build_sam, decode_masks
+
+SAM_IGNORE_LABEL = 255
+
+
+@dataclass
+class SesameOutput:
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    mask_bce_loss: torch.Tensor
+    mask_dice_loss: torch.Tensor
+    mask_loss: torch.Tensor
+    pred_masks: list[torch.Tensor]  # per image (n_i, H, W) logits
+    gt_masks: list[torch.Tensor]
+
+
+@dataclass
+class QueryPrediction:
+    """One generated answer. `masks` holds one (H, W) bool mask per generated [SEG]."""
+
+    output_ids: list[int]
+    masks: torch.Tensor
+    exists: bool  # See: a [SEG] was generated and its (first) mask is non-empty
+    seg_hidden: torch.Tensor = field(repr=False)  # (n_seg, H) LLM states that predicted each [SEG]
+
+
+@dataclass
+class SplicedInputs:
+    embeds: torch.Tensor  # (B, L + P - 1, H)
+    attention_mask: torch.Tensor  # (B, L + P - 1) long
+    token_ids: torch.Tensor  # (B, L + P - 1): ids, IMAGE_TOKEN_INDEX at image positions
+    labels: Optional[torch.Tensor]
+    image_start: torch.Tensor  # (B,) index of the first image position per row
+
+
+def llama_config(cfg: SesameConfig) -> LlamaConfig:
+    llm = cfg.llm
+    lc = LlamaConfig(
+        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+        num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
+        num_key_value_heads=llm.num_key_value_heads, rms_norm_eps=llm.rms_norm_eps,
+        max_position_embeddings=llm.max_position_embeddings, rope_theta=llm.rope_theta,
+        pad_token_id=llm.pad_token_id, bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id,
+        tie_word_embeddings=False, use_cache=True)
+    lc._attn_implementation = cfg.attn_implementation
+    return lc
+
+
+def clip_config(cfg: SesameConfig) -> CLIPVisionConfig:
+    v = cfg.vision
+    cc = CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                          num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                          image_size=v.image_size, patch_size=v.patch_size, projection_dim=v.projection_dim,
+                          hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    cc._attn_implementation = cfg.attn_implementation
+    return cc
+
+
+class SesameModel(nn.Module):
+    def __init__(self, config: SesameConfig, seg_token_id: int, vision_tower: Optional[CLIPVisionModel] = None):
+        super().__init__()
+        self.config = config
+        self.seg_token_id = seg_token_id
+        h = config.llm.hidden_size
+        self.vision_tower = vision_tower if vision_tower is not None else CLIPVisionModel(clip_config(config))
+        self.mm_projector = nn.Sequential(nn.Linear(config.vision.hidden_size, h), nn.GELU(), nn.Linear(h, h))
+        self.llm = LlamaForCausalLM(llama_config(config))
+        self.visual_model = build_sam(config.sam)
+        self.text_hidden_fcs = nn.ModuleList([nn.Sequential(
+            nn.Linear(h, h), nn.ReLU(inplace=True), nn.Linear(h, config.out_dim), nn.Dropout(0.0))])
+
+    # --- plumbing -------------------------------------------------------------------------
+    @property
+    def language_model(self) -> LlamaForCausalLM:
+        """The LlamaForCausalLM, whether or not LoRA (peft) wraps it."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    def _apply(self, fn, recurse=True):
+        # SAM's random-Fourier positional encoding stays float32 whatever the model dtype:
+        # bf16 sin/cos of 2*pi*x*G loses the point positions.
+        super()._apply(fn, recurse)
+        pe = self.visual_model.prompt_encoder.pe_layer
+        if pe.positional_encoding_gaussian_matrix.is_floating_point():
+            pe.positional_encoding_gaussian_matrix.data = pe.positional_encoding_gaussian_matrix.data.float()
+        return self
+
+    # --- encoders -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images_clip(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, s, s) -> (N, P, hidden): CLIP layer `select_layer`, CLS dropped, projected. Frozen."""
+        out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config.vision.select_layer][:, 1:]
+        return self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
+
+    @torch.no_grad()
+    def encode_images_sam(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, C, S/16, S/16) SAM image embeddings. Frozen."""
+        enc = self.visual_model.image_encoder
+        return enc(pixel_values.to(enc.patch_embed.proj.weight.dtype))
+
+    # --- sequence assembly ----------------------------------------------------------------
+    def splice_image_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              image_features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> SplicedInputs:
+        """Replace the one IMAGE_TOKEN_INDEX of each row by that row's P image features.
+
+        input_ids (B, L); image_features (B, P, H), already matched row by row.
+        """
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        per_row = is_image.sum(1)
+        if not bool((per_row == 1).all()):
+            raise ValueError(f"each prompt must hold exactly one image placeholder; counts per row: {per_row.tolist()}")
+        embed = self.language_model.get_input_embeddings()
+        text = embed(input_ids.masked_fill(is_image, 0))
+        img_pos = is_image.float().argmax(1)
+        num_patches = image_features.shape[1]
+        image_ids = input_ids.new_full((num_patches,), IMAGE_TOKEN_INDEX)
+        rows_e, rows_m, rows_t, rows_l = [], [], [], []
+        for b, p in enumerate(img_pos.tolist()):
+            rows_e.append(torch.cat([text[b, :p], image_features[b].to(text.dtype), text[b, p + 1:]]))
+            rows_m.append(torch.cat([attention_mask[b, :p], attention_mask.new_ones(num_patches), attention_mask[b, p + 1:]]))
+            rows_t.append(torch.cat([input_ids[b, :p], image_ids, input_ids[b, p + 1:]]))
+            if labels is not None:
+                rows_l.append(torch.cat([labels[b, :p], labels.new_full((num_patches,), IGNORE_INDEX), labels[b, p + 1:]]))
+        return SplicedInputs(embeds=torch.stack(rows_e), attention_mask=torch.stack(rows_m).long(),
+                             token_ids=torch.stack(rows_t), labels=torch.stack(rows_l) if labels is not None else None,
+                             image_start=img_pos)
+
+    # --- [SEG] -> mask ----------------------------------------------------------------------
+    def project_seg(self, seg_hidden: torch.Tensor) -> torch.Tensor:
+        """LLM hidden states that predicted [SEG] (n, hidden) -> SAM prompt embeddings (n, out_dim)."""
+        return self.text_hidden_fcs[0](seg_hidden)
+
+    def point_prompts(self, seg_hidden: torch.Tensor, image_hidden: torch.Tensor,
+                      resized_size: tuple[int, int], original_size: tuple[int, int]):
+        """Extra SAM point prompts per [SEG]; None for plain SESAME (READ's SasP overrides this)."""
+        return None
+
+    def masks_for_image(self, image_embedding: torch.Tensor, seg_hidden: torch.Tensor, image_hidden: Optional[torch.Tensor],
+                        resized_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+        """(n, hidden) [SEG] states of one image -> (n, H, W) mask logits."""
+        if seg_hidden.shape[0] == 0:
+            return seg_hidden.new_zeros((0, *original_size), dtype=torch.float32)
+        points = self.point_prompts(seg_hidden, image_hidden, resized_size, original_size)
+        return decode_masks(self.visual_model, image_embedding, self.project_seg(seg_hidden), resized_size,
+                            original_size, points=points)
+
+    # --- training / teacher-forced forward ---------------------------------------------------
+    def forward(self, batch: SesameBatch) -> SesameOutput:
+        offset = batch.offset.tolist()
+        num_images = len(offset) - 1
+        conv_to_image = torch.repeat_interleave(torch.arange(num_images, device=batch.input_ids.device),
+                                                torch.tensor([offset[i + 1] - offset[i] for i in range(num_images)],
+                                                             device=batch.input_ids.device))
+        clip_features = self.encode_images_clip(batch.images_clip)[conv_to_image]
+        sam_embeddings = self.encode_images_sam(batch.images_sam)
+        spliced = self.splice_image_features(batch.input_ids, batch.attention_mask, clip_features, batch.labels)
+
+        out = self.language_model.model(inputs_embeds=spliced.embeds, attention_mask=spliced.attention_mask,
+                                        position_ids=positions_from_mask(spliced.attention_mask), use_cache=False)
+        hidden = out.last_hidden_state  # final-norm states (the lm_head input)
+
+        # CE only where a label exists: same mean as HF's shifted loss, without (B, L, V) logits.
+        shift_labels = spliced.labels[:, 1:]
+        supervised = shift_labels != IGNORE_INDEX
+        if bool(supervised.any()):
+            logits = self.language_model.lm_head(hidden[:, :-1][supervised])
+            ce_loss = F.cross_entropy(logits.float(), shift_labels[supervised])
+        else:
+            ce_loss = hidden.sum() * 0.0
+
+        # [SEG] states: the position whose next token is [SEG], in (conversation, position) order.
+        predicts_seg = spliced.token_ids[:, 1:] == self.seg_token_id
+        seg_counts = predicts_seg.sum(1)
+        seg_hidden_all = hidden[:, :-1][predicts_seg]
+        seg_rows = predicts_seg.nonzero()[:, 0]
+
+        pred_masks, bce_sum, dice_sum, num_masks = [], hidden.new_zeros((), dtype=torch.float32), \
+            hidden.new_zeros((), dtype=torch.float32), 0
+        for i in range(num_images):
+            rows = (seg_rows >= offset[i]) & (seg_rows < offset[i + 1])
+            image_hidden = None
+            if self.config.sasp is not None:
+                image_hidden = self._image_hidden_rows(hidden, spliced, seg_rows[rows], clip_features.shape[1])
+            logits = self.masks_for_image(sam_embeddings[i:i + 1], seg_hidden_all[rows], image_hidden,
+                                          batch.resized_sizes[i], batch.original_sizes[i])
+            pred_masks.append(logits)
+            gt = batch.masks[i]
+            if logits.shape[0] != gt.shape[0]:
+                raise ValueError(f"image {i}: {logits.shape[0]} [SEG] tokens but {gt.shape[0]} ground-truth masks "
+                                 f"(seg tokens per conversation: {seg_counts[offset[i]:offset[i + 1]].tolist()})")
+            if gt.shape[0]:
+                valid = gt != SAM_IGNORE_LABEL
+                target = (gt == 1).float()
+                bce_sum = bce_sum + bce_loss_sum(logits, target, valid)
+                dice_sum = dice_sum + dice_loss_sum(logits, target, valid)
+                num_masks += gt.shape[0]
+        w = self.config.loss
+        bce = bce_sum / (num_masks + 1e-8)
+        dice = dice_sum / (num_masks + 1e-8)
+        mask_loss = w.bce_loss_weight * bce + w.dice_loss_weight * dice
+        loss = w.ce_loss_weight * ce_loss + mask_loss
+        return SesameOutput(loss=loss, ce_loss=ce_loss, mask_bce_loss=bce, mask_dice_loss=dice, mask_loss=mask_loss,
+                            pred_masks=pred_masks, gt_masks=list(batch.masks))
+
+    def _image_hidden_rows(self, hidden: torch.Tensor, spliced: SplicedInputs, rows: torch.Tensor,
+                           num_patches: int) -> torch.Tensor:
+        """(n, P, hidden): the image-token states of the conversation each [SEG] belongs to."""
+        starts = spliced.image_start[rows]
+        idx = starts[:, None] + torch.arange(num_patches, device=hidden.device)[None]
+        return hidden[rows[:, None], idx]
+
+    # --- inference ----------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(
+        self,
+        images_clip: torch.Tensor,
+        images_sam: torch.Tensor,
+        resized_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]],
+        prompts: Sequence[Sequence[int]],
+        image_index: Sequence[int],
+        *,
+        max_new_tokens: int = 512,
+        eos_token_id: int = 2,
+        pad_token_id: int = 0,
+        logits_hook: Optional[LogitsHook] = None,
+    ) -> list[QueryPrediction]:
+        """Greedy answers and masks for several prompts over N images, as one batch.
+
+        Each image is encoded once (CLIP and SAM) whatever the number of its prompts. Prompts are
+        token-id lists with one IMAGE_TOKEN_INDEX (see `conversation.tokenize_with_image`);
+        `image_index[k]` names the image of prompt k. Rows are left padded; padding is masked.
+        """
+        device = self.device
+        clip_features = self.encode_images_clip(images_clip.to(device))
+        sam_embeddings = self.encode_images_sam(images_sam.to(device))
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros_like(input_ids)
+        for k, p in enumerate(prompts):
+            input_ids[k, length - len(p):] = torch.tensor(p, device=device)
+            attention_mask[k, length - len(p):] = 1
+        index = torch.as_tensor(list(image_index), device=device)
+        spliced = self.splice_image_features(input_ids, attention_mask, clip_features[index])
+        gen = greedy_generate(self.language_model, spliced.embeds, spliced.attention_mask,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                              seg_token_id=self.seg_token_id, logits_hook=logits_hook,
+                              keep_prefill_hidden=self.config.sasp is not None)
+        results = []
+        num_patches = clip_features.shape[1]
+        for k in range(len(prompts)):
+            i = int(image_index[k])
+            seg_hidden = gen.seg_hidden[k]
+            image_hidden = None
+            if gen.prefill_hidden is not None and seg_hidden.shape[0]:
+                start = int(spliced.image_start[k])
+                image_hidden = gen.prefill_hidden[k, start:start + num_patches][None].expand(seg_hidden.shape[0], -1, -1)
+            logits = self.masks_for_image(sam_embeddings[i:i + 1], seg_hidden, image_hidden,
+                                          tuple(resized_sizes[i]), tuple(original_sizes[i]))
+            masks = logits > 0
+            exists = bool(masks.shape[0] > 0 and masks[0].any())
+            results.append(QueryPrediction(output_ids=gen.tokens[k], masks=masks.cpu(), exists=exists,
+                                           seg_hidden=seg_hidden))
+        return results

@@ -1,0 +1,290 @@
+"""Model core on a tiny random configuration (CPU, fp32)."""
+import numpy as np
+import pytest
+import torch
+
+from dataset.transforms import ClipTransform, SamTransform
+from model.batch import SesameBatch
+from model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, build_prompt, tokenize_with_image
+from model.lora import apply_lora, is_trainable, set_trainable
+from model.tiny import tiny_model
+
+
+def _image(h, w, seed=0):
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _inputs(model, images):
+    clip = ClipTransform(model.config.vision.image_size)
+    sam = SamTransform(model.config.sam.image_size)
+    sam_in = [sam(im) for im in images]
+    return (torch.stack([clip(im) for im in images]), torch.stack([s.pixels for s in sam_in]),
+            [s.resized_size for s in sam_in], [s.original_size for s in sam_in])
+
+
+def _train_batch(tokenizer, token_ids, model, answers_per_image, sizes):
+    """One conversation per answer; labels supervise the answer and </s> only."""
+    images = [_image(h, w, i) for i, (h, w) in enumerate(sizes)]
+    clip, sam, resized, original = _inputs(model, images)
+    rows, labels, offset, masks = [], [], [0], []
+    for i, answers in enumerate(answers_per_image):
+        n_seg = 0
+        for a in answers:
+            prompt_ids = tokenize_with_image(build_prompt("<image>\nWhere is the red square?"), tokenizer)
+            answer_ids = tokenizer(" " + a, add_special_tokens=False).input_ids + [token_ids.eos]
+            rows.append(prompt_ids + answer_ids)
+            labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+            n_seg += a.count("[SEG]")
+        offset.append(len(rows))
+        h, w = sizes[i]
+        gt = torch.zeros(n_seg, h, w, dtype=torch.uint8)
+        for k in range(n_seg):
+            gt[k, h // 4: h // 2, w // 3: w // 2 + k] = 1
+        masks.append(gt)
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), token_ids.pad)
+    lab = torch.full((len(rows), length), IGNORE_INDEX)
+    att = torch.zeros((len(rows), length), dtype=torch.bool)
+    for r, (x, y) in enumerate(zip(rows, labels)):
+        ids[r, :len(x)] = torch.tensor(x)
+        lab[r, :len(y)] = torch.tensor(y)
+        att[r, :len(x)] = True
+    return SesameBatch(images_clip=clip, images_sam=sam, input_ids=ids, labels=lab, attention_mask=att,
+                       offset=torch.tensor(offset), masks=masks, resized_sizes=resized, original_sizes=original)
+
+
+def _force_seg_at(step_to_force, seg_id, eos_id):
+    """A logits hook that emits [SEG] at a given step and EOS two steps later."""
+    def hook(step, logits):
+        logits = logits.clone()
+        if step == step_to_force:
+            logits[:, seg_id] += 1e4
+        if step == step_to_force + 2:
+            logits[:, eos_id] += 1e4
+        return logits
+    return hook
+
+
+def test_tokens_and_prompt(tokenizer, token_ids):
+    vocab = len(tokenizer)
+    assert token_ids.seg == vocab - 3 and token_ids.im_start == vocab - 2 and token_ids.im_end == vocab - 1
+    prompt = build_prompt("<image>\nIs there a cat?")
+    assert prompt.startswith("A chat between a curious human")
+    assert "USER: <im_start><image><im_end>\nIs there a cat? ASSISTANT:" in prompt
+    ids = tokenize_with_image(prompt, tokenizer)
+    assert ids[0] == token_ids.bos and ids.count(token_ids.bos) == 1
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1
+    k = ids.index(IMAGE_TOKEN_INDEX)
+    assert ids[k - 1] == token_ids.im_start and ids[k + 1] == token_ids.im_end
+    assert "curious user" in build_prompt("<image>\nx", template="vicuna_v1")
+    assert build_prompt("<image>\nq", "a [SEG].").endswith("ASSISTANT: a [SEG].</s>")
+
+
+def test_forward_backward_and_gradients(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    apply_lora(model)
+    trainable = set(set_trainable(model))
+    model.train()
+    batch = _train_batch(tokenizer, token_ids, model,
+                         [["Sure, it is [SEG].", "No, there is no dog."], ["Yes [SEG]."]], [(37, 53), (64, 41)])
+    out = model(batch)
+    for name in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss"):
+        assert torch.isfinite(getattr(out, name)), name
+    assert out.mask_bce_loss > 0 and out.mask_dice_loss > 0
+    assert [m.shape for m in out.pred_masks] == [(1, 37, 53), (1, 64, 41)]
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    # SAM's IoU head is trainable (as in the original) but no SESAME loss reads its output.
+    iou_head = {n for n in trainable if "iou_prediction_head" in n}
+    assert iou_head and with_grad == trainable - iou_head
+    # LoRA A gets zero gradient at init (B = 0), every other trainable part a non-zero one.
+    for n, p in model.named_parameters():
+        if n in trainable - iou_head and "lora_A" not in n and "output_hypernetworks_mlps.0" not in n \
+                and "output_hypernetworks_mlps" in n:
+            continue  # multimask hypernetworks 1-3 feed only the masks SESAME discards (zero gradient)
+        if n in trainable - iou_head and "lora_A" not in n:
+            assert p.grad.abs().sum() > 0, n
+
+
+def test_mask_losses_are_means_over_masks(tokenizer, token_ids):
+    """Two masks in one image and one in another: each mask loss is the mean of the three."""
+    from model.losses import bce_loss_sum, dice_loss_sum
+    model = tiny_model(token_ids, len(tokenizer))
+    batch = _train_batch(tokenizer, token_ids, model, [["A [SEG] and [SEG]."], ["Yes [SEG]."]], [(30, 30), (20, 40)])
+    out = model(batch)
+    preds = [m for p in out.pred_masks for m in p]
+    gts = [g.float() for m in batch.masks for g in m]
+    bce = sum(bce_loss_sum(p[None], g[None]) for p, g in zip(preds, gts)) / 3
+    dice = sum(dice_loss_sum(p[None], g[None]) for p, g in zip(preds, gts)) / 3
+    torch.testing.assert_close(out.mask_bce_loss, bce)
+    torch.testing.assert_close(out.mask_dice_loss, dice)
+    torch.testing.assert_close(out.loss, out.ce_loss + 2.0 * bce + 0.5 * dice)
+
+
+def test_no_mask_batch_has_zero_mask_loss(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    batch = _train_batch(tokenizer, token_ids, model, [["No, there is no dog."]], [(30, 20)])
+    out = model(batch)
+    assert out.mask_bce_loss == 0 and out.mask_dice_loss == 0 and out.ce_loss > 0
+
+
+def test_seg_count_mismatch_is_an_error(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    batch = _train_batch(tokenizer, token_ids, model, [["Yes [SEG]."]], [(30, 20)])
+    batch.masks = [torch.zeros(2, 30, 20, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="ground-truth masks"):
+        model(batch)
+
+
+def test_dice_matches_hand_computation():
+    from model.losses import dice_loss_sum
+    logits = torch.tensor([[[0.0, 2.0], [-1.0, 3.0]]])
+    gt = torch.tensor([[[0.0, 1.0], [1.0, 1.0]]])
+    p = torch.sigmoid(logits).flatten()
+    g = gt.flatten()
+    s = 1000.0
+    expected = 1 - (2 * (p / s * g).sum() + 1e-6) / ((p / s).sum() + (g / s).sum() + 1e-6)
+    torch.testing.assert_close(dice_loss_sum(logits, gt), expected)
+
+
+def test_seg_embedding_kv_cache_equals_teacher_forced(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    img = _image(45, 70)
+    clip, sam, resized, original = _inputs(model, [img])
+    prompt = tokenize_with_image(build_prompt("<image>\nWhere is the red square?", template="vicuna_v1"), tokenizer)
+    hook = _force_seg_at(3, token_ids.seg, token_ids.eos)
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=10, eos_token_id=token_ids.eos,
+                         logits_hook=hook)[0]
+    assert pred.output_ids.count(token_ids.seg) == 1 and pred.output_ids[-1] == token_ids.eos
+    # teacher-forced forward over prompt + generated answer
+    full = torch.tensor([prompt + pred.output_ids])
+    feats = model.encode_images_clip(clip)
+    spliced = model.splice_image_features(full, torch.ones_like(full), feats)
+    hidden = model.language_model.model(inputs_embeds=spliced.embeds, attention_mask=spliced.attention_mask).last_hidden_state
+    before_seg = (spliced.token_ids[0, 1:] == token_ids.seg).nonzero()[0, 0]
+    torch.testing.assert_close(pred.seg_hidden[0], hidden[0, before_seg], atol=1e-5, rtol=1e-4)
+    assert pred.masks.shape == (1, 45, 70)
+
+
+def test_batched_left_padded_generation_equals_single(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer), seed=3)
+    images = [_image(40, 60, 1), _image(64, 32, 2)]
+    clip, sam, resized, original = _inputs(model, images)
+    questions = ["<image>\nIs there a dog?", "<image>\nCan you confirm if the man in red is present in this image?",
+                 "<image>\nwhite car"]
+    prompts = [tokenize_with_image(build_prompt(q), tokenizer) for q in questions]
+    assert len({len(p) for p in prompts}) == 3
+    image_index = [0, 1, 1]
+    hook = _force_seg_at(2, token_ids.seg, token_ids.eos)
+    batched = model.predict(clip, sam, resized, original, prompts, image_index, max_new_tokens=6,
+                            eos_token_id=token_ids.eos)
+    alone = [model.predict(clip[i:i + 1], sam[i:i + 1], resized[i:i + 1], original[i:i + 1], [p], [0],
+                           max_new_tokens=6, eos_token_id=token_ids.eos)[0] for p, i in zip(prompts, image_index)]
+    assert [b.output_ids for b in batched] == [a.output_ids for a in alone]
+    seg_b = model.predict(clip, sam, resized, original, prompts, image_index, max_new_tokens=6,
+                          eos_token_id=token_ids.eos, logits_hook=hook)
+    seg_a = [model.predict(clip[i:i + 1], sam[i:i + 1], resized[i:i + 1], original[i:i + 1], [p], [0],
+                           max_new_tokens=6, eos_token_id=token_ids.eos, logits_hook=hook)[0]
+             for p, i in zip(prompts, image_index)]
+    for b, a in zip(seg_b, seg_a):
+        torch.testing.assert_close(b.seg_hidden, a.seg_hidden, atol=1e-5, rtol=1e-4)
+        assert torch.equal(b.masks, a.masks)
+
+
+def test_no_seg_gives_empty_mask_and_see_false(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    clip, sam, resized, original = _inputs(model, [_image(33, 51)])
+    prompt = tokenize_with_image(build_prompt("<image>\nIs there a dog?"), tokenizer)
+
+    def never_seg(step, logits):
+        logits = logits.clone()
+        logits[:, token_ids.seg] = -1e9
+        return logits
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=5, logits_hook=never_seg,
+                         eos_token_id=token_ids.eos)[0]
+    assert token_ids.seg not in pred.output_ids
+    assert pred.masks.shape == (0, 33, 51) and pred.exists is False
+
+
+@pytest.mark.parametrize("size", [(33, 51), (77, 20), (1, 3)])
+def test_masks_come_back_at_original_size(tokenizer, token_ids, size):
+    model = tiny_model(token_ids, len(tokenizer))
+    clip, sam, resized, original = _inputs(model, [_image(*size)])
+    prompt = tokenize_with_image(build_prompt("<image>\nthe square"), tokenizer)
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=4, eos_token_id=token_ids.eos,
+                         logits_hook=_force_seg_at(0, token_ids.seg, token_ids.eos))[0]
+    assert pred.masks.shape == (1, *size) and pred.masks.dtype == torch.bool
+    assert pred.exists == bool(pred.masks[0].any())
+
+
+def test_empty_predicted_mask_means_not_present(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    with torch.no_grad():  # mask decoder output bias -> all logits very negative
+        model.visual_model.mask_decoder.output_hypernetworks_mlps[0].layers[-1].weight.zero_()
+        model.visual_model.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias.zero_()
+    clip, sam, resized, original = _inputs(model, [_image(20, 30)])
+    prompt = tokenize_with_image(build_prompt("<image>\nthe square"), tokenizer)
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=3, eos_token_id=token_ids.eos,
+                         logits_hook=_force_seg_at(0, token_ids.seg, token_ids.eos))[0]
+    assert token_ids.seg in pred.output_ids and not pred.masks.any() and pred.exists is False
+
+
+def test_bf16_forward_and_predict(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer), dtype=torch.bfloat16)
+    assert model.visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
+    batch = _train_batch(tokenizer, token_ids, model, [["Yes [SEG]."]], [(30, 20)])
+    out = model(batch.to("cpu", torch.bfloat16))
+    assert torch.isfinite(out.loss)
+    clip, sam, resized, original = _inputs(model, [_image(20, 30)])
+    prompt = tokenize_with_image(build_prompt("<image>\nthe square"), tokenizer)
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=3, eos_token_id=token_ids.eos,
+                         logits_hook=_force_seg_at(0, token_ids.seg, token_ids.eos))[0]
+    assert pred.masks.shape == (1, 20, 30)
+
+
+def test_trainable_split_by_name(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    apply_lora(model)
+    names = set_trainable(model)
+    lora = [n for n in names if "lora_" in n]
+    n_layers = model.config.llm.num_hidden_layers
+    assert len(lora) == n_layers * 2 * 2  # q and v, A and B
+    assert all(".self_attn.q_proj." in n or ".self_attn.v_proj." in n for n in lora)
+    assert all(n.startswith("llm.") for n in lora)
+    groups = {"lm_head", "embed_tokens", "visual_model.mask_decoder", "text_hidden_fcs"}
+    for g in groups:
+        assert any(g in n for n in names), g
+    for n, p in model.named_parameters():
+        frozen_part = n.startswith(("vision_tower.", "mm_projector.", "visual_model.image_encoder.",
+                                    "visual_model.prompt_encoder."))
+        if frozen_part:
+            assert not p.requires_grad, n
+        if n.startswith("llm.") and ".layers." in n and "lora_" not in n:
+            assert not p.requires_grad, n
+    assert not is_trainable("visual_model.mask_decoder.x", train_mask_decoder=False)
+
+
+def test_preprocessing_matches_independent_pil():
+    from PIL import Image
+    img = _image(301, 457, 7)
+    # CLIP: shortest side -> 112 bicubic (long side truncated), centre crop, CLIP mean/std
+    s = 112
+    h, w = img.shape[:2]
+    nh, nw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    r = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC, reducing_gap=None), dtype=np.float32)
+    top, left = (nh - s) // 2, (nw - s) // 2
+    c = r[top:top + s, left:left + s] / 255.0
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    expected = ((c - mean) / std).transpose(2, 0, 1)
+    got = ClipTransform(s)(img).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # SAM: longest side -> 1024 with int(x*scale+0.5), bilinear, (x-mean)/std, zero pad
+    sam = SamTransform(1024)(img)
+    scale = 1024 / max(h, w)
+    rh, rw = int(h * scale + 0.5), int(w * scale + 0.5)
+    assert sam.resized_size == (rh, rw) and sam.original_size == (h, w)
+    rs = np.asarray(Image.fromarray(img).resize((rw, rh), Image.BILINEAR), dtype=np.float32)
+    norm = (rs - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
+    np.testing.assert_allclose(sam.pixels[:, :rh, :rw].numpy(), norm.transpose(2, 0, 1), atol=1e-4)
+    assert sam.pixels.shape == (3, 1024, 1024)
+    assert float(sam.pixels[:, rh:, :].abs().sum()) == 0 and float(sam.pixels[:, :, rw:].abs().sum()) == 0
