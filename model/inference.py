@@ -1,0 +1,462 @@
+"""Fast batched evaluation: many images, many queries per image, one shared prompt prefix per image.
+
+Every SESAME prompt of an image starts with the same tokens:
+
+    BOS + system + " USER: <im_start>" + the image's P projected CLIP patches      (the prefix)
+    "<im_end>\\n{question} ASSISTANT:"                                              (the suffix)
+
+(`conversation.tokenize_with_image` tokenises the text after `<image>` on its own, so the prefix ids
+never depend on the question.) The engine therefore
+
+1. encodes each image once with CLIP and SAM, for all of its queries;
+2. runs the LLM over each image's prefix once;
+3. gives each query a *slot* next to its image's prefix and runs all suffixes, then all decode
+   steps, as one batch over images and slots, with a KV cache;
+4. decodes the masks of all [SEG]s of an image in one SAM mask-decoder call.
+
+The KV cache holds one row per *group* (an image and up to `slots_per_group` of its queries), and its
+columns are laid out time-major so that everything visible at a step is a contiguous prefix:
+
+    [ prefix: P columns | suffix token t of slot j at P + t*n + j | generated token s at P + (Ts+s)*n + j ]
+
+A query attends to the prefix and to its own slot's columns only (a boolean mask handed to PyTorch's
+`scaled_dot_product_attention`). The prefix is read once per group and step however many queries
+share it, which is what makes large batches cheap: decode is bound by reading weights and cache.
+
+The decoder layers of transformers' LlamaForCausalLM (projections, rotary embedding, norms, MLP,
+LoRA-wrapped or not) are called one by one; only the attention call and the cache are ours,
+because transformers' caches have no notion of a prefix shared between batch rows.
+
+Outputs equal `SesameModel.predict` run one query at a time (tests/test_eval_engine.py).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .conversation import IMAGE_TOKEN_INDEX
+from .sesame import QueryPrediction, SesameModel
+
+# (step, logits (R, V) float32, query index (R,) long: position in `run`'s flat query order, -1 for
+# an empty slot) -> logits. Tests and benchmarks use it to force tokens.
+RowLogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ImageWork:
+    """One image and the prompts asked about it."""
+
+    clip_pixels: torch.Tensor  # (3, s, s) from ClipTransform
+    sam_pixels: torch.Tensor  # (3, S, S) from SamTransform
+    resized_size: tuple[int, int]
+    original_size: tuple[int, int]
+    prompts: list[list[int]]  # token ids with exactly one IMAGE_TOKEN_INDEX each
+
+
+@dataclass
+class EngineConfig:
+    max_new_tokens: int = 512
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    slots_per_group: int = 8  # queries of one image that share one cached prefix; more -> another group
+    sam_batch: int = 4  # SAM ViT-H global attention materialises 4096^2 scores per head: keep it small
+    clip_batch: int = 32
+    prefix_batch: int = 16  # images per prefix forward
+    first_capacity: int = 32  # decode steps the cache is sized for at first; doubles when reached
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "slots_per_group", "sam_batch", "clip_batch", "prefix_batch", "first_capacity"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+class StageTimer:
+    """Wall time per named stage. With `sync`, CUDA work is waited for at each stage boundary, so
+    the split is honest (use it for benchmarks; it costs a little)."""
+
+    def __init__(self, sync: bool = False):
+        self.sync = sync
+        self.seconds: dict[str, float] = {}
+
+    def _wait(self) -> None:
+        if self.sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def stage(self, name: str):
+        self._wait()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._wait()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+
+@contextmanager
+def _no_timer(name: str):
+    yield
+
+
+class GroupKVCache:
+    """Keys and values per decoder layer, (G, kv_heads, columns, head_dim), in the column layout of
+    the module docstring. Columns grow by reallocation (rare: capacity doubles)."""
+
+    def __init__(self, num_layers: int, groups: int, kv_heads: int, head_dim: int, columns: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (groups, kv_heads, columns, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.used = 0
+
+    @property
+    def columns(self) -> int:
+        return self.keys[0].shape[2]
+
+    def grow(self, columns: int) -> None:
+        if columns <= self.columns:
+            return
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_empty((old.shape[0], old.shape[1], columns, old.shape[3]))
+                new[:, :, :self.used] = old[:, :, :self.used]
+                store[i] = new
+
+    def select(self, groups: torch.Tensor) -> None:
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                store[i] = old.index_select(0, groups)
+
+
+@dataclass
+class _Plan:
+    """Which query sits in which (group, slot)."""
+
+    group_image: list[int]  # image index per group
+    slot_query: list[list[int]]  # per group, flat query indices (len <= slots)
+    slots: int
+
+
+def _split_prompt(ids: Sequence[int], where: str) -> tuple[tuple[int, ...], list[int]]:
+    positions = [k for k, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+    if len(positions) != 1:
+        raise ValueError(f"{where}: a prompt needs exactly one image placeholder ({IMAGE_TOKEN_INDEX}), "
+                         f"found {len(positions)}")
+    k = positions[0]
+    if k + 1 == len(ids):
+        raise ValueError(f"{where}: the prompt has no text after the image (expected '<im_end>\\n{{question}} ASSISTANT:')")
+    return tuple(ids[:k]), list(ids[k + 1:])
+
+
+class BatchedInference:
+    """See the module docstring. `run` takes any number of images; callers size batches with
+    `batch_images` (KV memory grows with queries x prompt length)."""
+
+    def __init__(self, model: SesameModel, config: EngineConfig, logits_hook: Optional[RowLogitsHook] = None,
+                 timer: Optional[StageTimer] = None):
+        self.model = model
+        self.config = config
+        self.logits_hook = logits_hook
+        self.timer = timer
+
+    def _stage(self, name: str):
+        return self.timer.stage(name) if self.timer is not None else _no_timer(name)
+
+    # --- public -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, images: Sequence[ImageWork]) -> list[list[QueryPrediction]]:
+        """Greedy answers, masks and See decisions for every prompt of every image, in input order."""
+        flat: list[tuple[int, int]] = [(i, k) for i, im in enumerate(images) for k in range(len(im.prompts))]
+        if not flat:
+            return [[] for _ in images]
+        split = [_split_prompt(images[i].prompts[k], f"image {i} prompt {k}") for i, k in flat]
+        by_prefix: dict[tuple[int, ...], list[int]] = {}
+        for q, (prefix, _) in enumerate(split):
+            by_prefix.setdefault(prefix, []).append(q)
+        with self._stage("encoders"):
+            clip_features, sam_embeddings = self._encode(images)
+        predictions: list[Optional[QueryPrediction]] = [None] * len(flat)
+        for prefix, queries in by_prefix.items():  # one template -> one prefix, the normal case
+            preds = self._run_prefix(images, clip_features, sam_embeddings, prefix,
+                                     [(flat[q][0], split[q][1], q) for q in queries])
+            for q, p in zip(queries, preds):
+                predictions[q] = p
+        out: list[list[QueryPrediction]] = [[] for _ in images]
+        for (i, _), p in zip(flat, predictions):
+            out[i].append(p)
+        return out
+
+    # --- stages -------------------------------------------------------------------------------
+    def _encode(self, images: Sequence[ImageWork]) -> tuple[torch.Tensor, torch.Tensor]:
+        device, cfg = self.model.device, self.config
+        clip = torch.stack([im.clip_pixels for im in images])
+        sam = torch.stack([im.sam_pixels for im in images])
+        clip_features = torch.cat([self.model.encode_images_clip(clip[a:a + cfg.clip_batch].to(device))
+                                   for a in range(0, len(images), cfg.clip_batch)])
+        sam_embeddings = torch.cat([self.model.encode_images_sam(sam[a:a + cfg.sam_batch].to(device))
+                                    for a in range(0, len(images), cfg.sam_batch)])
+        return clip_features, sam_embeddings
+
+    def _plan(self, queries: list[tuple[int, list[int], int]]) -> _Plan:
+        per_image: dict[int, list[int]] = {}
+        for local, (image, _, _) in enumerate(queries):
+            per_image.setdefault(image, []).append(local)
+        cap = self.config.slots_per_group
+        group_image, slot_query = [], []
+        for image, locals_ in per_image.items():
+            for a in range(0, len(locals_), cap):
+                group_image.append(image)
+                slot_query.append(locals_[a:a + cap])
+        return _Plan(group_image, slot_query, max(len(s) for s in slot_query))
+
+    def _run_prefix(self, images, clip_features, sam_embeddings, prefix: tuple[int, ...],
+                    queries: list[tuple[int, list[int], int]]) -> list[QueryPrediction]:
+        """All queries that share `prefix` text. queries: (image index, suffix ids, flat query index)."""
+        model, cfg = self.model, self.config
+        llm = model.language_model
+        decoder = llm.model
+        device, dtype = model.device, model.dtype
+        plan = self._plan(queries)
+        groups, n = len(plan.group_image), plan.slots
+        attn0 = decoder.layers[0].self_attn
+        kv_heads = llm.config.num_key_value_heads
+        num_layers = llm.config.num_hidden_layers
+        num_patches = clip_features.shape[1]
+        text_len = len(prefix)
+        P = text_len + num_patches
+        Ts = max(len(s) for _, s, _ in queries)
+        capacity_steps = min(cfg.max_new_tokens, cfg.first_capacity)
+        cache = GroupKVCache(num_layers, groups, kv_heads, attn0.head_dim, P + (Ts + capacity_steps) * n, dtype, device)
+        group_image = torch.tensor(plan.group_image, device=device)
+
+        # 1) prefix: each distinct image once, copied into each of its groups' cache rows
+        with self._stage("prefill_prefix"):
+            image_ids = sorted(set(plan.group_image))
+            image_hidden = self._prefill_prefix(decoder, prefix, image_ids, clip_features, cache, plan)
+        cache.used = P
+
+        # 2) suffixes, time-major: row t*n + j is suffix token t of slot j (left padded to Ts)
+        with self._stage("prefill_suffix"):
+            ids = torch.full((groups, n, Ts), cfg.pad_token_id, dtype=torch.long)
+            real = torch.zeros((groups, n, Ts), dtype=torch.bool)
+            slot_query = torch.full((groups, n), -1, dtype=torch.long)
+            for g, slot_list in enumerate(plan.slot_query):
+                for j, local in enumerate(slot_list):
+                    suffix = queries[local][1]
+                    ids[g, j, Ts - len(suffix):] = torch.tensor(suffix)
+                    real[g, j, Ts - len(suffix):] = True
+                    slot_query[g, j] = queries[local][2]
+            ids, real, slot_query = ids.to(device), real.to(device), slot_query.to(device)
+            suffix_len = real.sum(-1)  # (G, n)
+            positions = (P + real.long().cumsum(-1) - 1).clamp(min=P)  # (G, n, Ts)
+            own = torch.eye(n, dtype=torch.bool, device=device)
+            # key (t', j') visible from (t, j): same slot, t' <= t, real token; the prefix always
+            causal = torch.ones(Ts, Ts, dtype=torch.bool, device=device).tril()
+            suffix_keys = own[None, None, :, None, :] & real.transpose(1, 2)[:, None, None, :, :]  # (G,1,n,Ts,n)
+            visible = causal[None, :, None, :, None] & suffix_keys  # (G, Ts, n, Ts, n)
+            mask = torch.cat([torch.ones(groups, Ts * n, P, dtype=torch.bool, device=device),
+                              visible.reshape(groups, Ts * n, Ts * n)], dim=2)[:, None]
+            x = llm.get_input_embeddings()(ids.transpose(1, 2).reshape(groups, Ts * n))
+            x = self._layers(decoder, x, positions.transpose(1, 2).reshape(groups, Ts * n), cache, P, mask)
+            hidden = decoder.norm(x[:, (Ts - 1) * n:])  # (G, n, H): the last suffix token of every slot
+            cache.used = P + Ts * n
+
+        # 3) greedy decoding over all slots at once
+        with self._stage("decode"):
+            tokens, steps_run, seg_steps = self._decode(llm, decoder, hidden, cache, slot_query, suffix_len,
+                                                        suffix_keys.reshape(groups, n, Ts * n), P, Ts, n)
+
+        # 4) answers, [SEG] states, masks
+        with self._stage("masks"):
+            return self._finish(queries, plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden,
+                                images)
+
+    def _prefill_prefix(self, decoder, prefix, image_ids, clip_features, cache: GroupKVCache, plan: _Plan):
+        model, cfg = self.model, self.config
+        device = model.device
+        prefix_ids = torch.tensor(prefix, dtype=torch.long, device=device)
+        text = model.language_model.get_input_embeddings()(prefix_ids)
+        text_len, num_patches = len(prefix), clip_features.shape[1]
+        P = text_len + num_patches
+        keep_image_hidden = model.config.sasp is not None
+        image_hidden: dict[int, torch.Tensor] = {}
+        for a in range(0, len(image_ids), cfg.prefix_batch):
+            chunk = image_ids[a:a + cfg.prefix_batch]
+            feats = clip_features[torch.tensor(chunk, device=device)].to(text.dtype)
+            x = torch.cat([text[None].expand(len(chunk), -1, -1), feats], dim=1)
+            positions = torch.arange(P, device=device)[None].expand(len(chunk), -1)
+            # cache rows (groups) of these images, and which chunk row feeds each
+            rows = [g for g, im in enumerate(plan.group_image) if im in chunk]
+            source = torch.tensor([chunk.index(plan.group_image[g]) for g in rows], device=device)
+            x = self._layers(decoder, x, positions, cache, 0, None,
+                             prefix_rows=(torch.tensor(rows, device=device), source))
+            if keep_image_hidden:
+                states = decoder.norm(x[:, text_len:text_len + num_patches])
+                for r, im in enumerate(chunk):
+                    image_hidden[im] = states[r]
+        return image_hidden
+
+    def _layers(self, decoder, x: torch.Tensor, positions: torch.Tensor, cache: GroupKVCache, start: int,
+                mask: Optional[torch.Tensor], prefix_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """Run every decoder layer over x (B, L, H) whose tokens take cache columns [start, start + L).
+
+        mask None: plain causal attention over x itself (the prefix pass); its keys and values are
+        copied into cache rows prefix_rows[0] from x's rows prefix_rows[1]. Otherwise B = groups and
+        `mask` (G, 1, L, start + L) says which cached columns each token sees.
+        """
+        cos, sin = decoder.rotary_emb(x, positions)
+        end = start + x.shape[1]
+        batch, length = x.shape[:2]
+        for i, layer in enumerate(decoder.layers[:decoder.config.num_hidden_layers]):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            shape = (batch, length, -1, attn.head_dim)
+            q = attn.q_proj(h).view(shape).transpose(1, 2)
+            k = attn.k_proj(h).view(shape).transpose(1, 2)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            gqa = q.shape[1] != k.shape[1]
+            if mask is None:
+                rows, source = prefix_rows
+                cache.keys[i][rows, :, start:end] = k[source]
+                cache.values[i][rows, :, start:end] = v[source]
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                                   **({"enable_gqa": True} if gqa else {}))
+            else:
+                cache.keys[i][:, :, start:end] = k
+                cache.values[i][:, :, start:end] = v
+                o = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
+                                                   attn_mask=mask, scale=attn.scaling,
+                                                   **({"enable_gqa": True} if gqa else {}))
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    def _decode(self, llm, decoder, hidden, cache: GroupKVCache, slot_query, suffix_len, suffix_keys, P, Ts, n):
+        """Greedy steps. Returns tokens (G0, n, steps) on the device, steps run, and the [SEG] states
+        as a list of (step, group ids, seg flags (g, n), hidden (g, n, H))."""
+        cfg = self.config
+        device = hidden.device
+        groups0 = hidden.shape[0]
+        embed, lm_head = llm.get_input_embeddings(), llm.lm_head
+        seg_id, eos_id = self.model.seg_token_id, cfg.eos_token_id
+        tokens = torch.full((groups0, n, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)
+        active = torch.arange(groups0, device=device)  # cache row -> original group
+        finished = slot_query < 0  # empty slots never produce anything
+        own = torch.eye(n, dtype=torch.bool, device=device)
+        prefix_visible = torch.ones(1, n, P, dtype=torch.bool, device=device)
+        seg_steps = []
+        step = 0
+        for step in range(cfg.max_new_tokens):
+            logits = lm_head(hidden).float()  # (g, n, V)
+            if self.logits_hook is not None:
+                g = logits.shape[0]
+                logits = self.logits_hook(step, logits.reshape(g * n, -1), slot_query.reshape(-1)).reshape(g, n, -1)
+            next_ids = logits.argmax(-1)  # (g, n)
+            tokens[active, :, step] = next_ids
+            is_seg = (next_ids == seg_id) & ~finished
+            finished = finished | (next_ids == eos_id)
+            group_done = finished.all(1)
+            flags = torch.stack([group_done.all().long(), is_seg.any().long(), group_done.sum()]).tolist()  # one sync per step
+            if flags[1]:
+                seg_steps.append((step, active, is_seg, hidden))
+            if flags[0] or step == cfg.max_new_tokens - 1:
+                break
+            if flags[2] * 2 >= active.numel() and flags[2] > 0:  # drop groups that are done: less to read
+                keep = (~group_done).nonzero()[:, 0]
+                active, finished, slot_query, suffix_len, suffix_keys, next_ids = (
+                    active[keep], finished[keep], slot_query[keep], suffix_len[keep], suffix_keys[keep], next_ids[keep])
+                cache.select(keep)
+            column = P + (Ts + step) * n
+            if column + n > cache.columns:
+                steps_now = (cache.columns - P) // n - Ts
+                cache.grow(P + (Ts + min(cfg.max_new_tokens, 2 * steps_now)) * n)
+            g = active.numel()
+            mask = torch.cat([prefix_visible.expand(g, -1, -1), suffix_keys,
+                              own.repeat(1, step + 1)[None].expand(g, -1, -1)], dim=2)[:, None]
+            positions = P + suffix_len + step
+            x = embed(next_ids)  # (g, n, H): slot j is "row" j
+            x = self._layers(decoder, x, positions, cache, column, mask)
+            cache.used = column + n
+            hidden = decoder.norm(x)
+        return tokens, step + 1, seg_steps
+
+    def _finish(self, queries, plan: _Plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden, images):
+        model, cfg = self.model, self.config
+        tokens = tokens[:, :, :steps_run].cpu()
+        # [SEG] states per (group, slot), in step order
+        seg_states: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for _, active, is_seg, hidden in seg_steps:
+            where = is_seg.nonzero().tolist()
+            for (row, j), h in zip(where, hidden[is_seg]):
+                seg_states.setdefault((int(active[row]), j), []).append(h)
+        # per query: answer ids (through EOS) and [SEG] states
+        answers: dict[int, tuple[list[int], torch.Tensor]] = {}
+        width = model.language_model.config.hidden_size
+        for g, slot_list in enumerate(plan.slot_query):
+            for j, local in enumerate(slot_list):
+                ids = tokens[g, j].tolist()
+                if cfg.eos_token_id in ids:
+                    ids = ids[:ids.index(cfg.eos_token_id) + 1]
+                states = seg_states.get((g, j))
+                h = torch.stack(states) if states else sam_embeddings.new_zeros((0, width), dtype=model.dtype)
+                answers[local] = (ids, h)
+        # masks: one mask-decoder call per image over all its [SEG]s
+        by_image: dict[int, list[int]] = {}
+        for local, (image, _, _) in enumerate(queries):
+            by_image.setdefault(image, []).append(local)
+        results: dict[int, QueryPrediction] = {}
+        for image, locals_ in by_image.items():
+            work = images[image]
+            resized, original = tuple(work.resized_size), tuple(work.original_size)
+            seg = [answers[q][1] for q in locals_]
+            counts = [s.shape[0] for s in seg]
+            all_seg = torch.cat(seg)
+            img_h = None
+            if model.config.sasp is not None and all_seg.shape[0]:
+                img_h = image_hidden[image][None].expand(all_seg.shape[0], -1, -1)
+            logits = model.masks_for_image(sam_embeddings[image:image + 1], all_seg, img_h, resized, original)
+            masks = (logits > 0).cpu()
+            offset = 0
+            for q, c, h in zip(locals_, counts, seg):
+                m = masks[offset:offset + c]
+                offset += c
+                sasp = None
+                if model.config.sasp is not None and c and hasattr(model, "sasp_points"):
+                    sasp = model.sasp_points(h, image_hidden[image][None].expand(c, -1, -1), resized,
+                                             original).detached_cpu()
+                extra = {"sasp": sasp} if sasp is not None else {}
+                results[q] = QueryPrediction(output_ids=answers[q][0], masks=m, exists=bool(c > 0 and m[0].any()),
+                                             seg_hidden=h, **extra)
+        return [results[q] for q in range(len(queries))]
+
+
+T = TypeVar("T")
+
+
+def batch_images(items: Iterable[T], queries_of: Callable[[T], int], queries_per_batch: int,
+                 max_images: int = 64) -> Iterator[list[T]]:
+    """Group a stream of images into batches of about `queries_per_batch` queries (an image is never
+    split across batches; one with more queries than the budget is a batch of its own)."""
+    if queries_per_batch < 1 or max_images < 1:
+        raise ValueError(f"queries_per_batch and max_images must be >= 1, got {queries_per_batch}, {max_images}")
+    batch: list[T] = []
+    count = 0
+    for item in items:
+        n = queries_of(item)
+        if batch and (count + n > queries_per_batch or len(batch) >= max_images):
+            yield batch
+            batch, count = [], 0
+        batch.append(item)
+        count += n
+    if batch:
+        yield batch

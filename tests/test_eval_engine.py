@@ -1,0 +1,165 @@
+"""The batched, prefix-sharing engine (model/inference.py) gives what `SesameModel.predict` gives
+one query at a time: the same tokens, the same masks, [SEG] states allclose (fp32, tiny model)."""
+import numpy as np
+import pytest
+import torch
+
+from dataset.transforms import ClipTransform, SamTransform
+from model.config import SasPConfig
+from model.conversation import build_prompt, tokenize_with_image
+from model.inference import BatchedInference, EngineConfig, GroupKVCache, ImageWork, StageTimer, batch_images
+from model.tiny import tiny_model
+
+QUESTIONS = [
+    "Can you confirm if the man in red is present in this image?",
+    "white car",
+    "Is there a small yellow star? If it is, kindly provide the segmentation map.",
+    "the left zebra",
+    "What is in this image? Please output segmentation mask.",
+    "person on right",
+    "Is there a dog?",
+]
+
+
+def _work(model, tokenizer, sizes, queries_per_image, template="llava_v1"):
+    clip = ClipTransform(model.config.vision.image_size)
+    sam = SamTransform(model.config.sam.image_size)
+    works, q = [], 0
+    for i, ((h, w), count) in enumerate(zip(sizes, queries_per_image)):
+        img = (np.random.default_rng(i).random((h, w, 3)) * 255).astype(np.uint8)
+        s = sam(img)
+        prompts = []
+        for _ in range(count):
+            prompts.append(tokenize_with_image(build_prompt("<image>\n" + QUESTIONS[q % len(QUESTIONS)] * (1 + q % 2),
+                                                            template=template), tokenizer))
+            q += 1
+        works.append(ImageWork(clip(img), s.pixels, s.resized_size, s.original_size, prompts))
+    return works
+
+
+def _hook(token_ids, seg_every=2):
+    """[SEG] at step q % 3 for queries with q % seg_every == 0; EOS at step 3 + q % 5; q = flat index."""
+    def hook(step, logits, query):
+        logits = logits.clone()
+        q = query.clamp(min=0)
+        force_seg = (query >= 0) & (q % seg_every == 0) & (q % 3 == step)
+        force_eos = (query >= 0) & (3 + q % 5 == step)
+        logits[force_seg, token_ids.seg] += 1e4
+        logits[force_eos, token_ids.eos] += 1e4
+        return logits
+    return hook
+
+
+def _one_at_a_time(model, works, token_ids, max_new, hook):
+    out, q = [], 0
+    for w in works:
+        preds = []
+        for prompt in w.prompts:
+            h = None
+            if hook is not None:
+                index = torch.tensor([q])
+                h = (lambda idx: (lambda step, logits: hook(step, logits, idx.expand(logits.shape[0]))))(index)
+            preds.append(model.predict(w.clip_pixels[None], w.sam_pixels[None], [w.resized_size], [w.original_size],
+                                       [prompt], [0], max_new_tokens=max_new, eos_token_id=token_ids.eos,
+                                       pad_token_id=token_ids.pad, logits_hook=h)[0])
+            q += 1
+        out.append(preds)
+    return out
+
+
+def _assert_same(batched, single):
+    assert [len(b) for b in batched] == [len(s) for s in single]
+    for bs, ss in zip(batched, single):
+        for b, s in zip(bs, ss):
+            assert b.output_ids == s.output_ids
+            assert b.exists == s.exists
+            assert b.masks.shape == s.masks.shape and torch.equal(b.masks, s.masks)
+            torch.testing.assert_close(b.seg_hidden, s.seg_hidden, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("slots,first_capacity", [(8, 32), (3, 2)])
+def test_engine_equals_predict_forced_seg(tokenizer, token_ids, slots, first_capacity, monkeypatch):
+    """Several images, 1-7 queries each (more than a group's slots), [SEG] in some answers,
+    answers of different lengths (groups finish at different steps and are dropped), cache growth."""
+    calls = {"grow": 0, "select": 0}
+    for name in calls:
+        original = getattr(GroupKVCache, name)
+        monkeypatch.setattr(GroupKVCache, name, (lambda f, key: lambda self, *a: (calls.__setitem__(key, calls[key] + 1),
+                                                                                 f(self, *a))[1])(original, name))
+    model = tiny_model(token_ids, len(tokenizer), seed=1)
+    works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77), (50, 50)], [3, 1, 7, 2])
+    hook = _hook(token_ids)
+    engine = BatchedInference(model, EngineConfig(max_new_tokens=9, eos_token_id=token_ids.eos,
+                                                  pad_token_id=token_ids.pad, slots_per_group=slots,
+                                                  first_capacity=first_capacity, sam_batch=3, prefix_batch=2),
+                              logits_hook=hook)
+    batched = engine.run(works)
+    single = _one_at_a_time(model, works, token_ids, 9, hook)
+    _assert_same(batched, single)
+    n_seg = sum(len(p.seg_hidden) for ps in batched for p in ps)
+    assert n_seg >= 4 and any(p.exists for ps in batched for p in ps)
+    lengths = {len(p.output_ids) for ps in batched for p in ps}
+    assert len(lengths) >= 3  # EOS at different steps
+    assert calls["select"] >= 1  # finished groups were dropped
+    assert (calls["grow"] >= 1) == (first_capacity < 9)
+
+
+def test_engine_equals_predict_free_generation(tokenizer, token_ids):
+    """No forcing: whatever the random model says, up to 12 tokens (runs past the first capacity)."""
+    model = tiny_model(token_ids, len(tokenizer), seed=5)
+    works = _work(model, tokenizer, [(31, 45), (60, 20)], [4, 2], template="vicuna_v1")
+    engine = BatchedInference(model, EngineConfig(max_new_tokens=12, eos_token_id=token_ids.eos,
+                                                  pad_token_id=token_ids.pad, first_capacity=4))
+    _assert_same(engine.run(works), _one_at_a_time(model, works, token_ids, 12, None))
+
+
+def test_engine_equals_predict_with_sasp(tokenizer, token_ids):
+    """READ: masks use the image-token states of the shared prefix pass."""
+    model = tiny_model(token_ids, len(tokenizer), seed=2, sasp=SasPConfig(num_points=5, down_sample=1))
+    works = _work(model, tokenizer, [(40, 60), (52, 33)], [3, 2])
+    hook = _hook(token_ids, seg_every=1)
+    engine = BatchedInference(model, EngineConfig(max_new_tokens=6, eos_token_id=token_ids.eos,
+                                                  pad_token_id=token_ids.pad), logits_hook=hook)
+    batched = engine.run(works)
+    single = _one_at_a_time(model, works, token_ids, 6, hook)
+    _assert_same(batched, single)
+    with_seg = [(b, s) for bs, ss in zip(batched, single) for b, s in zip(bs, ss) if len(b.seg_hidden)]
+    assert len(with_seg) >= 3
+    for b, s in with_seg:
+        assert b.sasp is not None
+        assert torch.equal(b.sasp.labels, s.sasp.labels)
+        torch.testing.assert_close(b.sasp.points, s.sasp.points, atol=1e-3, rtol=1e-4)
+
+
+def test_engine_mixed_templates_and_bf16(tokenizer, token_ids):
+    """Two prefixes (system prompts) in one run are handled as two prefix groups; bf16 runs."""
+    model = tiny_model(token_ids, len(tokenizer), seed=4, dtype=torch.bfloat16)
+    a = _work(model, tokenizer, [(30, 40)], [2])[0]
+    b = _work(model, tokenizer, [(30, 40)], [1], template="vicuna_v1")[0]
+    a.prompts = a.prompts + b.prompts
+    timer = StageTimer()
+    engine = BatchedInference(model, EngineConfig(max_new_tokens=4, eos_token_id=token_ids.eos,
+                                                  pad_token_id=token_ids.pad), logits_hook=_hook(token_ids, 1),
+                              timer=timer)
+    out = engine.run([a])
+    assert len(out[0]) == 3 and all(p.masks.shape[1:] == (30, 40) for p in out[0])
+    assert set(timer.seconds) == {"encoders", "prefill_prefix", "prefill_suffix", "decode", "masks"}
+
+
+def test_bad_prompts_are_named(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    w = _work(model, tokenizer, [(20, 20)], [1])[0]
+    engine = BatchedInference(model, EngineConfig(max_new_tokens=2))
+    w.prompts = [[1, 2, 3]]
+    with pytest.raises(ValueError, match="image 0 prompt 0.*exactly one image placeholder"):
+        engine.run([w])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        EngineConfig(max_new_tokens=0)
+
+
+def test_batch_images_respects_budget():
+    items = [3, 1, 7, 2, 2, 9, 1]
+    batches = list(batch_images(items, lambda n: n, queries_per_batch=5))
+    assert batches == [[3, 1], [7], [2, 2], [9], [1]]
+    assert [x for b in batches for x in b] == items
+    assert list(batch_images(items, lambda n: n, 100, max_images=3)) == [[3, 1, 7], [2, 2, 9], [1]]
