@@ -1,0 +1,247 @@
+"""demo.py end to end on the tiny random model: one-shot (in process and as a script, --json),
+the interactive loop with scripted input, and the real script driven through a pseudo-terminal."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pexpect
+import pytest
+from PIL import Image
+
+import demo
+from utils.image_io import load_image
+from utils.visualize import overlay_mask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = os.path.join(ROOT, "assets", "shapes.jpg")
+FEW_TOKENS = "6"
+SCRIPT_TIMEOUT_S = 240  # model load + a few tokens; generous for a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return demo.load_model(demo.parse_args(["--pretrained_model_path", "tiny-random", "--precision", "fp32",
+                                            "--device", "cpu"]))
+
+
+def _settings(tmp_path, **kw):
+    kw.setdefault("max_new_tokens", int(FEW_TOKENS))
+    return demo.DemoSettings(vis_save_dir=str(tmp_path / "vis"), **kw)
+
+
+def _script_env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _answer_with_seg(tokenizer, seg_id, eos_id):
+    """Logits hook: the model says 'Sure, it is [SEG].' whatever its random weights prefer."""
+    script = tokenizer(" Sure, it is", add_special_tokens=False).input_ids + [seg_id] \
+        + tokenizer(".", add_special_tokens=False).input_ids + [eos_id]
+
+    def hook(step, logits):
+        logits = logits.clone()
+        logits[:, script[min(step, len(script) - 1)]] += 1e4
+        return logits
+    return hook
+
+
+def test_say_text_drops_the_marker():
+    assert demo.say_text("Sure, it is [SEG] .") == "Sure, it is."
+    assert demo.say_text("Sure, it is [SEG].") == "Sure, it is."
+    assert demo.say_text("[SEG]") == ""
+    assert demo.say_text("Here: [SEG] and [SEG], done") == "Here: and, done"
+    assert demo.say_text("No, there is no dog, but a cat.") == "No, there is no dog, but a cat."
+    assert demo.printable("a\x1bb\nc") == "a\\x1bb\nc"
+
+
+def test_argument_errors():
+    for argv in (["--image", "x.jpg"], ["--query", "q"], ["--json"], ["--image", "x", "--query", "q", "--max_new_tokens", "0"],
+                 ["--conv_type", "chatml"], ["--precision", "fp8"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(argv)
+    args = demo.parse_args([])
+    assert args.conv_type == "vicuna_v1" and args.max_new_tokens == 512 and args.precision == "bf16"
+    assert args.vis_save_dir == "./demo_directory"
+
+
+def test_one_query_writes_mask_overlay_answer(loaded, tmp_path):
+    ids = loaded.token_ids
+    hook = _answer_with_seg(loaded.tokenizer, ids.seg, ids.eos)
+    result = demo.run_query(loaded, _settings(tmp_path, max_new_tokens=32), SHAPES, "  Is there a red square? ",
+                            logits_hook=hook)
+    assert result.question == "Is there a red square?"
+    assert "[SEG]" in result.raw_answer and result.say == "Sure, it is."
+    assert result.num_seg == 1 and result.image_size == (320, 480)
+    mask = np.asarray(Image.open(result.mask_path))
+    assert mask.shape == (320, 480) and set(np.unique(mask)) <= {0, 255}
+    assert result.mask_pixels == int((mask == 255).sum()) and result.see == (result.mask_pixels > 0)
+    assert result.see and result.mask_pixels > 0  # tiny-random (seed 0) draws a non-empty mask here
+    overlay = np.asarray(Image.open(result.overlay_path)).astype(int)
+    expected = overlay_mask(load_image(SHAPES).rgb, mask == 255).astype(int)
+    assert overlay.shape == (320, 480, 3) and np.abs(overlay - expected).mean() < 3  # JPEG-close
+    assert open(result.answer_path, encoding="utf-8").read().strip() == result.say
+    saved = json.load(open(os.path.join(result.output_dir, "result.json")))
+    assert saved["raw_answer"] == result.raw_answer and saved["see"] == result.see
+    assert result.output_dir == str(tmp_path / "vis" / "shapes" / "000_is-there-a-red-square")
+    again = demo.run_query(loaded, _settings(tmp_path, max_new_tokens=32), SHAPES, "Is there a red square?",
+                           logits_hook=hook)
+    assert again.output_dir.endswith("001_is-there-a-red-square")  # never overwrites
+    assert again.raw_answer == result.raw_answer and again.mask_pixels == result.mask_pixels  # greedy: repeatable
+
+
+def test_no_seg_means_see_false_and_blank_mask(loaded, tmp_path):
+    eos = loaded.token_ids.eos
+    words = loaded.tokenizer(" No, there is none.", add_special_tokens=False).input_ids + [eos]
+
+    def no_seg(step, logits):
+        logits = logits.clone()
+        logits[:, words[min(step, len(words) - 1)]] += 1e4
+        return logits
+    result = demo.run_query(loaded, _settings(tmp_path, max_new_tokens=32), SHAPES, "Is there a cat?",
+                            logits_hook=no_seg)
+    assert not result.see and result.num_seg == 0 and result.say == "No, there is none."
+    assert np.asarray(Image.open(result.mask_path)).max() == 0
+
+
+def test_conv_type_is_honoured(loaded, monkeypatch, tmp_path):
+    seen = []
+    real = demo.tokenize_with_image
+    monkeypatch.setattr(demo, "tokenize_with_image", lambda prompt, tok: seen.append(prompt) or real(prompt, tok))
+    for conv in ("vicuna_v1", "llava_v1"):
+        demo.run_query(loaded, _settings(tmp_path, conv_type=conv), SHAPES, "Is there a red square?")
+    assert "curious user" in seen[0] and "curious human" in seen[1]
+    assert seen[0].endswith("USER: <im_start><image><im_end>\nIs there a red square? ASSISTANT:")
+
+
+def test_bad_questions(loaded, tmp_path):
+    with pytest.raises(demo.QueryError, match="empty question"):
+        demo.run_query(loaded, _settings(tmp_path), SHAPES, "   ")
+    with pytest.raises(demo.QueryError, match="must not contain"):
+        demo.run_query(loaded, _settings(tmp_path), SHAPES, "<image> what?")
+    with pytest.raises(demo.QueryError, match="question too long"):
+        demo.run_query(loaded, _settings(tmp_path), SHAPES, "word " * 2000)
+    assert not os.path.exists(tmp_path / "vis")  # nothing written for refused queries
+
+
+def _odd_images(tmp_path):
+    """One file of every awkward kind the loop must survive or answer."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    paths = {}
+    paths["gray"] = tmp_path / "gray.png"
+    Image.fromarray(rgb[..., 0], mode="L").save(paths["gray"])
+    paths["rgba"] = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]]), mode="RGBA").save(paths["rgba"])
+    paths["palette"] = tmp_path / "palette.png"
+    Image.fromarray(rgb).convert("P").save(paths["palette"])
+    paths["sixteen"] = tmp_path / "sixteen.png"
+    cv2.imwrite(str(paths["sixteen"]), rgb[..., 0].astype(np.uint16) * 257)
+    paths["exif"] = tmp_path / "exif.jpg"
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(paths["exif"], exif=exif.tobytes())
+    paths["large"] = tmp_path / "large.jpg"
+    Image.fromarray(np.kron(rgb, np.ones((20, 20, 1), np.uint8))).save(paths["large"])  # 800 x 1200
+    paths["text"] = tmp_path / "notes.jpg"
+    paths["text"].write_text("not an image")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def test_interactive_loop_survives_bad_input(loaded, tmp_path):
+    images = _odd_images(tmp_path)
+    typed = ["", "Is there a red square?", str(tmp_path / "missing.jpg"),
+             "Is there a red square?", images["text"],
+             "Is there a red square?", str(tmp_path),
+             "<image>", ]
+    good = ["gray", "rgba", "palette", "sixteen", "exif", "large"]
+    for name in good:
+        typed += [f"Where is the {name} thing?", images[name]]
+    typed += ["Is there a red square?", "quit"]
+    prompts = []
+
+    def read(prompt):
+        prompts.append(prompt)
+        return typed.pop(0)
+    out = io.StringIO()
+    demo.interactive(loaded, _settings(tmp_path, max_image_pixels=500_000), read=read, out=out)
+    text = out.getvalue()
+    assert not typed, "the loop stopped early"
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 5, text
+    assert "empty question" in errors[0] and "missing.jpg: no such file" in errors[1]
+    assert "notes.jpg: not an image file" in errors[2] and "is a directory" in errors[3]
+    assert "must not contain" in errors[4]
+    assert text.count("* Object Existence (See):") == len(good)
+    assert "note: image downscaled from 1200x800" in text
+    assert prompts[:3] == ["Human Prompts: ", "Human Prompts: ", "Image path: "]
+    folders = sorted(os.listdir(tmp_path / "vis"))
+    assert folders == sorted(["gray", "rgba", "palette", "sixteen", "exif", "large"])
+    exif_mask = np.asarray(Image.open(tmp_path / "vis" / "exif" / "000_where-is-the-exif-thing" / "seg_mask.png"))
+    assert exif_mask.shape == (60, 40)  # upright: EXIF orientation 6 swaps the sides
+    large = json.load(open(tmp_path / "vis" / "large" / "000_where-is-the-large-thing" / "result.json"))
+    assert large["image_size"][0] * large["image_size"][1] <= 500_000
+
+
+def test_interactive_loop_ends_on_eof(loaded, tmp_path):
+    def read(prompt):
+        raise EOFError
+    demo.interactive(loaded, _settings(tmp_path), read=read, out=io.StringIO())
+
+
+def test_one_shot_script_json(tmp_path):
+    vis = tmp_path / "vis"
+    cmd = [sys.executable, os.path.join(ROOT, "demo.py"), "--pretrained_model_path", "tiny-random", "--device", "cpu",
+           "--precision", "fp32", "--image", SHAPES, "--query", "Is there a red square?", "--json",
+           "--max_new_tokens", FEW_TOKENS, "--vis_save_dir", str(vis)]
+    run = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, env=_script_env())
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)  # stdout holds exactly one JSON object
+    assert set(result) >= {"see", "say", "raw_answer", "output_dir", "mask_path", "overlay_path", "answer_path"}
+    assert isinstance(result["see"], bool) and result["image_size"] == [320, 480]
+    assert np.asarray(Image.open(result["mask_path"])).shape == (320, 480)
+    assert np.asarray(Image.open(result["overlay_path"])).shape == (320, 480, 3)
+    assert os.path.dirname(result["mask_path"]) == str(vis / "shapes" / "000_is-there-a-red-square")
+    assert "untrained" in run.stderr
+
+    bad = subprocess.run(cmd[:cmd.index("--image") + 1] + [str(tmp_path / "nope.png")] + cmd[cmd.index("--image") + 2:],
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, env=_script_env())
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["error"].endswith("nope.png: no such file")
+    assert "error: " in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_interactive_script_through_a_pseudo_terminal(tmp_path):
+    vis = tmp_path / "vis"
+    child = pexpect.spawn(sys.executable, [os.path.join(ROOT, "demo.py"), "--pretrained_model_path", "tiny-random",
+                                           "--device", "cpu", "--precision", "fp32", "--max_new_tokens", FEW_TOKENS,
+                                           "--vis_save_dir", str(vis)],
+                          cwd=str(tmp_path), env=_script_env(), encoding="utf-8", timeout=SCRIPT_TIMEOUT_S)
+    try:
+        child.expect_exact("Human Prompts: ")
+        child.sendline("Is there a red square?")
+        child.expect_exact("Image path: ")
+        child.sendline(str(tmp_path / "does_not_exist.jpg"))
+        child.expect(r"error: \S*does_not_exist\.jpg: no such file")
+        child.expect_exact("Human Prompts: ")  # the loop goes on
+        child.sendline("Is there a red square?")
+        child.expect_exact("Image path: ")
+        child.sendline(SHAPES)
+        child.expect(r"\* Object Existence \(See\): (True|False)")
+        child.expect(r"\* Text Response \(Say\): ")
+        child.expect(r"\* Segmentation Paths \(Segment\): (\S+)\r?\n")
+        folder = child.match.group(1)
+        child.expect_exact("Human Prompts: ")
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert folder == str(vis / "shapes" / "000_is-there-a-red-square")
+    assert sorted(os.listdir(folder)) == ["answer.txt", "result.json", "seg_mask.png", "seg_overlay.jpg"]
