@@ -1,0 +1,44 @@
+"""Binary masks <-> COCO run-length encoding (pycocotools), as JSON-friendly dicts.
+
+An RLE here is {"size": [H, W], "counts": "<compressed string>"}: what pycocotools writes, with
+the counts decoded to str so it fits in a JSON line.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """(H, W) bool/0-1 array -> {"size": [H, W], "counts": str}."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"encode_rle expects an (H, W) mask, got shape {mask.shape}")
+    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8) != 0, dtype=np.uint8))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def _coco(rle: dict, where: str) -> dict:
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"{where}: not an RLE dict with 'size' and 'counts': {str(rle)[:80]}")
+    counts = rle["counts"]
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def decode_rle(rle: dict, where: str = "mask") -> np.ndarray:
+    """RLE dict -> (H, W) bool array."""
+    return coco_mask.decode(_coco(rle, where)).astype(bool)
+
+
+def rle_area(rle: dict, where: str = "mask") -> int:
+    return int(coco_mask.area(_coco(rle, where)))
+
+
+def encode_optional(mask: Optional[np.ndarray]) -> Optional[dict]:
+    """RLE of a mask with any pixel set, else None (keeps records small for the common empty case)."""
+    if mask is None or not np.asarray(mask).any():
+        return None
+    return encode_rle(mask)
