@@ -213,6 +213,11 @@ def one_line(error: BaseException) -> str:
 def interactive(loaded: LoadedSesame, settings: DemoSettings, read: Callable[[str], str] = input,
                 out: TextIO = sys.stdout) -> None:
     """Question, then image path, until 'exit', 'quit' or end of input. Nothing typed ends it otherwise."""
+    if read is input:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     print("Type a question, then an image path or URL ('exit' or Ctrl-D to stop).", file=out)
     while True:
         try:
@@ -290,6 +295,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.max_image_pixels < 1:
         p.error(f"--max_image_pixels must be positive, got {args.max_image_pixels}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
     return args
 
 
