@@ -140,6 +140,7 @@ class SesameConfig:
     out_dim: int = 256  # text_hidden_fcs output = SAM prompt width
     train_mask_decoder: bool = True
     use_mm_start_end: bool = True
+    mm_projector_type: str = "mlp2x_gelu"  # LLaVA-1.5; "linear" for LLaVA-v1 bases (LISA)
     attn_implementation: str = "sdpa"
     seg_token: str = "[SEG]"
     im_start_token: str = "<im_start>"
