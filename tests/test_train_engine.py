@@ -1,0 +1,168 @@
+"""The training loop on a real DeepSpeed engine (CPU, one process, ZeRO-2) with the tiny model.
+
+Batches come from the real collate function over samples built here, so these tests do not depend
+on a data root; tests/test_train_script.py runs the whole script on generated data.
+"""
+import numpy as np
+import pytest
+import torch
+
+from dataset.collate import collate_fn
+from dataset.sample import Sample
+from dataset.transforms import ClipTransform, SamTransform
+from model.conversation import Conversation
+from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable
+from model.tiny import tiny_model
+from training.checkpoints import BEST, LATEST, RunCheckpoints, TrainState, read_latest_tag, write_model_recipe
+from training.data_stream import stream_loader
+from training.deepspeed_config import DeepSpeedRecipe
+from training.engine import build_engine
+from training.loop import LoopConfig, LoopIO, loss_on_batch, run_training
+from utils import distributed as dist_utils
+from utils.logging import NullSink
+
+ANSWERS = ["Sure, it is [SEG].", "No, there is no dog.", "Yes [SEG]."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    dist_utils.init_distributed()
+
+
+def make_sample(idx: int, model, clip_t, sam_t) -> Sample:
+    """A deterministic image + one conversation per idx; the GT box moves with idx."""
+    rng = np.random.default_rng(idx)
+    h, w = 40 + idx % 7, 56 - idx % 5
+    img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    answer = ANSWERS[idx % len(ANSWERS)]
+    masks = torch.zeros((answer.count("[SEG]"), h, w), dtype=torch.uint8)
+    if masks.shape[0]:
+        y, x = idx % 10, (3 * idx) % 20
+        masks[0, y:y + 15, x:x + 20] = 1
+    sam = sam_t(img)
+    return Sample(source="test", image_path=f"img{idx}.jpg", images_clip=clip_t(img), sam=sam,
+                  conversations=[Conversation(["<image>\nWhere is the red square?"], [answer])],
+                  masks=masks, exists=[masks.shape[0] > 0], sentences=["red square"])
+
+
+class IndexedSamples(torch.utils.data.Dataset):
+    def __init__(self, model, n):
+        self.model, self.n = model, n
+        self.clip_t = ClipTransform(model.config.vision.image_size)
+        self.sam_t = SamTransform(model.config.sam.image_size)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, idx):
+        return make_sample(idx, self.model, self.clip_t, self.sam_t)
+
+
+def trainable_model(tokenizer, token_ids, seed=0, dtype=torch.float32, checkpointing=False):
+    model = tiny_model(token_ids, len(tokenizer), seed=seed, dtype=dtype)
+    torch.manual_seed(seed)  # LoRA A init
+    apply_lora(model)
+    set_trainable(model)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    return model.train()
+
+
+def engine_for(model, precision="fp32", lr=1e-3, total_steps=100, warmup=2, accum=1, batch=2):
+    return build_engine(model, DeepSpeedRecipe(micro_batch_size=batch, grad_accumulation_steps=accum, lr=lr,
+                                               total_steps=total_steps, warmup_steps=warmup, precision=precision,
+                                               ds_optimizer=False))
+
+
+def to_engine(engine):
+    dtype = next(engine.module.parameters()).dtype
+    return lambda b: b.to(engine.device, dtype)
+
+
+def trainable_state(engine):
+    return {n: p.detach().float().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def test_loss_falls_when_overfitting_one_batch_bf16(tokenizer, token_ids):
+    model = trainable_model(tokenizer, token_ids, dtype=torch.bfloat16, checkpointing=True)
+    engine = engine_for(model, precision="bf16", lr=3e-3, total_steps=40, warmup=1)
+    data = IndexedSamples(model, 4)
+    batch = to_engine(engine)(collate_fn([data[0], data[2]], tokenizer))
+    first = loss_on_batch(engine, batch)
+    for _ in range(25):
+        out = engine(batch)
+        engine.backward(out.loss)
+        engine.step()
+    last = loss_on_batch(engine, batch)
+    assert engine.global_steps == 25
+    assert np.isfinite(first) and last < 0.5 * first, (first, last)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def run_loop(tmp_path, tokenizer, token_ids, *, epochs=2, steps=2, accum=2, crash_at_micro=None, save_steps=1,
+             resume=False, validate=None):
+    model = trainable_model(tokenizer, token_ids)
+    engine = engine_for(model, accum=accum, total_steps=epochs * steps)
+    data = IndexedSamples(model, epochs * steps * accum * 2)
+    seen = []
+
+    def batches(start, stop):
+        for k, b in zip(range(start, stop), stream_loader(data, lambda s: collate_fn(s, tokenizer), start, stop, 0, 1, 2)):
+            if k == crash_at_micro:
+                raise Crash(k)
+            seen.append((k, b.meta["image_paths"]))
+            yield b
+
+    ckpts = RunCheckpoints(str(tmp_path), lambda d: write_model_recipe(d, model.config.to_dict(), tokenizer,
+                                                                       model.seg_token_id))
+    state = (ckpts.resume(engine) if resume else None) or TrainState()
+    cfg = LoopConfig(epochs=epochs, steps_per_epoch=steps, grad_accumulation_steps=accum, print_freq=1,
+                     save_steps=save_steps, no_eval=validate is None)
+    io = LoopIO(batches=batches, validate=validate, to_device=to_engine(engine), checkpoints=ckpts, sink=NullSink(),
+                progress=False)
+    try:
+        state = run_training(engine, cfg, io, state)
+    except Crash:
+        pass
+    return engine, state, seen
+
+
+def test_killed_run_resumes_exactly(tmp_path, tokenizer, token_ids):
+    """2 epochs x 2 steps x 2 micro-steps. One run goes straight through; the other is killed in
+    step 3 (after the step-2 save), then resumed by a fresh process-like engine. Same data, same
+    weights, same optimizer moments at the end."""
+    full, full_state, full_seen = run_loop(tmp_path / "full", tokenizer, token_ids)
+    _, killed_state, killed_seen = run_loop(tmp_path / "kill", tokenizer, token_ids, crash_at_micro=5)
+    assert killed_state.global_step == 2 and read_latest_tag(str(tmp_path / "kill" / LATEST)) == "global_step2"
+    resumed, resumed_state, resumed_seen = run_loop(tmp_path / "kill", tokenizer, token_ids, resume=True)
+    assert full_state.global_step == resumed_state.global_step == 4 == resumed.global_steps
+    assert [k for k, _ in resumed_seen] == [4, 5, 6, 7]  # picks up at the first micro-step after the save
+    assert killed_seen[:4] + resumed_seen == full_seen
+    a, b = trainable_state(full), trainable_state(resumed)
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+    ma, mb = full.optimizer.optimizer.state, resumed.optimizer.optimizer.state
+    for pa, pb in zip(full.optimizer.optimizer.param_groups[0]["params"], resumed.optimizer.optimizer.param_groups[0]["params"]):
+        torch.testing.assert_close(ma[pa]["exp_avg_sq"], mb[pb]["exp_avg_sq"], rtol=0, atol=0)
+    assert full.get_lr() == resumed.get_lr()
+    # only the newest tag is kept
+    assert sorted(p.name for p in (tmp_path / "kill" / LATEST).glob("global_step*")) == ["global_step4"]
+
+
+def test_validation_keeps_best_and_latest(tmp_path, tokenizer, token_ids):
+    scores = iter([0.5, 0.3, 0.7])
+
+    def validate():
+        return {"giou": next(scores), "ciou": 0.1}
+    engine, state, _ = run_loop(tmp_path, tokenizer, token_ids, epochs=3, steps=1, accum=1, save_steps=0,
+                                validate=validate)
+    assert state.best_score == 0.7 and state.best_step == 3
+    assert [v["giou"] for v in state.validations] == [0.5, 0.3, 0.7]
+    assert read_latest_tag(str(tmp_path / LATEST)) == "global_step3"
+    assert read_latest_tag(str(tmp_path / BEST)) == "global_step3"
+    for which in (LATEST, BEST):
+        assert (tmp_path / which / "sesame_config.json").exists() and (tmp_path / which / "tokenizer").is_dir()

@@ -1,0 +1,135 @@
+"""Training pieces that need no DeepSpeed engine: config, flags, data stream, metrics, logging."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from training.args import parse_args
+from training.data_stream import MicroBatchSampler, micro_batch_indices, samples_needed, stream_loader
+from training.deepspeed_config import DeepSpeedRecipe, build_deepspeed_config
+from training.loop import LoopConfig
+from training.validate import SegmentSums, draw_queries, intersection_union, reduce_metrics, SeeSums
+
+
+def test_deepspeed_config_is_the_original_recipe():
+    cfg = build_deepspeed_config(DeepSpeedRecipe())
+    assert cfg["train_micro_batch_size_per_gpu"] == 12 and cfg["gradient_accumulation_steps"] == 1
+    assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.0, "betas": [0.9, 0.95],
+                                                             "eps": 1e-8}}
+    assert cfg["scheduler"] == {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": 10_000, "warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 100,
+        "warmup_type": "linear"}}
+    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
+    assert cfg["gradient_clipping"] == 1.0
+    z = cfg["zero_optimization"]
+    assert z == {"stage": 2, "contiguous_gradients": True, "overlap_comm": True, "reduce_scatter": True,
+                 "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+
+
+def test_deepspeed_config_small_gpu_options_and_errors():
+    z3 = build_deepspeed_config(DeepSpeedRecipe(zero_stage=3, offload_optimizer=True))["zero_optimization"]
+    assert z3["stage"] == 3 and z3["offload_optimizer"]["device"] == "cpu"
+    client = build_deepspeed_config(DeepSpeedRecipe(ds_optimizer=False, precision="fp32"))
+    assert "optimizer" not in client and client["zero_force_ds_cpu_optimizer"] is False
+    assert client["bf16"]["enabled"] is False
+    with pytest.raises(ValueError, match="--precision"):
+        DeepSpeedRecipe(precision="fp8")
+    with pytest.raises(ValueError, match="offload"):
+        DeepSpeedRecipe(offload_optimizer=True, ds_optimizer=False)
+
+
+def test_flags_keep_the_original_defaults():
+    a = parse_args([])
+    assert (a.version, a.precision, a.model_max_length, a.lora_r, a.lora_alpha, a.lora_dropout) == \
+        ("liuhaotian/llava-v1.5-7b", "bf16", 512, 8, 16, 0.05)
+    assert a.lora_target_modules == ("q_proj", "v_proj")
+    assert (a.epochs, a.steps_per_epoch, a.batch_size, a.grad_accumulation_steps, a.lr) == (20, 500, 12, 1, 3e-4)
+    assert (a.ce_loss_weight, a.dice_loss_weight, a.bce_loss_weight) == (1.0, 0.5, 2.0)
+    assert a.gradient_checkpointing and a.train_mask_decoder and a.use_mm_start_end and a.auto_resume
+    assert not a.no_eval and not a.eval_only
+    assert a.dataset.split("||") == ["refer_seg", "correct_refer_seg", "vqa", "neg_refer_seg"]
+    assert len(a.sample_rates.split(",")) == 4
+    assert a.wandb_run_name == a.exp_name
+    b = parse_args(["--no-gradient_checkpointing", "--vision-tower", "x/clip", "--local_rank=3"])
+    assert not b.gradient_checkpointing and b.vision_tower == "x/clip" and b.local_rank == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--no_eval", "--eval_only"])
+
+
+def test_loop_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="best_metric"):
+        LoopConfig(1, 1, 1, best_metric="loss")
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        LoopConfig(1, 0, 1)
+
+
+def test_stream_indices_cover_each_sample_once_across_ranks_and_resume():
+    world, batch, steps = 3, 2, 5
+    seen = []
+    for r in range(world):
+        seen += [i for b in MicroBatchSampler(0, steps, r, world, batch) for i in b]
+    assert sorted(seen) == list(range(samples_needed(1, steps, 1, batch, world)))
+    # resuming at micro-step 3 continues exactly where the uninterrupted stream is
+    full = list(MicroBatchSampler(0, steps, 1, world, batch))
+    assert list(MicroBatchSampler(3, steps, 1, world, batch)) == full[3:]
+    assert micro_batch_indices(3, 1, world, batch) == [20, 21]
+
+
+def test_stream_loader_refuses_a_too_short_dataset():
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        stream_loader(list(range(10)), list, 0, 6, 0, 1, 2)
+    loader = stream_loader(list(range(12)), list, 2, 6, 0, 1, 2)
+    assert [b for b in loader] == [[4, 5], [6, 7], [8, 9], [10, 11]]
+
+
+def test_iou_rules_match_lisa():
+    gt = torch.tensor([[1, 1, 0, 255]], dtype=torch.uint8)
+    pred = torch.tensor([[1, 0, 1, 1]], dtype=torch.bool)
+    assert intersection_union(pred, gt) == (1.0, 3.0)  # the ignore pixel counts for neither
+    sums = SegmentSums()
+    logits = torch.tensor([[[5.0, -5.0, 5.0, 5.0]], [[-1.0, -1.0, -1.0, -1.0]]])
+    sums.add_masks(logits, torch.stack([gt, torch.zeros_like(gt)]))  # second: empty vs empty -> IoU 1
+    m = reduce_metrics(sums, SeeSums(correct=3, total=4))
+    assert m["giou"] == pytest.approx((1 / (3 + 1e-5) + 1.0) / 2)
+    assert m["ciou"] == pytest.approx(1 / 3) and m["num_masks"] == 2 and m["see"] == 0.75
+
+
+def test_draw_queries_is_seeded_and_regroups_by_image():
+    from dataset.eval_sets import EvalImage, EvalQuery
+
+    def q(i, exists):
+        return EvalQuery(ref_id=i, sent_id=i, sentence="s", question="<image>\nq", gt_exists=exists, gt_sent=None,
+                         gt_mask=np.zeros((2, 2), np.uint8))
+    images = [EvalImage(f"{k}.jpg", k, 2, 2, [q(10 * k + j, j != 1) for j in range(3)]) for k in range(6)]
+    a = draw_queries(images, 5, seed=1, positives_only=True)
+    b = draw_queries(images, 5, seed=1, positives_only=True)
+    assert [(im.image_id, [x.sent_id for x in im.queries]) for im in a] == \
+        [(im.image_id, [x.sent_id for x in im.queries]) for im in b]
+    assert sum(len(im.queries) for im in a) == 5 and all(x.gt_exists for im in a for x in im.queries)
+    assert [im.image_id for im in a] == sorted(im.image_id for im in a)
+    assert sum(len(im.queries) for im in draw_queries(images, 100, 0, positives_only=False)) == 18
+
+
+def test_logger_choice_and_jsonl(tmp_path, monkeypatch):
+    from utils.logging import open_sink, resolve_logger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_logger("auto") == "tensorboard" and resolve_logger("wandb") == "none"
+    sink, kind = open_sink("auto", str(tmp_path), is_main=True)
+    sink.log({"train/loss": 1.5}, step=3)
+    sink.close()
+    assert kind == "tensorboard"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "train/loss": 1.5}
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_logger("auto") == "wandb"
+    sink, kind = open_sink("auto", str(tmp_path / "w"), is_main=True, project="p", run_name="r")
+    sink.log({"x": 1.0}, step=1)
+    sink.close()
+    assert kind == "wandb" and any(d.startswith("offline-run") for d in os.listdir(tmp_path / "w" / "wandb"))
+    null, kind = open_sink("auto", str(tmp_path / "n"), is_main=False)
+    assert kind == "none" and not (tmp_path / "n").exists()
+    with pytest.raises(ValueError, match="--logger"):
+        resolve_logger("mlflow")

@@ -1,0 +1,129 @@
+"""Command-line flags of train_sesame.py: the original's names and defaults, plus what it lacked
+(ZeRO-3 / offload, mid-epoch saves, logger choice, best-checkpoint metric, READ's SasP options).
+
+Every flag is used; the original's ignored ones (`--vision-tower`, `--correct_refer_seg_data`,
+`--conv_type`) are honoured here.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .deepspeed_config import PRECISIONS
+from .loop import BEST_METRICS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train SESAME (or READ) with DeepSpeed",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    on_off = argparse.BooleanOptionalAction
+
+    g = p.add_argument_group("model")
+    g.add_argument("--version", default="liuhaotian/llava-v1.5-7b",
+                   help="start point: a LLaVA-1.5 base (hub id or dir, needs --vision_pretrained), a released "
+                        "SESAME/READ checkpoint (fine-tuning), or tiny-random")
+    g.add_argument("--vision_pretrained", default=None,
+                   help="SAM ViT-H checkpoint (sam_vit_h_4b8939.pth); needed when --version is a LLaVA base")
+    g.add_argument("--vision_tower", "--vision-tower", dest="vision_tower", default=None,
+                   help="CLIP tower (hub id or dir); default: the one the --version config names")
+    g.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    g.add_argument("--model_max_length", type=int, default=512)
+    g.add_argument("--out_dim", type=int, default=256)
+    g.add_argument("--train_mask_decoder", action=on_off, default=True)
+    g.add_argument("--use_mm_start_end", action=on_off, default=True)
+    g.add_argument("--gradient_checkpointing", action=on_off, default=True)
+    g.add_argument("--conv_type", default="llava_v1", choices=("llava_v1", "vicuna_v1"))
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_target_modules", default="q_proj,v_proj")
+
+    g = p.add_argument_group("loss weights")
+    g.add_argument("--ce_loss_weight", type=float, default=1.0)
+    g.add_argument("--dice_loss_weight", type=float, default=0.5)
+    g.add_argument("--bce_loss_weight", type=float, default=2.0)
+
+    g = p.add_argument_group("READ (Similarity as Points)")
+    g.add_argument("--use_sasp", action="store_true",
+                   help="add SasP point prompts (on by itself when --version is a READ checkpoint)")
+    g.add_argument("--num_points", type=int, default=30)
+    g.add_argument("--t_pos", type=float, default=0.8)
+    g.add_argument("--t_neg", type=float, default=0.2)
+    g.add_argument("--down_sample", type=int, default=2)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_dir", default="./dataset")
+    g.add_argument("--dataset", default="refer_seg||correct_refer_seg||vqa||neg_refer_seg")
+    g.add_argument("--sample_rates", default="12,2,2,1")
+    g.add_argument("--sem_seg_data", default="ade20k||cocostuff||pascal_part||paco_lvis")
+    g.add_argument("--refer_seg_data", default="refclef||refcoco||refcoco+||refcocog")
+    g.add_argument("--neg_refer_seg_data", default="R-refcocog||R-refcoco||R-refcoco+")
+    g.add_argument("--correct_refer_seg_data", default="fprefcoco||fprefcoco+||fprefcocog")
+    g.add_argument("--vqa_data", default="llava_instruct_150k")
+    g.add_argument("--reason_seg_data", default="ReasonSeg|train")
+    g.add_argument("--num_classes_per_sample", type=int, default=3)
+    g.add_argument("--templates", default=None, help="JSON file of question/answer template lists")
+    g.add_argument("--seed", type=int, default=0, help="seeds the data stream, validation draws and init")
+    g.add_argument("--workers", type=int, default=4)
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--val_dataset", default="refcoco||refcoco+||refcocog",
+                   help="teacher-forced gIoU/cIoU sets, joined by ||")
+    g.add_argument("--val_see_dataset", default="fprefcoco",
+                   help="false-premise set for See accuracy by greedy generation ('' to skip; skipped "
+                        "with a note when its files are absent)")
+    g.add_argument("--val_split", default="val")
+    g.add_argument("--val_samples", type=int, default=3000, help="queries drawn (seeded) for gIoU/cIoU")
+    g.add_argument("--val_see_samples", type=int, default=500, help="queries drawn (seeded) for See")
+    g.add_argument("--val_batch_size", type=int, default=1)
+    g.add_argument("--val_max_new_tokens", type=int, default=32)
+    g.add_argument("--best_metric", default="giou", choices=BEST_METRICS)
+    g.add_argument("--no_eval", action="store_true")
+    g.add_argument("--eval_only", action="store_true")
+
+    g = p.add_argument_group("schedule and optimiser")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--steps_per_epoch", type=int, default=500)
+    g.add_argument("--batch_size", type=int, default=12, help="images per GPU per micro-step")
+    g.add_argument("--grad_accumulation_steps", type=int, default=1)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--warmup_steps", type=int, default=100)
+    g.add_argument("--gradient_clipping", type=float, default=1.0)
+    g.add_argument("--zero_stage", type=int, default=2, choices=(0, 1, 2, 3))
+    g.add_argument("--offload_optimizer", action="store_true", help="ZeRO-Offload of the optimizer to CPU")
+
+    g = p.add_argument_group("run, checkpoints and logging")
+    g.add_argument("--log_base_dir", default="./runs")
+    g.add_argument("--exp_name", default="sesame_referseg")
+    g.add_argument("--auto_resume", action=on_off, default=True,
+                   help="continue from {log_base_dir}/{exp_name}/ckpt_model when it exists")
+    g.add_argument("--resume", default=None, help="a DeepSpeed checkpoint directory to continue from")
+    g.add_argument("--save_steps", type=int, default=0,
+                   help="also save the latest checkpoint every N steps (0: at the end of each epoch)")
+    g.add_argument("--print_freq", type=int, default=3)
+    g.add_argument("--logger", default="auto", choices=("auto", "wandb", "tensorboard", "none"))
+    g.add_argument("--wandb_project", default="sesame")
+    g.add_argument("--wandb_run_name", default=None, help="default: --exp_name")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.no_eval and args.eval_only:
+        p.error("--no_eval and --eval_only contradict each other")
+    if args.val_batch_size < 1 or args.batch_size < 1:
+        p.error("--batch_size and --val_batch_size must be >= 1")
+    if args.best_metric == "see" and not args.val_see_dataset:
+        p.error("--best_metric see needs a --val_see_dataset")
+    args.lora_target_modules = tuple(m.strip() for m in args.lora_target_modules.split(",") if m.strip())
+    if not args.lora_target_modules:
+        p.error("--lora_target_modules is empty")
+    args.wandb_run_name = args.wandb_run_name or args.exp_name
+    return args

@@ -1,0 +1,152 @@
+"""Factories from train_sesame.py's flags: the model, the data stream, the validation."""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from typing import Callable, Optional
+
+import torch
+
+from model.batch import SesameBatch
+from model.config import LoraConfig, LossConfig, SasPConfig
+from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable
+from utils import distributed as dist_utils
+
+from .data_stream import samples_needed, stream_loader
+from .deepspeed_config import DeepSpeedRecipe
+from .engine import DTYPES, uses_ds_optimizer
+from .loop import LoopConfig
+from .validate import draw_queries, reduce_metrics, see_metrics, segment_metrics, shard
+
+
+def sasp_from_args(args: argparse.Namespace) -> Optional[SasPConfig]:
+    if not args.use_sasp:
+        return None  # a READ checkpoint turns SasP on by itself (model.builder)
+    return SasPConfig(num_points=args.num_points, t_pos=args.t_pos, t_neg=args.t_neg, down_sample=args.down_sample)
+
+
+def build_model(args: argparse.Namespace, device: torch.device):
+    """The start point with LoRA applied and the trainable split set; returns model.builder.LoadedSesame.
+
+    Under ZeRO-3 the model is built on the CPU and DeepSpeed partitions it onto the GPUs.
+    """
+    from model.builder import build_for_training
+
+    build_device = "cpu" if args.zero_stage == 3 else str(device)
+    loaded = build_for_training(args.version, vision_pretrained=args.vision_pretrained, vision_tower=args.vision_tower,
+                                dtype=DTYPES[args.precision], device=build_device, sasp=sasp_from_args(args),
+                                out_dim=args.out_dim, train_mask_decoder=args.train_mask_decoder)
+    model = loaded.model
+    cfg = model.config
+    cfg.lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          target_modules=tuple(args.lora_target_modules))
+    cfg.loss = LossConfig(ce_loss_weight=args.ce_loss_weight, bce_loss_weight=args.bce_loss_weight,
+                          dice_loss_weight=args.dice_loss_weight)
+    cfg.train_mask_decoder = args.train_mask_decoder
+    cfg.use_mm_start_end = args.use_mm_start_end
+    apply_lora(model)
+    set_trainable(model)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    return loaded
+
+
+def recipe_from_args(args: argparse.Namespace, device: torch.device) -> DeepSpeedRecipe:
+    return DeepSpeedRecipe(micro_batch_size=args.batch_size, grad_accumulation_steps=args.grad_accumulation_steps,
+                           lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+                           total_steps=args.epochs * args.steps_per_epoch, warmup_steps=args.warmup_steps,
+                           gradient_clipping=args.gradient_clipping, precision=args.precision,
+                           zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer,
+                           ds_optimizer=uses_ds_optimizer(device, args.offload_optimizer))
+
+
+def loop_config_from_args(args: argparse.Namespace) -> LoopConfig:
+    return LoopConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                      grad_accumulation_steps=args.grad_accumulation_steps, print_freq=args.print_freq,
+                      save_steps=args.save_steps, no_eval=args.no_eval, best_metric=args.best_metric)
+
+
+def collate_from_args(args: argparse.Namespace, tokenizer) -> Callable:
+    from dataset.collate import collate_fn
+
+    return functools.partial(collate_fn, tokenizer=tokenizer, model_max_length=args.model_max_length,
+                             conv_template=args.conv_type, use_mm_start_end=args.use_mm_start_end)
+
+
+def train_batches_from_args(args: argparse.Namespace, loaded) -> Callable[[int, int], object]:
+    """batches(start, stop): this rank's collated micro-batches for micro-steps [start, stop)."""
+    from dataset.hybrid import HybridDataset
+
+    world = dist_utils.world_size()
+    dataset = HybridDataset(
+        args.dataset_dir, loaded.tokenizer, loaded.clip_transform, loaded.sam_transform,
+        datasets=args.dataset, sample_rates=args.sample_rates, refer_seg_data=args.refer_seg_data,
+        neg_refer_seg_data=args.neg_refer_seg_data, correct_refer_seg_data=args.correct_refer_seg_data,
+        vqa_data=args.vqa_data, reason_seg_data=args.reason_seg_data, sem_seg_data=args.sem_seg_data,
+        num_classes_per_sample=args.num_classes_per_sample, seed=args.seed, templates=args.templates,
+        conv_template=args.conv_type,
+        # One numbered stream for the whole run (see training/data_stream.py).
+        samples_per_epoch=samples_needed(args.epochs, args.steps_per_epoch, args.grad_accumulation_steps,
+                                         args.batch_size, world))
+    collate = collate_from_args(args, loaded.tokenizer)
+    rank = dist_utils.rank()
+    return lambda start, stop: stream_loader(dataset, collate, start, stop, rank, world, args.batch_size, args.workers)
+
+
+def engine_io(engine) -> Callable[[SesameBatch], SesameBatch]:
+    device = engine.device
+    dtype = next(p for p in engine.module.parameters() if p.is_floating_point()).dtype
+    return lambda batch: batch.to(device, dtype)
+
+
+def validation_from_args(args: argparse.Namespace, loaded, engine) -> Optional[Callable[[], dict]]:
+    """validate() -> metrics, or None with --no_eval."""
+    if args.no_eval:
+        return None
+    from dataset.eval_sets import build_eval_dataset, teacher_forced_samples
+    from dataset.image_io import read_image_rgb
+
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    seg_images = []
+    for name in [n for n in args.val_dataset.split("||") if n]:
+        seg_images += build_eval_dataset(name, args.dataset_dir, args.val_split, seed=args.seed)
+    seg_items = shard(draw_queries(seg_images, args.val_samples, args.seed, positives_only=True), rank, world)
+    see_items = []
+    if args.val_see_dataset:
+        see_images = build_eval_dataset(args.val_see_dataset, args.dataset_dir, args.val_split, seed=args.seed)
+        see_items = shard(draw_queries(see_images, args.val_see_samples, args.seed, positives_only=False), rank, world)
+    collate = collate_from_args(args, loaded.tokenizer)
+    to_device = engine_io(engine)
+
+    def seg_batches():
+        samples = teacher_forced_samples(seg_items, loaded.clip_transform, loaded.sam_transform,
+                                         conv_template=args.conv_type)
+        chunk = []
+        for s in samples:
+            chunk.append(s)
+            if len(chunk) == args.val_batch_size:
+                yield collate(chunk)
+                chunk = []
+        if chunk:
+            yield collate(chunk)
+
+    def load_inputs(image):
+        rgb = read_image_rgb(image.image_path, "validation")
+        sam = loaded.sam_transform(rgb)
+        return loaded.clip_transform(rgb)[None], sam.pixels[None], sam.resized_size, sam.original_size
+
+    tok_ids = loaded.token_ids
+
+    def validate() -> dict:
+        was_training = engine.module.training
+        engine.eval()
+        seg = segment_metrics(engine, seg_batches(), to_device)
+        see = see_metrics(engine.module, see_items, load_inputs, loaded.tokenizer, args.conv_type,
+                          args.val_max_new_tokens, tok_ids.eos, tok_ids.pad) if see_items else None
+        if was_training:
+            engine.train()
+        return reduce_metrics(seg, see)
+
+    return validate

@@ -1,0 +1,116 @@
+"""Validation during training.
+
+- Segment: teacher-forced (the answer with its [SEG] is given), as the original's `validate`:
+  gIoU (mean over masks of I/(U+1e-5), an empty union counting 1) and cIoU (ΣI/ΣU) of the
+  foreground, ignore label 255 left out, over a seeded draw of queries from the held-out refer sets.
+- See: greedy generation on a false-premise split (when one is configured and present): the share
+  of queries whose predicted existence ([SEG] generated and its mask non-empty) equals the truth.
+
+Each rank handles every world_size-th item; sums are all-reduced, so every rank gets the same metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from dataset.eval_sets import EvalImage
+from model.batch import SesameBatch
+from model.conversation import build_prompt, tokenize_with_image
+from utils import distributed as dist_utils
+
+
+def intersection_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float]:
+    """Foreground intersection and union of a bool prediction and a uint8 ground truth (255 = ignore)."""
+    valid = gt != 255
+    p, g = pred & valid, (gt == 1) & valid
+    return float((p & g).sum()), float((p | g).sum())
+
+
+@dataclass
+class SegmentSums:
+    intersection: float = 0.0
+    union: float = 0.0
+    giou_sum: float = 0.0
+    num_masks: int = 0
+
+    def add_masks(self, pred_logits: torch.Tensor, gt: torch.Tensor) -> None:
+        """pred_logits (n, H, W), gt (n, H, W) uint8 with 255 = ignore."""
+        for p, g in zip(pred_logits, gt):
+            i, u = intersection_union(p > 0, g)
+            self.intersection += i
+            self.union += u
+            self.giou_sum += 1.0 if u == 0 else i / (u + 1e-5)
+            self.num_masks += 1
+
+
+@dataclass
+class SeeSums:
+    correct: int = 0
+    total: int = 0
+
+
+def draw_queries(images: Sequence[EvalImage], n: int, seed: int, positives_only: bool) -> list[EvalImage]:
+    """Up to n (image, query) pairs drawn without replacement with a seeded RNG, regrouped per image
+    (in dataset order) so each image is encoded once."""
+    pairs = [(i, k) for i, im in enumerate(images) for k, q in enumerate(im.queries)
+             if q.gt_exists or not positives_only]
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.permutation(len(pairs))[:n].tolist()) if len(pairs) > n else range(len(pairs))
+    keep: dict[int, list[int]] = {}
+    for j in chosen:
+        i, k = pairs[j]
+        keep.setdefault(i, []).append(k)
+    return [EvalImage(image_path=images[i].image_path, image_id=images[i].image_id, height=images[i].height,
+                      width=images[i].width, queries=[images[i].queries[k] for k in ks]) for i, ks in keep.items()]
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    return list(items[rank::world_size])
+
+
+@torch.no_grad()
+def segment_metrics(engine, batches: Iterable[SesameBatch], to_device: Callable[[SesameBatch], SesameBatch]) -> SegmentSums:
+    sums = SegmentSums()
+    for batch in batches:
+        out = engine(to_device(batch))
+        for pred, gt in zip(out.pred_masks, out.gt_masks):
+            sums.add_masks(pred.float(), gt)
+    return sums
+
+
+@torch.no_grad()
+def see_metrics(model, images: Iterable[EvalImage], load_inputs, tokenizer, conv_template: str,
+                max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> SeeSums:
+    """Greedy answers to each query; See = predicted existence equals the truth.
+
+    load_inputs(image) -> (clip (1,3,s,s), sam (1,3,S,S), resized_size, original_size).
+    """
+    sums = SeeSums()
+    for image in images:
+        clip, sam, resized, original = load_inputs(image)
+        prompts = [tokenize_with_image(build_prompt(q.question, template=conv_template), tokenizer)
+                   for q in image.queries]
+        preds = model.predict(clip, sam, [resized], [original], prompts, [0] * len(prompts),
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        for q, pred in zip(image.queries, preds):
+            sums.correct += int(pred.exists == q.gt_exists)
+            sums.total += 1
+    return sums
+
+
+def reduce_metrics(seg: SegmentSums | None, see: SeeSums | None) -> dict[str, float]:
+    """All-reduce the per-rank sums and turn them into the reported metrics."""
+    seg = seg or SegmentSums()
+    see = see or SeeSums()
+    t = dist_utils.all_reduce_sum(torch.tensor([seg.intersection, seg.union, seg.giou_sum, seg.num_masks,
+                                                see.correct, see.total], dtype=torch.float64)).tolist()
+    inter, union, giou_sum, n_masks, correct, total = t
+    metrics = {"giou": giou_sum / n_masks if n_masks else 0.0, "ciou": inter / union if union else 0.0,
+               "num_masks": int(n_masks)}
+    if total:
+        metrics["see"] = correct / total
+        metrics["see_queries"] = int(total)
+    return metrics

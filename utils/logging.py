@@ -1,0 +1,139 @@
+"""Where training metrics go: wandb when it is installed and enabled, else TensorBoard; always a
+JSONL file next to them. Only rank 0 writes; other ranks get a sink that drops everything.
+
+wandb honours WANDB_MODE (online / offline / disabled). `auto` picks wandb when it can log (an API
+key is configured, or WANDB_MODE=offline) so an unattended run never stops at a login prompt.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Protocol
+
+LOGGERS = ("auto", "wandb", "tensorboard", "none")
+
+
+class MetricSink(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullSink:
+    run_id = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink:
+    """One JSON object per log call: {"step": ..., **metrics}."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, project: str, run_name: str, log_dir: str, config: dict, resume_id: Optional[str] = None):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=run_name, dir=log_dir, config=config, id=resume_id,
+                              resume="allow" if resume_id else None)
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return getattr(self.run, "id", None)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MultiSink:
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The wandb run id, if one of the sinks is wandb (to continue it after a resume)."""
+        return next((s.run_id for s in self.sinks if getattr(s, "run_id", None)), None)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for s in self.sinks:
+            s.log(metrics, step)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+def wandb_usable() -> bool:
+    """wandb is installed, not disabled, and can log without asking for a key."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode == "disabled":
+        return False
+    try:
+        import wandb
+    except ImportError:
+        return False
+    if mode in ("offline", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return bool(wandb.Api().api_key)
+    except Exception:  # no key configured, no network: fall back quietly
+        return False
+
+
+def resolve_logger(kind: str) -> str:
+    if kind not in LOGGERS:
+        raise ValueError(f"--logger must be one of {LOGGERS}, got {kind!r}")
+    if kind == "auto":
+        return "wandb" if wandb_usable() else "tensorboard"
+    if kind == "wandb" and os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        return "none"
+    return kind
+
+
+def open_sink(kind: str, log_dir: str, *, is_main: bool, project: str = "sesame", run_name: str = "sesame",
+              config: Optional[dict] = None, resume_id: Optional[str] = None):
+    """The metric sink for this process. `kind` is one of LOGGERS; returns (sink, resolved kind)."""
+    if not is_main:
+        return NullSink(), "none"
+    resolved = resolve_logger(kind)
+    sinks: list = [JsonlSink(os.path.join(log_dir, "metrics.jsonl"))]
+    if resolved == "wandb":
+        sinks.append(WandbSink(project, run_name, log_dir, config or {}, resume_id))
+    elif resolved == "tensorboard":
+        sinks.append(TensorBoardSink(log_dir))
+    return MultiSink(sinks), resolved
