@@ -29,6 +29,7 @@ from .conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .generation import LogitsHook, greedy_generate, positions_from_mask
 from .losses import bce_loss_sum, dice_loss_sum
 from .sam import build_sam, decode_masks
+from .sasp import SasPResult, similarity_as_points
 
 SAM_IGNORE_LABEL = 255
 
@@ -52,6 +53,7 @@ class QueryPrediction:
     masks: torch.Tensor
     exists: bool  # See: a [SEG] was generated and its (first) mask is non-empty
     seg_hidden: torch.Tensor = field(repr=False)  # (n_seg, H) LLM states that predicted each [SEG]
+    sasp: Optional[SasPResult] = field(default=None, repr=False)  # READ only: maps and points per [SEG] (CPU)
 
 
 @dataclass
@@ -168,10 +170,21 @@ class SesameModel(nn.Module):
         """LLM hidden states that predicted [SEG] (n, hidden) -> SAM prompt embeddings (n, out_dim)."""
         return self.text_hidden_fcs[0](seg_hidden)
 
-    def point_prompts(self, seg_hidden: torch.Tensor, image_hidden: torch.Tensor,
+    def point_prompts(self, seg_hidden: torch.Tensor, image_hidden: Optional[torch.Tensor],
                       resized_size: tuple[int, int], original_size: tuple[int, int]):
-        """Extra SAM point prompts per [SEG]; None for plain SESAME (READ's SasP overrides this)."""
-        return None
+        """SAM point prompts per [SEG]: None for plain SESAME; with `config.sasp` (READ), SasP's
+        (coords (n, K, 2) in SAM's frame, labels (n, K)), placed before the [SEG] token."""
+        if self.config.sasp is None:
+            return None
+        return self.sasp_points(seg_hidden, image_hidden, resized_size, original_size).sam_prompts()
+
+    def sasp_points(self, seg_hidden: torch.Tensor, image_hidden: Optional[torch.Tensor],
+                    resized_size: tuple[int, int], original_size: tuple[int, int]) -> SasPResult:
+        """READ's Similarity-as-Points for the n [SEG]s of one image (see `model/sasp.py`)."""
+        if image_hidden is None:
+            raise ValueError("config.sasp is set but no image-token hidden states were passed (image_hidden)")
+        return similarity_as_points(seg_hidden, image_hidden, original_size, resized_size, self.config.sasp,
+                                    self.config.vision.image_size)
 
     def masks_for_image(self, image_embedding: torch.Tensor, seg_hidden: torch.Tensor, image_hidden: Optional[torch.Tensor],
                         resized_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
@@ -297,6 +310,11 @@ class SesameModel(nn.Module):
                                           tuple(resized_sizes[i]), tuple(original_sizes[i]))
             masks = logits > 0
             exists = bool(masks.shape[0] > 0 and masks[0].any())
+            sasp = None
+            if self.config.sasp is not None and image_hidden is not None:
+                # for visualisation; recomputing is cheap (no LLM work) and gives the same points
+                sasp = self.sasp_points(seg_hidden, image_hidden, tuple(resized_sizes[i]),
+                                        tuple(original_sizes[i])).detached_cpu()
             results.append(QueryPrediction(output_ids=gen.tokens[k], masks=masks.cpu(), exists=exists,
-                                           seg_hidden=seg_hidden))
+                                           seg_hidden=seg_hidden, sasp=sasp))
         return results
