@@ -52,7 +52,7 @@ class QueryRecord:
         return (self.image_id, self.ref_id, self.sent_id)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"), default=_plain)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "record") -> "QueryRecord":
@@ -60,6 +60,15 @@ class QueryRecord:
             return cls(**d)
         except TypeError as e:
             raise ValueError(f"{where}: not a query record ({e})") from None
+
+
+def _plain(value):
+    """numpy scalars / arrays in `extra` -> plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"record field of type {type(value).__name__} is not JSON serialisable")
 
 
 def shard_dir(vis_save_path: str, dataset: str, split: str) -> str:

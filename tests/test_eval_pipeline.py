@@ -1,0 +1,177 @@
+"""test_sesame.py's inference loop on a tiny model and generated images: records, resume, shards, metrics."""
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import test_sesame
+from dataset.eval_sets import EvalImage, EvalQuery
+from dataset.transforms import ClipTransform, SamTransform
+from model.builder import LoadedSesame
+from model.tiny import tiny_model
+from utils.metrics import evaluate_records
+from utils.records import merge_shards, read_shard, shard_dir, shard_path
+
+SIZES = [(40, 60), (64, 32), (23, 77), (50, 50), (33, 41)]
+QUERIES = [3, 1, 5, 2, 4]
+
+
+def _images(root):
+    rng = np.random.default_rng(0)
+    images, sent = [], 0
+    for i, ((h, w), n) in enumerate(zip(SIZES, QUERIES)):
+        path = os.path.join(root, f"img_{i}.png")
+        cv2.imwrite(path, (rng.random((h, w, 3)) * 255).astype(np.uint8))
+        queries = []
+        for k in range(n):
+            exists = (i + k) % 3 != 0
+            gt = np.zeros((h, w), np.uint8)
+            if exists:
+                gt[h // 4: h // 2 + k, w // 5: w // 2] = 1
+                gt[0, :] = 255 if k == 1 else gt[0, :]
+            queries.append(EvalQuery(ref_id=100 + i, sent_id=sent, sentence=f"thing {sent}",
+                                     question=f"<image>\nIs there a thing {sent} in this image?",
+                                     gt_exists=exists, gt_sent=None if exists else "blue circle", gt_mask=gt,
+                                     extra={"is_sentence": bool(k % 2)}))
+            sent += 1
+        images.append(EvalImage(image_path=path, image_id=i, height=h, width=w, queries=queries))
+    return images
+
+
+def content_hook(seg_id, eos_id):
+    """Decisions that depend on what a query's logits say, never on its row: identical under any batching."""
+    def hook(step, logits, query):
+        logits = logits.clone()
+        top = logits.argmax(-1)
+        if step == 0:
+            logits[top % 2 == 0, seg_id] += 1e4
+        if step == 2:
+            logits[top % 3 == 0, eos_id] += 1e4
+        return logits
+    return hook
+
+
+@pytest.fixture(scope="module")
+def loaded(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer), seed=1)  # a seed whose answers mix [SEG] and none
+    return LoadedSesame(model, tokenizer, token_ids, ClipTransform(model.config.vision.image_size),
+                        SamTransform(model.config.sam.image_size))
+
+
+def _args(out, *extra):
+    return test_sesame.build_parser().parse_args(
+        ["--val_dataset", "fprefcoco", "--vis_save_path", str(out), "--max_new_tokens", "6", "--num_workers", "0",
+         "--no_progress", "--queries_per_batch", "4", *extra])
+
+
+def _run(loaded, images, out, *extra):
+    args = _args(out, *extra)
+    hook = content_hook(loaded.token_ids.seg, loaded.token_ids.eos)
+    return test_sesame.run_inference(args, loaded, images, engine_hook=hook)
+
+
+def _by_key(records):
+    return {r.key: r for r in records}
+
+
+def test_records_and_metrics(tmp_path, loaded):
+    images = _images(str(tmp_path))
+    summary = _run(loaded, images, tmp_path / "out")
+    assert summary["queries_run"] == sum(QUERIES) and summary["queries_skipped"] == 0
+    records = read_shard(shard_path(str(tmp_path / "out"), "fprefcoco", "val", 0, 1))
+    assert len(records) == sum(QUERIES)
+    assert {r.key for r in records} == {(im.image_id, q.ref_id, q.sent_id) for im in images for q in im.queries}
+    assert any(r.pred_exists for r in records) and any(not r.pred_exists for r in records)
+    assert any(r.num_seg for r in records)
+    for r in records:
+        assert r.pred_exists == (r.pred_mask is not None)  # See: [SEG] with a non-empty mask
+        assert (r.gt_mask is not None) == r.gt_exists
+        assert "</s>" not in r.answer and r.question.startswith("<image>\n")
+    assert any(r.gt_ignore for r in records)
+    args = _args(tmp_path / "out", "--cmd", "metrics")
+    result = test_sesame.run_metrics(args)
+    assert result["complete"] and result["world_size"] == 1
+    assert result["metrics"] == json.loads(json.dumps(evaluate_records(records, "fprefcoco")))
+    see = np.mean([r.pred_exists == r.gt_exists for r in records])
+    assert result["metrics"]["overall"]["see"] == pytest.approx(see)
+    with open(os.path.join(shard_dir(str(tmp_path / "out"), "fprefcoco", "val"), "metrics.json")) as f:
+        assert json.load(f)["metrics"]["overall"]["counts"]["queries"] == sum(QUERIES)
+    # a rerun finds everything done
+    again = _run(loaded, images, tmp_path / "out")
+    assert again["queries_run"] == 0 and again["queries_skipped"] == sum(QUERIES)
+
+
+def test_killed_then_resumed_equals_uninterrupted(tmp_path, loaded, monkeypatch):
+    images = _images(str(tmp_path))
+    _run(loaded, images, tmp_path / "full")
+    full = read_shard(shard_path(str(tmp_path / "full"), "fprefcoco", "val", 0, 1))
+
+    from utils import records as records_mod
+    original_write = records_mod.ShardWriter.write
+    calls = {"n": 0}
+
+    def dying_write(self, recs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed while the third batch was being written
+        return original_write(self, recs)
+
+    monkeypatch.setattr(records_mod.ShardWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        _run(loaded, images, tmp_path / "resumed")
+    monkeypatch.setattr(records_mod.ShardWriter, "write", original_write)
+    path = shard_path(str(tmp_path / "resumed"), "fprefcoco", "val", 0, 1)
+    partial = read_shard(path)
+    assert 0 < len(partial) < sum(QUERIES)
+    with open(path, "a") as f:  # the kill also tore a line
+        f.write('{"image_id": 3, "ref_id": 10')
+    with pytest.raises(RuntimeError, match="not finished"):
+        test_sesame.run_metrics(_args(tmp_path / "resumed", "--cmd", "metrics"))
+    summary = _run(loaded, images, tmp_path / "resumed")
+    assert summary["queries_skipped"] == len(partial)
+    assert summary["queries_run"] == sum(QUERIES) - len(partial)
+    resumed = read_shard(path)
+    assert len(resumed) == sum(QUERIES)
+    assert _by_key(resumed) == _by_key(full)
+
+
+def test_two_shards_cover_every_query_once(tmp_path, loaded):
+    images = _images(str(tmp_path))
+    _run(loaded, images, tmp_path / "one")
+    single = _by_key(read_shard(shard_path(str(tmp_path / "one"), "fprefcoco", "val", 0, 1)))
+    for p in range(2):
+        _run(loaded, images, tmp_path / "two", "--process_num", str(p), "--world_size", "2")
+    per_shard = [read_shard(shard_path(str(tmp_path / "two"), "fprefcoco", "val", p, 2)) for p in range(2)]
+    assert all(per_shard)
+    assert {r.image_id for r in per_shard[0]}.isdisjoint({r.image_id for r in per_shard[1]})
+    merged = merge_shards(shard_dir(str(tmp_path / "two"), "fprefcoco", "val"))
+    assert not merged.incomplete and len(merged.records) == sum(QUERIES)
+    assert _by_key(merged.records) == single
+
+
+def test_bad_input_is_named(tmp_path, loaded):
+    images = _images(str(tmp_path))
+    os.remove(images[1].image_path)
+    with pytest.raises(FileNotFoundError, match="img_1.png"):
+        _run(loaded, images, tmp_path / "a")
+    images = _images(str(tmp_path))
+    images[2].queries[1].sent_id = images[2].queries[0].sent_id
+    with pytest.raises(ValueError, match="occurs twice"):
+        _run(loaded, images, tmp_path / "b")
+    images = _images(str(tmp_path))
+    with pytest.raises(ValueError, match="model_max_length"):
+        _run(loaded, images, tmp_path / "c", "--model_max_length", "10")
+    with pytest.raises(SystemExit):
+        test_sesame.build_parser().parse_args(["--val_dataset", "coco"])
+
+
+def test_visualize_writes_overlays(tmp_path, loaded):
+    images = _images(str(tmp_path))[:2]
+    _run(loaded, images, tmp_path / "vis", "--visualize")
+    vis = os.path.join(shard_dir(str(tmp_path / "vis"), "fprefcoco", "val"), "vis")
+    folders = sorted(os.listdir(vis))
+    assert len(folders) == QUERIES[0] + QUERIES[1]
+    assert {"seg_mask.png", "seg_overlay.jpg", "answer.txt"} <= set(os.listdir(os.path.join(vis, folders[0])))
