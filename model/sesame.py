@@ -88,6 +88,15 @@ def clip_config(cfg: SesameConfig) -> CLIPVisionConfig:
     return cc
 
 
+def build_projector(kind: str, vision_hidden: int, hidden: int) -> nn.Module:
+    """LLaVA's projector: "mlp2x_gelu" (LLaVA-1.5) or one Linear ("linear", LLaVA-v1 / LISA)."""
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(vision_hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+    if kind == "linear":
+        return nn.Linear(vision_hidden, hidden)
+    raise ValueError(f"unknown mm_projector_type {kind!r}; known: 'mlp2x_gelu', 'linear'")
+
+
 class SesameModel(nn.Module):
     def __init__(self, config: SesameConfig, seg_token_id: int, vision_tower: Optional[CLIPVisionModel] = None):
         super().__init__()
@@ -95,7 +104,7 @@ class SesameModel(nn.Module):
         self.seg_token_id = seg_token_id
         h = config.llm.hidden_size
         self.vision_tower = vision_tower if vision_tower is not None else CLIPVisionModel(clip_config(config))
-        self.mm_projector = nn.Sequential(nn.Linear(config.vision.hidden_size, h), nn.GELU(), nn.Linear(h, h))
+        self.mm_projector = build_projector(config.mm_projector_type, config.vision.hidden_size, h)
         self.llm = LlamaForCausalLM(llama_config(config))
         self.visual_model = build_sam(config.sam)
         self.text_hidden_fcs = nn.ModuleList([nn.Sequential(
@@ -130,7 +139,7 @@ class SesameModel(nn.Module):
         """(N, 3, s, s) -> (N, P, hidden): CLIP layer `select_layer`, CLS dropped, projected. Frozen."""
         out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.config.vision.select_layer][:, 1:]
-        return self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
+        return self.mm_projector(feats.to(next(self.mm_projector.parameters()).dtype))
 
     @torch.no_grad()
     def encode_images_sam(self, pixel_values: torch.Tensor) -> torch.Tensor:
