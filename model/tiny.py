@@ -2,18 +2,29 @@
 
 The tokenizer is a small sentencepiece model trained on the fly (LLaMA's conventions: unk 0,
 bos 1, eos 2, byte fallback), so nothing is downloaded.
+
+`python -m model.tiny OUT_DIR` writes a tiny random checkpoint in the released layout (sharded
+`.bin` + index, config.json with `model_type: llava`, the slow tokenizer files) and, inside it,
+a tiny CLIP checkpoint (`OUT_DIR/vision_tower`, a full CLIPModel like openai's) that config.json
+names as `vision_tower`. `--llava-base` writes a tiny LLaVA-1.5 base (original layout) and a tiny
+SAM `.pth` instead: the two inputs of `model.builder.build_for_training`.
 """
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import os
 from typing import Optional
 
 import torch
 
-from .config import SesameConfig
+from .config import SAM_PRESETS, SesameConfig
 from .sesame import SesameModel
-from .tokenizer import SpecialTokenIds, add_sesame_tokens
+from .tokenizer import SpecialTokenIds, add_sesame_tokens, load_tokenizer
+
+TINY_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_tokenizer")
+LLAMA_VOCAB_SIZE = 32000
 
 _CORPUS = """A chat between a curious human and an artificial intelligence assistant.
 The assistant gives helpful, detailed, and polite answers to the human's questions.
@@ -46,21 +57,175 @@ def train_tiny_sentencepiece(out_dir: str, vocab_size: int = 512, extra_text: st
     return path
 
 
+def llama_sized_sentencepiece(out_dir: str, vocab_size: int = LLAMA_VOCAB_SIZE) -> str:
+    """A tiny trained sentencepiece model padded with unreachable pieces to LLaMA's 32000, so the
+    SESAME tokens land on 32000/32001/32002 as in the releases. Returns the tokenizer.model path."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    path = train_tiny_sentencepiece(out_dir)
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    lowest = min(p.score for p in proto.pieces)
+    for i in range(len(proto.pieces), vocab_size):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = f"\u2581unused{i}", lowest - 1.0 - i, piece.NORMAL
+    proto.trainer_spec.vocab_size = vocab_size
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return path
+
+
 def tiny_tokenizer(directory: str):
     """The SESAME tokenizer over a tiny sentencepiece model found (or trained) in `directory`."""
-    from transformers import LlamaTokenizer
-
     if not os.path.exists(os.path.join(directory, "tokenizer.model")):
         train_tiny_sentencepiece(directory)
-    tok = LlamaTokenizer.from_pretrained(directory, legacy=True, add_bos_token=True, add_eos_token=False)
+    tok = load_tokenizer(directory)
     ids = add_sesame_tokens(tok)
     return tok, ids
 
 
 def tiny_model(tokens: SpecialTokenIds, vocab_size: int, seed: int = 0, sasp=None,
                dtype: torch.dtype = torch.float32, device: Optional[str] = None) -> SesameModel:
+    """Random tiny SESAME. Parameters in `dtype`; buffers stay float32 (the loader's policy)."""
+    from .checkpoint import cast_parameters
+
     cfg = SesameConfig.tiny(vocab_size=vocab_size, sasp=sasp)
     cfg.llm.pad_token_id, cfg.llm.bos_token_id, cfg.llm.eos_token_id = tokens.pad, tokens.bos, tokens.eos
     torch.manual_seed(seed)
     model = SesameModel(cfg, seg_token_id=tokens.seg)
-    return model.to(device=device or "cpu", dtype=dtype).eval()
+    return cast_parameters(model.to(device=device or "cpu"), dtype).eval()
+
+
+# --- tiny files in the released formats ------------------------------------------------------------
+def write_clip_checkpoint(vision_tower, out_dir: str) -> str:
+    """Save `vision_tower` (a CLIPVisionModel) as a full CLIPModel checkpoint with a tiny text
+    tower and a preprocessor_config.json: the layout of openai/clip-vit-large-patch14(-336)."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    vc = vision_tower.config
+    text = dict(hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size, num_hidden_layers=1,
+                num_attention_heads=vc.num_attention_heads, vocab_size=64, max_position_embeddings=16,
+                projection_dim=vc.projection_dim, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vc.to_dict(), projection_dim=vc.projection_dim))
+    clip.vision_model.load_state_dict(vision_tower.state_dict())
+    clip.save_pretrained(out_dir)
+    size = vc.image_size
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
+                          do_center_crop=True).save_pretrained(out_dir)
+    return out_dir
+
+
+def write_tiny_released(out_dir: str, *, architecture: str = "SESAMEForCausalLM", seed: int = 0,
+                        llama_vocab: bool = True, safe_serialization: bool = False,
+                        max_shard_size: str = "4MB", dtype: torch.dtype = torch.float32) -> SesameModel:
+    """A tiny random checkpoint in the released layout, its CLIP in `out_dir/vision_tower`.
+    Returns the model that was saved (for comparisons)."""
+    from .checkpoint import save_released
+
+    os.makedirs(out_dir, exist_ok=True)
+    tok_dir = os.path.join(out_dir, "_sentencepiece")
+    if llama_vocab:
+        llama_sized_sentencepiece(tok_dir)
+    else:
+        train_tiny_sentencepiece(tok_dir)
+    tokenizer, ids = tiny_tokenizer(tok_dir)
+    model = tiny_model(ids, len(tokenizer), seed=seed)
+    clip_dir = os.path.abspath(os.path.join(out_dir, "vision_tower"))
+    write_clip_checkpoint(model.vision_tower, clip_dir)
+    model.config.vision.name_or_path = clip_dir
+    save_released(model, tokenizer, out_dir, architecture=architecture, safe_serialization=safe_serialization,
+                  max_shard_size=max_shard_size, dtype=dtype)
+    _remove_tree(tok_dir)
+    return model
+
+
+def write_tiny_sam(path: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny SAM state dict in the official `sam_vit_*.pth` key layout."""
+    from .sam import build_sam
+
+    torch.manual_seed(seed)
+    state = build_sam(SAM_PRESETS["tiny"]).state_dict()
+    torch.save(state, path)
+    return state
+
+
+def write_tiny_llava_base(out_dir: str, *, seed: int = 0) -> SesameModel:
+    """A tiny LLaVA-1.5 base in the original (haotian) layout: vocab 32000 without SESAME tokens,
+    `model.layers.*`, `model.mm_projector.{0,2}.*`, the CLIP tower under
+    `model.vision_tower.vision_tower.vision_model.*`, config.json with `mm_vision_tower`, and the
+    slow tokenizer files. Its CLIP is also saved to `out_dir/vision_tower`. Returns the source
+    model (vocab 32000) for comparisons."""
+    from .checkpoint import internal_to_released
+    from .tokenizer import save_slow_tokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    llama_sized_sentencepiece(out_dir)
+    tokenizer = load_tokenizer(out_dir)
+    ids = SpecialTokenIds(seg=-1, im_start=-1, im_end=-1, pad=0, bos=1, eos=2)
+    model = tiny_model(ids, LLAMA_VOCAB_SIZE, seed=seed)
+    clip_dir = os.path.abspath(os.path.join(out_dir, "vision_tower"))
+    write_clip_checkpoint(model.vision_tower, clip_dir)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(("llm.", "mm_projector.")):
+            state[internal_to_released(name)] = tensor.clone()
+        elif name.startswith("vision_tower."):
+            state["model.vision_tower.vision_tower.vision_model." + name[len("vision_tower."):]] = tensor.clone()
+    inv_freq = model.language_model.model.rotary_emb.inv_freq
+    for i in range(model.config.llm.num_hidden_layers):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
+    llm, vision = model.config.llm, model.config.vision
+    config = {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "bos_token_id": 1, "eos_token_id": 2,
+        "pad_token_id": 0, "hidden_act": "silu", "hidden_size": llm.hidden_size,
+        "intermediate_size": llm.intermediate_size, "num_hidden_layers": llm.num_hidden_layers,
+        "num_attention_heads": llm.num_attention_heads, "num_key_value_heads": llm.num_key_value_heads,
+        "max_position_embeddings": llm.max_position_embeddings, "rms_norm_eps": llm.rms_norm_eps,
+        "initializer_range": 0.02, "tie_word_embeddings": False, "use_cache": True, "vocab_size": LLAMA_VOCAB_SIZE,
+        "torch_dtype": "float32", "image_aspect_ratio": "pad", "mm_hidden_size": vision.hidden_size,
+        "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2, "mm_vision_tower": clip_dir,
+        "freeze_mm_mlp_adapter": False, "tune_mm_mlp_adapter": False, "use_mm_proj": True,
+    }
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    save_slow_tokenizer(tokenizer, out_dir, model_max_length=2048)
+    return model
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m model.tiny", description=__doc__.split("\n\n")[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--architecture", default="SESAMEForCausalLM",
+                        choices=["SESAMEForCausalLM", "READForCausalLM", "LISAForCausalLM"])
+    parser.add_argument("--safetensors", action="store_true", help="model*.safetensors instead of pytorch_model*.bin")
+    parser.add_argument("--max_shard_size", default="4MB", help="shard size limit (default 4MB: several shards)")
+    parser.add_argument("--small_vocab", action="store_true",
+                        help="the 512-piece tokenizer (vocab 515) instead of a LLaMA-sized 32000 (vocab 32003)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--llava_base", action="store_true",
+                        help="write a tiny LLaVA-1.5 base + OUT_DIR/sam_tiny.pth (build_for_training inputs)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.llava_base:
+        write_tiny_llava_base(args.out_dir, seed=args.seed)
+        write_tiny_sam(os.path.join(args.out_dir, "sam_tiny.pth"), seed=args.seed)
+        print(f"tiny LLaVA base in {args.out_dir}, SAM in {os.path.join(args.out_dir, 'sam_tiny.pth')}")
+        return
+    write_tiny_released(args.out_dir, architecture=args.architecture, seed=args.seed,
+                        llama_vocab=not args.small_vocab, safe_serialization=args.safetensors,
+                        max_shard_size=args.max_shard_size, dtype=getattr(torch, args.dtype))
+    print(f"tiny {args.architecture} checkpoint in {args.out_dir} (CLIP in {os.path.join(args.out_dir, 'vision_tower')})")
+
+
+if __name__ == "__main__":
+    main()
