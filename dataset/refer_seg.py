@@ -1,0 +1,84 @@
+"""Training samples from the referring datasets (RefCOCO family, FP-RefCOCO*, R-RefCOCO*).
+
+One sample = one image: up to `num_classes_per_sample` of all sentences of all its refs (true and
+false premise mixed), each its own single-turn conversation. A sentence whose object exists gets a
+positive answer with one [SEG] and the ref's mask; one that does not gets a correction naming
+`gt_sent` (FP-RefCOCO*) or a plain denial (everything else), and no mask.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .image_io import SkipItem, read_image_rgb
+from .refer import FALSE_PREMISE_DATASETS, ReferData, sentence_exists
+from .sample import RawSample, choice, sample_without_replacement
+from .templates import Templates
+
+
+def refer_conversation(rng: np.random.Generator, templates: Templates, sentence: dict, exists: bool,
+                       dataset: str) -> tuple[str, str]:
+    """(question, answer) for one referring sentence, as the original builds them."""
+    expr = sentence["sent"].strip().lower()
+    question = choice(rng, templates.short_question).format(class_name=expr)
+    if exists:
+        answer = choice(rng, templates.short_answer).format(class_name=expr)
+    elif dataset in FALSE_PREMISE_DATASETS and sentence.get("gt_sent"):
+        answer = choice(rng, templates.correct_answer).format(class_name=expr, gt_name=str(sentence["gt_sent"]).strip().lower())
+    else:
+        answer = choice(rng, templates.neg_answer).format(class_name=expr)
+    return question, answer
+
+
+class ReferSegSource:
+    """Samples images of one or more referring datasets (a dataset first, uniformly, then an image)."""
+
+    def __init__(self, name: str, dataset_dir: str, datasets: Sequence[str], templates: Templates,
+                 num_classes_per_sample: int = 3, split: str = "train", split_by: Optional[dict[str, str]] = None):
+        if not datasets:
+            raise ValueError(f"{name}: no referring datasets given")
+        self.name = name
+        self.templates = templates
+        self.num_classes_per_sample = num_classes_per_sample
+        self.data: list[ReferData] = []
+        self.image_ids: list[list[int]] = []
+        self.refs: list[dict[int, list[dict]]] = []
+        for ds in datasets:
+            data = ReferData(dataset_dir, ds, (split_by or {}).get(ds))
+            by_image = data.refs_by_image(split)
+            self.data.append(data)
+            self.refs.append(by_image)
+            self.image_ids.append(list(by_image))
+
+    def __len__(self) -> int:
+        return sum(len(ids) for ids in self.image_ids)
+
+    def sample(self, rng: np.random.Generator) -> RawSample:
+        d = int(rng.integers(len(self.data)))
+        data = self.data[d]
+        image_id = choice(rng, self.image_ids[d])
+        path = data.image_path(image_id)
+        image = read_image_rgb(path, data.dataset)
+        info = data.images[image_id]
+        if image.shape[:2] != (info.height, info.width):
+            raise SkipItem(data.dataset, path, f"image is {image.shape[:2]} but instances.json says "
+                                               f"{(info.height, info.width)}")
+        pairs = [(ref, sent) for ref in self.refs[d][image_id] for sent in ref["sentences"]]
+        chosen = sample_without_replacement(rng, pairs, self.num_classes_per_sample)
+        questions, answers, masks, exists, sentences = [], [], [], [], []
+        ref_masks: dict[int, np.ndarray] = {}
+        for ref, sent in chosen:
+            ok = sentence_exists(sent)
+            q, a = refer_conversation(rng, self.templates, sent, ok, data.dataset)
+            questions.append([q])
+            answers.append([a])
+            exists.append(ok)
+            sentences.append(sent["sent"])
+            if ok:
+                key = int(ref["ref_id"])
+                if key not in ref_masks:
+                    ref_masks[key] = data.ref_mask(ref)
+                masks.append(ref_masks[key])
+        return RawSample(self.name, path, image, questions, answers, masks, exists, sentences,
+                         meta={"dataset": data.dataset, "image_id": image_id})

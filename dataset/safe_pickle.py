@@ -1,0 +1,89 @@
+"""Loading REFER-style `refs(<splitBy>).p` pickles without letting them run code.
+
+A pickle can name any importable callable and have it called while loading (`os.system`, `eval`,
+...). The refs files only hold plain data: lists and dicts of strings and numbers. The unpickler
+below resolves no global at all except a short allow-list of harmless constructors, so a
+downloaded file that tries anything else fails with an error instead of executing.
+
+Allowed: set/frozenset/OrderedDict (plain containers), `_codecs.encode(str, "latin1")` (how
+Python 3 writes bytes at protocol 2), and numpy scalars of numeric dtypes (some converted refs
+files hold numpy ints); numpy scalars are turned into Python numbers after loading.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from typing import Any, BinaryIO
+
+import numpy as np
+
+
+def _latin1_encode(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refused _codecs.encode call with unexpected arguments")
+    return text.encode("latin1")
+
+
+def _numeric_dtype(spec, *args):
+    dt = np.dtype(spec) if isinstance(spec, str) else None
+    if dt is None or dt.kind not in "biuf":
+        raise pickle.UnpicklingError(f"refused numpy dtype {spec!r}: only numeric scalars are allowed")
+    return dt
+
+
+def _numeric_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("refused numpy scalar: only numeric scalars are allowed")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+_ALLOWED = {
+    ("builtins", "set"): set, ("__builtin__", "set"): set,
+    ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
+    ("numpy", "dtype"): _numeric_dtype,
+    ("numpy.core.multiarray", "scalar"): _numeric_scalar,
+    ("numpy._core.multiarray", "scalar"): _numeric_scalar,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An Unpickler that resolves only the allow-listed globals above."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused to load global {module}.{name}: refs pickles may hold only plain containers, "
+                f"strings and numbers") from None
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars -> Python numbers, recursively; everything else as is."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, list):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(x) for x in obj)
+    if isinstance(obj, dict):
+        return type(obj)((_plain(k), _plain(v)) for k, v in obj.items())
+    return obj
+
+
+def safe_load(f: BinaryIO | bytes) -> Any:
+    """Load plain data from a pickle stream (Python 2 `str` is decoded as UTF-8)."""
+    if isinstance(f, (bytes, bytearray)):
+        f = io.BytesIO(f)
+    return _plain(RestrictedUnpickler(f, encoding="utf-8", errors="strict").load())
+
+
+def safe_load_path(path: str) -> Any:
+    with open(path, "rb") as f:
+        try:
+            return safe_load(f)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{path}: {e}") from None

@@ -1,0 +1,421 @@
+"""A small data root in every on-disk format the loaders read, for tests and the quick start.
+
+    python -m dataset.synthetic OUT_DIR [--seed N] [--num-images 12]
+
+Each image is a plain background with 2-3 coloured shapes (square, rectangle, triangle, circle),
+each colour and kind at most once per image, so "the red square" names exactly one object. Every
+shape's pixels are painted from the very mask written to the annotations, so the ground truth is
+what is drawn. `synthetic_manifest.json` lists each image's shapes for end-to-end tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from .sem_seg import ade20k_class_names, cocostuff_class_names
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+          "purple": (140, 50, 170), "orange": (245, 140, 20)}
+KINDS = ("square", "rectangle", "triangle", "circle")
+BACKGROUNDS = ((235, 235, 235), (250, 245, 230), (215, 225, 235), (245, 245, 250))
+# Refer splits by scene index (first half train); refcoco/+ use testA/testB, refcocog/refclef test.
+SPLITS_UNC = ("train", "train", "train", "train", "train", "train", "val", "val", "val", "testA", "testA", "testB")
+SPLITS_UMD = ("train", "train", "train", "train", "train", "train", "val", "val", "val", "test", "test", "test")
+REASON_SPLITS = SPLITS_UMD
+
+
+@dataclass
+class Shape:
+    kind: str
+    color: str
+    polygon: list[float]  # flat x, y, ...
+    mask: np.ndarray  # (H, W) uint8
+    center: tuple[float, float]  # (x, y)
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.kind}"
+
+    def where(self, width: int, height: int) -> str:
+        x, y = self.center
+        horiz = "left" if x < width / 3 else "right" if x > 2 * width / 3 else "middle"
+        vert = "top" if y < height / 2 else "bottom"
+        return f"{vert} {horiz}" if horiz != "middle" else f"{vert}"
+
+    def bbox(self) -> list[int]:
+        ys, xs = np.nonzero(self.mask)
+        return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+@dataclass
+class Scene:
+    scene_id: int
+    height: int
+    width: int
+    background: tuple[int, int, int]
+    shapes: list[Shape] = field(default_factory=list)
+    image: np.ndarray = None  # (H, W, 3) RGB
+
+    def absent(self, rng: np.random.Generator) -> tuple[str, str]:
+        """A (colour, kind) pair whose colour and kind both do not occur in the image."""
+        colors = [c for c in COLORS if c not in {s.color for s in self.shapes}]
+        kinds = [k for k in KINDS if k not in {s.kind for s in self.shapes}]
+        return colors[int(rng.integers(len(colors)))], kinds[int(rng.integers(len(kinds)))]
+
+
+def _polygon(kind: str, x: int, y: int, size: int) -> list[float]:
+    if kind == "square":
+        return [x, y, x + size, y, x + size, y + size, x, y + size]
+    if kind == "rectangle":
+        h = max(6, size // 2)
+        return [x, y, x + size, y, x + size, y + h, x, y + h]
+    if kind == "triangle":
+        return [x + size // 2, y, x + size, y + size, x, y + size]
+    r, cx, cy = size / 2, x + size / 2, y + size / 2
+    t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    return [float(v) for p in zip(np.round(cx + r * np.cos(t)), np.round(cy + r * np.sin(t))) for v in p]
+
+
+def polygon_mask(polygon: list[float], height: int, width: int) -> np.ndarray:
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+def make_scene(scene_id: int, rng: np.random.Generator) -> Scene:
+    h, w = int(rng.integers(96, 161)), int(rng.integers(112, 193))
+    scene = Scene(scene_id, h, w, BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
+    n = int(rng.integers(2, 4))
+    kinds = [KINDS[i] for i in rng.choice(len(KINDS), n, replace=False)]
+    colors = [list(COLORS)[i] for i in rng.choice(len(COLORS), n, replace=False)]
+    occupied = np.zeros((h, w), bool)
+    for kind, color in zip(kinds, colors):
+        for _ in range(200):
+            size = int(rng.integers(min(h, w) // 5, min(h, w) // 2))
+            x, y = int(rng.integers(2, w - size - 2)), int(rng.integers(2, h - size - 2))
+            poly = _polygon(kind, x, y, size)
+            m = polygon_mask(poly, h, w)
+            grown = cv2.dilate(m, np.ones((5, 5), np.uint8)).astype(bool)
+            if m.sum() > 20 and not (grown & occupied).any():
+                occupied |= grown
+                ys, xs = np.nonzero(m)
+                scene.shapes.append(Shape(kind, color, [float(v) for v in poly], m, (float(xs.mean()), float(ys.mean()))))
+                break
+    if len(scene.shapes) < 2:
+        raise RuntimeError(f"could not place shapes in scene {scene_id}")
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = scene.background
+    for s in scene.shapes:
+        img[s.mask.astype(bool)] = COLORS[s.color]
+    scene.image = img
+    return scene
+
+
+def write_jpg(path: str, image_rgb: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cv2.imwrite(path, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 98,
+                                                                  cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+
+
+def write_png(path: str, label: np.ndarray, palette: list[int] | None = None) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im = Image.fromarray(label.astype(np.uint8), mode="L" if palette is None else "P")
+    if palette is not None:
+        im.putpalette(palette)
+    im.save(path)
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def coco_file(scene: Scene) -> str:
+    return f"COCO_train2014_{scene.scene_id:012d}.jpg"
+
+
+def clef_file(scene: Scene) -> str:
+    return f"{scene.scene_id // 1000:02d}/images/{scene.scene_id}.jpg"
+
+
+# ---------------------------------------------------------------------------------------------
+# Referring datasets
+# ---------------------------------------------------------------------------------------------
+def _segmentation(shape: Shape, ann_index: int):
+    """Vary the encoding: polygons mostly, compressed RLE (counts str) and uncompressed RLE (list)."""
+    if ann_index % 5 == 3:
+        rle = mask_utils.encode(np.asfortranarray(shape.mask))
+        return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}, 0
+    if ann_index % 7 == 5:
+        flat = shape.mask.flatten(order="F")
+        change = np.flatnonzero(np.diff(flat)) + 1  # run boundaries; runs alternate 0, 1, ... from a 0-run
+        bounds = np.concatenate([[0], change, [flat.size]])
+        counts = np.diff(bounds).tolist()
+        if flat[0]:
+            counts = [0] + counts
+        return {"size": [int(shape.mask.shape[0]), int(shape.mask.shape[1])], "counts": [int(c) for c in counts]}, 1
+    return [shape.polygon], 0
+
+
+def instances_json(scenes: list[Scene], file_name) -> tuple[dict, dict[tuple[int, int], int]]:
+    cats = [{"id": i + 1, "name": k, "supercategory": "shape"} for i, k in enumerate(KINDS)]
+    images, anns, ann_ids = [], [], {}
+    for scene in scenes:
+        images.append({"id": scene.scene_id, "file_name": file_name(scene), "height": scene.height, "width": scene.width})
+        for j, shape in enumerate(scene.shapes):
+            ann_id = scene.scene_id * 100 + j
+            segm, crowd = _segmentation(shape, len(anns))
+            anns.append({"id": ann_id, "image_id": scene.scene_id, "category_id": KINDS.index(shape.kind) + 1,
+                         "segmentation": segm, "iscrowd": crowd, "area": int(shape.mask.sum()), "bbox": shape.bbox()})
+            ann_ids[(scene.scene_id, j)] = ann_id
+    return {"images": images, "annotations": anns, "categories": cats}, ann_ids
+
+
+def _expressions(dataset: str, scene: Scene, shape: Shape) -> list[str]:
+    if dataset.endswith("refcoco+"):  # RefCOCO+ has no location words
+        return [shape.name, f"the {shape.kind} that is {shape.color}"]
+    if dataset.endswith("refcocog"):  # longer, sentence-like expressions
+        other = next(s for s in scene.shapes if s is not shape)
+        return [f"a {shape.name} next to the {other.name}"]
+    return [shape.name, f"{shape.kind} at the {shape.where(scene.width, scene.height)}"]
+
+
+def _sentence(text: str, sent_id: int, **extra) -> dict:
+    return {"tokens": text.split(), "raw": text, "sent_id": sent_id, "sent": text, **extra}
+
+
+def refer_refs(dataset: str, scenes: list[Scene], ann_ids: dict, rng: np.random.Generator) -> list[dict]:
+    splits = SPLITS_UMD if dataset in ("refcocog", "R-refcocog", "refclef") else SPLITS_UNC
+    file_name = clef_file if dataset == "refclef" else coco_file
+    refs, sent_id = [], 0
+    for i, scene in enumerate(scenes):
+        split = splits[i % len(splits)]
+        for j, shape in enumerate(scene.shapes):
+            sents = []
+            for text in _expressions(dataset, scene, shape):
+                extra = {}
+                if dataset.startswith("fp"):
+                    extra = {"is_false_premise": False}
+                elif dataset.startswith("R-"):
+                    extra = {"exist": True}
+                sents.append(_sentence(text, sent_id, **extra))
+                sent_id += 1
+            if dataset.startswith("fp"):  # a false premise on the same ref, with the true expression to suggest
+                color, kind = scene.absent(rng)
+                sents.append(_sentence(f"{color} {kind}", sent_id, is_false_premise=True, gt_sent=shape.name))
+                sent_id += 1
+            refs.append({"ref_id": len(refs), "ann_id": ann_ids[(scene.scene_id, j)], "image_id": scene.scene_id,
+                         "category_id": KINDS.index(shape.kind) + 1, "split": split, "file_name": file_name(scene),
+                         "sent_ids": [s["sent_id"] for s in sents], "sentences": sents})
+        if dataset.startswith("R-"):
+            # a ref over every shape at once (ann_id list) and a no-object ref (-1 as list or int)
+            both = [ann_ids[(scene.scene_id, j)] for j in range(len(scene.shapes))]
+            refs.append({"ref_id": len(refs), "ann_id": both, "image_id": scene.scene_id, "category_id": 1,
+                         "split": split, "file_name": file_name(scene), "sent_ids": [sent_id],
+                         "sentences": [_sentence("all the shapes", sent_id, exist=True)]})
+            sent_id += 1
+            color, kind = scene.absent(rng)
+            no_obj = [-1] if dataset == "R-refcoco" else -1
+            refs.append({"ref_id": len(refs), "ann_id": no_obj, "image_id": scene.scene_id, "category_id": 1,
+                         "split": split, "file_name": file_name(scene), "sent_ids": [sent_id],
+                         "sentences": [_sentence(f"{color} {kind}", sent_id, exist=False)]})
+            sent_id += 1
+    return refs
+
+
+def write_refer(root: str, scenes: list[Scene], rng: np.random.Generator) -> None:
+    from .refer import REFER_DATASETS, default_split_by
+
+    for scene in scenes:
+        write_jpg(os.path.join(root, "refer_seg", "images", "mscoco", "images", "train2014", coco_file(scene)), scene.image)
+        write_jpg(os.path.join(root, "refer_seg", "images", "saiapr_tc-12", clef_file(scene)), scene.image)
+    for dataset in REFER_DATASETS:
+        folder = os.path.join(root, "refer_seg", dataset)
+        instances, ann_ids = instances_json(scenes, clef_file if dataset == "refclef" else coco_file)
+        write_json(os.path.join(folder, "instances.json"), instances)
+        refs = refer_refs(dataset, scenes, ann_ids, rng)
+        names = {default_split_by(dataset)}
+        names.add(default_split_by(dataset).replace("_exclude_unified", ""))  # the plain unc / umd / berkeley file too
+        for split_by in sorted(names):
+            with open(os.path.join(folder, f"refs({split_by}).p"), "wb") as f:
+                pickle.dump(refs, f, protocol=2)  # the released files are Python 2 era pickles
+
+
+# ---------------------------------------------------------------------------------------------
+# VQA, ReasonSeg
+# ---------------------------------------------------------------------------------------------
+def write_vqa(root: str, scenes: list[Scene]) -> None:
+    records = []
+    for scene in scenes:
+        write_jpg(os.path.join(root, "coco", "train2017", f"{scene.scene_id:012d}.jpg"), scene.image)
+        names = " and ".join(f"a {s.name}" for s in scene.shapes)
+        first = "What shapes are in this picture?"
+        turns = [{"from": "human", "value": ("<image>\n" + first) if scene.scene_id % 2 else (first + "\n<image>")},
+                 {"from": "gpt", "value": f"The picture shows {names} on a plain background."},
+                 {"from": "human", "value": f"Where is the {scene.shapes[0].name}?"},
+                 {"from": "gpt", "value": f"It is at the {scene.shapes[0].where(scene.width, scene.height)} of the image."}]
+        if scene.scene_id % 3 == 0:  # LLaVA records occasionally open with a non-human turn; it is dropped
+            turns = [{"from": "gpt", "value": "Hello."}] + turns
+        records.append({"id": f"{scene.scene_id:012d}", "image": f"{scene.scene_id:012d}.jpg", "conversations": turns})
+    write_json(os.path.join(root, "llava_dataset", "llava_instruct_150k.json"), records)
+
+
+def _labelme_points(shape: Shape) -> list[list[float]]:
+    p = shape.polygon
+    return [[p[i], p[i + 1]] for i in range(0, len(p), 2)]
+
+
+def write_reason_seg(root: str, scenes: list[Scene], rng: np.random.Generator) -> None:
+    for i, scene in enumerate(scenes):
+        split = REASON_SPLITS[i % len(REASON_SPLITS)]
+        name = f"shapes_{scene.scene_id:04d}"
+        folder = os.path.join(root, "reason_seg", "ReasonSeg", split)
+        write_jpg(os.path.join(folder, name + ".jpg"), scene.image)
+        target, other = scene.shapes[0], scene.shapes[1]
+        is_sentence = bool(i % 2)
+        if is_sentence:
+            text = [f"Which shape in this picture is {target.color} and looks like a {target.kind}?",
+                    f"Find the {target.color} object that has the shape of a {target.kind}."]
+        else:
+            text = [target.name, f"the {target.kind}"]
+        color, kind = scene.absent(rng)
+        shapes = [{"label": "target", "points": _labelme_points(target), "shape_type": "polygon"},
+                  {"label": "ignore_hard", "points": _labelme_points(other), "shape_type": "polygon"},
+                  {"label": "flag", "points": [[0, 0], [3, 0], [3, 3]], "shape_type": "polygon"}]
+        anno = {"text": text, "is_sentence": is_sentence, "shapes": shapes,
+                "false_premise_QA": [[f"the {color} {kind}", False,
+                                      f"There is no {color} {kind} in this image, but there is a {target.name}."]]}
+        write_json(os.path.join(folder, name + ".json"), anno)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic / part segmentation sources
+# ---------------------------------------------------------------------------------------------
+ADE_FOR_KIND = {"square": "box", "rectangle": "signboard", "triangle": "flag", "circle": "ball"}
+COCOSTUFF_FOR_KIND = {"square": "tv", "rectangle": "wall-other", "triangle": "kite", "circle": "sports ball"}
+MAPILLARY_LABELS = [("construction--flat--road", "Road"), ("object--traffic-sign--front", "Traffic Sign (Front)"),
+                    ("object--manhole", "Manhole"), ("object--traffic-sign--back", "Traffic Sign (Back)"),
+                    ("object--banner", "Banner"), ("void--unlabeled", "Unlabeled")]
+MAPILLARY_FOR_KIND = {"square": 1, "rectangle": 4, "triangle": 3, "circle": 2}
+
+
+def _label_map(scene: Scene, background: int, value_of_kind) -> np.ndarray:
+    label = np.full((scene.height, scene.width), background, np.uint8)
+    for s in scene.shapes:
+        label[s.mask.astype(bool)] = value_of_kind(s.kind)
+    return label
+
+
+def _halves(shape: Shape) -> dict[str, np.ndarray]:
+    ys, xs = np.nonzero(shape.mask)
+    cy, cx = int(np.round(ys.mean())), int(np.round(xs.mean()))
+    top, left = shape.mask.copy(), shape.mask.copy()
+    top[cy:] = 0
+    left[:, cx:] = 0
+    return {"top_half": top, "bottom_half": shape.mask - top, "left_half": left, "right_half": shape.mask - left}
+
+
+def _part_json(scenes: list[Scene], file_name, object_name) -> dict:
+    cats: dict[str, int] = {}
+    images, anns = [], []
+
+    def cat_id(name: str) -> int:
+        return cats.setdefault(name, len(cats) + 1)
+
+    for k in KINDS:  # every category exists in the file, also those absent from some images
+        cat_id(object_name(k))
+        for part in ("top_half", "bottom_half", "left_half", "right_half"):
+            cat_id(f"{object_name(k)}:{part}")
+    for scene in scenes:
+        images.append({"id": scene.scene_id, "file_name": file_name(scene), "height": scene.height, "width": scene.width})
+        for s in scene.shapes:
+            parts = {"": s.mask, **_halves(s)}
+            for part, m in parts.items():
+                if not m.any():
+                    continue
+                rle = mask_utils.encode(np.asfortranarray(m))
+                segm = [s.polygon] if part == "" else {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+                name = object_name(s.kind) + (f":{part}" if part else "")
+                anns.append({"id": len(anns) + 1, "image_id": scene.scene_id, "category_id": cat_id(name),
+                             "segmentation": segm, "area": int(m.sum()), "bbox": s.bbox(), "iscrowd": 0})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": i, "name": n} for n, i in sorted(cats.items(), key=lambda x: x[1])]}
+
+
+def write_sem_seg(root: str, scenes: list[Scene]) -> None:
+    ade, stuff = ade20k_class_names(), cocostuff_class_names()
+    for scene in scenes:
+        sid = scene.scene_id
+        # ADE20K: 0 = "other" (ignored), class k stored as k + 1; background here is "wall".
+        write_jpg(os.path.join(root, "ade20k", "images", "training", f"ADE_train_{sid:08d}.jpg"), scene.image)
+        write_png(os.path.join(root, "ade20k", "annotations", "training", f"ADE_train_{sid:08d}.png"),
+                  _label_map(scene, ade.index("wall") + 1, lambda k: ade.index(ADE_FOR_KIND[k]) + 1))
+        # COCO-Stuff: label = class index, 255 unlabelled (a 3-pixel border here); "wall-other" is a merged class.
+        label = _label_map(scene, stuff.index("paper"), lambda k: stuff.index(COCOSTUFF_FOR_KIND[k]))
+        label[:3] = 255
+        write_png(os.path.join(root, "cocostuff", "train2017", f"{sid:012d}.png"), label)
+        # Mapillary Vistas v2.0: palette PNG of label indices; the last label is "Unlabeled".
+        key = f"synthetic{sid:06d}"
+        write_jpg(os.path.join(root, "mapillary", "training", "images", key + ".jpg"), scene.image)
+        label = _label_map(scene, 0, lambda k: MAPILLARY_FOR_KIND[k])
+        label[-2:] = len(MAPILLARY_LABELS) - 1
+        palette = [c for i in range(256) for c in ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256)]
+        write_png(os.path.join(root, "mapillary", "training", "v2.0", "labels", key + ".png"), label, palette)
+        # PASCAL-Part images
+        write_jpg(os.path.join(root, "vlpart", "pascal_part", "VOCdevkit", "VOC2010", "JPEGImages", f"2008_{sid:06d}.jpg"),
+                  scene.image)
+    write_json(os.path.join(root, "mapillary", "config_v2.0.json"),
+               {"labels": [{"name": n, "readable": r, "color": [(37 * i) % 256, (91 * i) % 256, (53 * i) % 256],
+                            "instances": False, "evaluate": r != "Unlabeled"} for i, (n, r) in enumerate(MAPILLARY_LABELS)],
+                "version": "2.0"})
+    write_json(os.path.join(root, "vlpart", "pascal_part", "train.json"),
+               _part_json(scenes, lambda s: f"2008_{s.scene_id:06d}.jpg", lambda k: k))
+    write_json(os.path.join(root, "vlpart", "paco", "annotations", "paco_lvis_v1_train.json"),
+               _part_json(scenes, lambda s: f"train2017/{s.scene_id:012d}.jpg", lambda k: f"{k}_(shape)"))
+
+
+def write_manifest(root: str, scenes: list[Scene]) -> None:
+    write_json(os.path.join(root, "synthetic_manifest.json"), {
+        "images": [{"scene_id": s.scene_id, "height": s.height, "width": s.width,
+                    "coco_train2014": os.path.join("refer_seg", "images", "mscoco", "images", "train2014", coco_file(s)),
+                    "coco_train2017": os.path.join("coco", "train2017", f"{s.scene_id:012d}.jpg"),
+                    "shapes": [{"kind": sh.kind, "color": sh.color, "name": sh.name, "bbox": sh.bbox(),
+                                "area": int(sh.mask.sum())} for sh in s.shapes]} for s in scenes]})
+
+
+def generate(out_dir: str, seed: int = 0, num_images: int = 12) -> list[Scene]:
+    """Write the whole synthetic root under `out_dir`; returns the scenes (with their masks)."""
+    if num_images < len(SPLITS_UNC):
+        raise ValueError(f"--num-images must be at least {len(SPLITS_UNC)} so every split has images")
+    rng = np.random.default_rng(seed)
+    scenes = [make_scene(i + 1, rng) for i in range(num_images)]
+    write_refer(out_dir, scenes, rng)
+    write_vqa(out_dir, scenes)
+    write_reason_seg(out_dir, scenes, rng)
+    write_sem_seg(out_dir, scenes)
+    write_manifest(out_dir, scenes)
+    return scenes
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-images", type=int, default=12)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    generate(args.out_dir, args.seed, args.num_images)
+    print(f"wrote a synthetic data root with {args.num_images} images to {args.out_dir} in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
