@@ -6,8 +6,9 @@ below resolves no global at all except a short allow-list of harmless constructo
 downloaded file that tries anything else fails with an error instead of executing.
 
 Allowed: set/frozenset/OrderedDict (plain containers), `_codecs.encode(str, "latin1")` (how
-Python 3 writes bytes at protocol 2), and numpy scalars of numeric dtypes (some converted refs
-files hold numpy ints); numpy scalars are turned into Python numbers after loading.
+Python 3 writes bytes at protocol 2), and numpy scalars and arrays of numeric dtypes (refs files
+converted with numpy hold numpy ints or bbox arrays; their payload is raw bytes, never code).
+numpy values are turned into Python numbers / lists after loading.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _latin1_encode(text, encoding="latin1"):
 def _numeric_dtype(spec, *args):
     dt = np.dtype(spec) if isinstance(spec, str) else None
     if dt is None or dt.kind not in "biuf":
-        raise pickle.UnpicklingError(f"refused numpy dtype {spec!r}: only numeric scalars are allowed")
+        raise pickle.UnpicklingError(f"refused numpy dtype {spec!r}: only numeric values are allowed")
     return dt
 
 
@@ -36,6 +37,28 @@ def _numeric_scalar(dtype, data=None):
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
         raise pickle.UnpicklingError("refused numpy scalar: only numeric scalars are allowed")
     return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _empty_array(subtype, shape=(0,), dtype_code=b"b"):
+    """numpy's array reconstructor, for plain ndarrays only; BUILD then fills it from raw bytes
+    with a dtype that went through `_numeric_dtype`."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("refused numpy array subclass")
+    return np.empty(0, dtype=np.uint8)
+
+
+def _array_from_buffer(buf, dtype, shape, order="C"):
+    """numpy's protocol-5 array reconstructor (raw buffer + numeric dtype)."""
+    numeric = isinstance(dtype, np.dtype) and dtype.kind in "biuf"
+    if not numeric or not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)):
+        raise pickle.UnpicklingError("refused numpy buffer: only numeric arrays are allowed")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _check_array(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"refused numpy array of dtype {arr.dtype}")
+    return arr
 
 
 _ALLOWED = {
@@ -46,6 +69,11 @@ _ALLOWED = {
     ("numpy", "dtype"): _numeric_dtype,
     ("numpy.core.multiarray", "scalar"): _numeric_scalar,
     ("numpy._core.multiarray", "scalar"): _numeric_scalar,
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.numeric", "_frombuffer"): _array_from_buffer,
+    ("numpy._core.numeric", "_frombuffer"): _array_from_buffer,
 }
 
 
@@ -65,6 +93,8 @@ def _plain(obj: Any) -> Any:
     """numpy scalars -> Python numbers, recursively; everything else as is."""
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, np.ndarray):
+        return _check_array(obj).tolist()
     if isinstance(obj, list):
         return [_plain(x) for x in obj]
     if isinstance(obj, tuple):

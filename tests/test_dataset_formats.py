@@ -110,8 +110,11 @@ def test_restricted_unpickler_loads_plain_data():
         assert safe_load(pickle.dumps(data, protocol=protocol)) == data
     loaded = safe_load(pickle.dumps({"id": np.int64(7), "score": np.float32(0.5)}, protocol=2))
     assert loaded == {"id": 7, "score": 0.5} and type(loaded["id"]) is int
-    with pytest.raises(pickle.UnpicklingError):
-        safe_load(pickle.dumps(np.array([1, 2])))  # arrays are not plain data
+    for protocol in (2, 4, 5):  # numeric arrays (e.g. a bbox) come back as lists; others are refused
+        assert safe_load(pickle.dumps({"bbox": np.array([1.5, 2.0])}, protocol=protocol)) == {"bbox": [1.5, 2.0]}
+    for bad in (np.array([None, 1], dtype=object), np.array(["a"]), np.zeros(2).view(np.ma.MaskedArray)):
+        with pytest.raises(pickle.UnpicklingError, match="refused"):
+            safe_load(pickle.dumps(bad, protocol=2))
 
 
 # --- referring datasets -----------------------------------------------------------------------
