@@ -119,7 +119,19 @@ def load_tokenizer(path: str):
                              f"(ids must follow the {base_size} sentencepiece pieces without gaps)")
         _register(tokenizer, content, special=content in (IM_START_TOKEN, IM_END_TOKEN))
     tokenizer.pad_token = tokenizer.unk_token
+    _use_sentencepiece_dummy_prefix(tokenizer)
     return tokenizer
+
+
+def _use_sentencepiece_dummy_prefix(tokenizer) -> None:
+    """Prefix every text chunk with "▁" exactly as sentencepiece does. transformers 5.x's legacy
+    Metaspace skips the prefix when a chunk already starts with a space (" b" -> "▁b", where
+    sentencepiece and 4.31 give "▁", "▁b"); a Prepend normalizer runs per chunk and does not."""
+    from tokenizers import normalizers
+
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
 
 
 def _sentencepiece_size(model_file: str) -> int:
