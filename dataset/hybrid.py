@@ -15,6 +15,8 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
+from model.conversation import SYSTEM_PROMPTS
+
 from .image_io import SkipItem, SkipLog
 from .reason_seg import ReasonSegSource
 from .refer import REFER_DATASETS
@@ -81,6 +83,8 @@ class HybridDataset(torch.utils.data.Dataset):
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
         if tokenizer is not None and SEG not in tokenizer.get_vocab():
             raise ValueError("the tokenizer has no [SEG] token: call model.tokenizer.add_sesame_tokens first")
+        if conv_template not in SYSTEM_PROMPTS:
+            raise ValueError(f"unknown conv_template {conv_template!r}; known: {', '.join(sorted(SYSTEM_PROMPTS))}")
         self.templates = resolve_templates(templates)
         self.clip_transform, self.sam_transform = clip_transform, sam_transform
         self.conv_template = conv_template

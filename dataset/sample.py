@@ -11,8 +11,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from model.conversation import Conversation
+from model.conversation import IMAGE_TOKEN, Conversation
 
+from .image_io import SkipItem
 from .templates import SEG
 from .transforms import SamInput
 
@@ -35,18 +36,28 @@ class RawSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Inconsistent text or masks make the item unusable: SkipItem (skipped and counted)."""
+        def bad(reason: str):
+            return SkipItem(self.source, self.image_path, reason)
+
         n_conv = len(self.questions)
         if not (len(self.answers) == len(self.exists) == len(self.sentences) == n_conv) or n_conv == 0:
-            raise ValueError(f"{self.source}: inconsistent sample for {self.image_path}: {n_conv} question lists, "
-                             f"{len(self.answers)} answer lists, {len(self.exists)} exists, {len(self.sentences)} sentences")
+            raise bad(f"{n_conv} question lists, {len(self.answers)} answer lists, {len(self.exists)} exists, "
+                      f"{len(self.sentences)} sentences")
+        for qs, ans in zip(self.questions, self.answers):
+            if len(qs) != len(ans) or not qs:
+                raise bad("a conversation needs one answer per question")
+            if sum(q.count(IMAGE_TOKEN) for q in qs) != 1 or IMAGE_TOKEN not in qs[0]:
+                raise bad("a conversation needs exactly one <image>, in its first question")
+            if any(SEG in q for q in qs) or any(IMAGE_TOKEN in a for a in ans):
+                raise bad("[SEG] in a question or <image> in an answer")
         n_seg = sum(a.count(SEG) for turns in self.answers for a in turns)
         if n_seg != len(self.masks):
-            raise ValueError(f"{self.source}: {n_seg} [SEG] in the answers but {len(self.masks)} masks "
-                             f"for {self.image_path}")
+            raise bad(f"{n_seg} [SEG] in the answers but {len(self.masks)} masks")
         h, w = self.image.shape[:2]
         for m in self.masks:
             if m.shape != (h, w):
-                raise ValueError(f"{self.source}: mask shape {m.shape} differs from image {(h, w)} for {self.image_path}")
+                raise bad(f"mask shape {m.shape} differs from image {(h, w)}")
 
 
 @dataclass(eq=False)

@@ -113,6 +113,15 @@ def test_reason_seg_malformed_json_is_skipped(synthetic_root, tmp_path):
     assert len(images) == 2 and log.as_dict() == {"ReasonSeg": 1}
 
 
+def test_eval_sets_pickle_with_lazy_masks(synthetic_root):
+    images = build_eval_dataset("R-refcoco", synthetic_root, "val") + build_eval_dataset("ReasonSeg", synthetic_root, "val")
+    back = pickle.loads(pickle.dumps(images))
+    for a, b in zip(images, back):
+        for qa, qb in zip(a.queries, b.queries):
+            assert qa == qb  # gt_mask is not part of equality: compare it explicitly
+            np.testing.assert_array_equal(qa.gt_mask, qb.gt_mask)
+
+
 def test_bad_names(synthetic_root):
     with pytest.raises(ValueError, match="known: refcoco, refcoco\\+"):
         build_eval_dataset("refcoco++", synthetic_root)

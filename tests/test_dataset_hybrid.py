@@ -92,6 +92,8 @@ def test_bad_arguments(synthetic_root, tokenizer, transforms):
         _hybrid(synthetic_root, tokenizer, transforms, sample_rates="9,3,3")
     with pytest.raises(ValueError, match="known: refclef"):
         _hybrid(synthetic_root, tokenizer, transforms, datasets="refer_seg", sample_rates=[1], refer_seg_data="refcocoX")
+    with pytest.raises(ValueError, match="conv_template"):
+        _hybrid(synthetic_root, tokenizer, transforms, conv_template="llava_v2")
     with pytest.raises(IndexError):
         _hybrid(synthetic_root, tokenizer, transforms, samples_per_epoch=3)[3]
 
@@ -250,3 +252,20 @@ def test_tiny_model_trains_on_collated_batches(synthetic_root, tokenizer, token_
         out = model(batch)
         assert torch.isfinite(out.loss) and out.ce_loss > 0
         assert [p.shape for p in out.pred_masks] == [m.shape for m in batch.masks]
+
+
+def test_inconsistent_raw_samples_are_skip_items():
+    from dataset.image_io import SkipItem
+    from dataset.sample import RawSample
+    img = np.zeros((4, 5, 3), np.uint8)
+    m = np.zeros((4, 5), np.uint8)
+    ok = dict(source="refcoco", image_path="x.jpg", image=img, questions=[["<image>\nq"]], answers=[["a [SEG]."]],
+              masks=[m], exists=[True], sentences=["q"])
+    RawSample(**ok)
+    for change, reason in [({"masks": []}, "1 \\[SEG\\] in the answers but 0 masks"),
+                           ({"questions": [["q [SEG]"]]}, "exactly one <image>"),
+                           ({"questions": [["<image>\nq [SEG]"]]}, "\\[SEG\\] in a question"),
+                           ({"masks": [np.zeros((3, 5), np.uint8)]}, "mask shape"),
+                           ({"exists": []}, "exists")]:
+        with pytest.raises(SkipItem, match=reason):
+            RawSample(**{**ok, **change})
