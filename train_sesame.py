@@ -64,6 +64,7 @@ def main(argv=None) -> TrainState:
         metrics = validate()
         log("validation: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in metrics.items()))
+        state.validations.append({"step": state.global_step, **metrics})
         return state
 
     cfg = loop_config_from_args(args)

@@ -166,3 +166,46 @@ def test_validation_keeps_best_and_latest(tmp_path, tokenizer, token_ids):
     assert read_latest_tag(str(tmp_path / BEST)) == "global_step3"
     for which in (LATEST, BEST):
         assert (tmp_path / which / "sesame_config.json").exists() and (tmp_path / which / "tokenizer").is_dir()
+
+
+def test_merged_checkpoint_gives_the_engine_outputs(tmp_path):
+    """Train from a released-layout start point, save, merge (zero_to_fp32 -> LoRA folded ->
+    released layout), load with the checkpoint loader: same losses, masks and answers as the engine."""
+    from model.builder import build_for_training, load_pretrained
+    from model.tiny import write_tiny_released
+    from training.merge import merge_checkpoint
+
+    write_tiny_released(str(tmp_path / "start"), llama_vocab=False)
+    loaded = build_for_training(str(tmp_path / "start"), dtype=torch.float32, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    torch.manual_seed(0)
+    apply_lora(model)
+    set_trainable(model)
+    engine = engine_for(model, lr=5e-3, total_steps=6, warmup=1)
+    data = IndexedSamples(model, 8)
+    for k in range(5):
+        batch = to_engine(engine)(collate_fn([data[2 * k % 8], data[(2 * k + 1) % 8]], tok))
+        out = engine(batch)
+        engine.backward(out.loss)
+        engine.step()
+    lora_b = [p for n, p in engine.module.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.detach().abs().sum()) > 0 for p in lora_b)  # the merge has something to fold in
+    ckpts = RunCheckpoints(str(tmp_path / "run"), lambda d: write_model_recipe(d, model.config.to_dict(), tok,
+                                                                                model.seg_token_id))
+    ckpts.save(engine, TrainState(global_step=5))
+    merge_checkpoint(ckpts.path(LATEST), str(tmp_path / "merged"), dtype=torch.float32)
+    merged = load_pretrained(str(tmp_path / "merged"), dtype=torch.float32, device="cpu").model
+
+    engine.eval()
+    batch = collate_fn([data[1], data[4], data[6]], tok)
+    with torch.no_grad():
+        a, b = engine(batch), merged(batch)
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.ce_loss, a.ce_loss, atol=1e-4, rtol=1e-4)
+    for pa, pb in zip(a.pred_masks, b.pred_masks):
+        torch.testing.assert_close(pb, pa, atol=1e-3, rtol=1e-3)
+    from model.conversation import build_prompt, tokenize_with_image
+    prompt = tokenize_with_image(build_prompt("<image>\nWhere is the red square?"), tok)
+    args = (batch.images_clip[:1], batch.images_sam[:1], batch.resized_sizes[:1], batch.original_sizes[:1], [prompt], [0])
+    kw = dict(max_new_tokens=8, eos_token_id=loaded.token_ids.eos)
+    assert engine.module.predict(*args, **kw)[0].output_ids == merged.predict(*args, **kw)[0].output_ids

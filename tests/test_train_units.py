@@ -10,7 +10,7 @@ from training.args import parse_args
 from training.data_stream import MicroBatchSampler, micro_batch_indices, samples_needed, stream_loader
 from training.deepspeed_config import DeepSpeedRecipe, build_deepspeed_config
 from training.loop import LoopConfig
-from training.validate import SegmentSums, draw_queries, intersection_union, reduce_metrics, SeeSums
+from training.validate import SeeSums, SegmentSums, draw_queries, reduce_metrics, shard
 
 
 def test_deepspeed_config_is_the_original_recipe():
@@ -85,9 +85,7 @@ def test_stream_loader_refuses_a_too_short_dataset():
 
 
 def test_iou_rules_match_lisa():
-    gt = torch.tensor([[1, 1, 0, 255]], dtype=torch.uint8)
-    pred = torch.tensor([[1, 0, 1, 1]], dtype=torch.bool)
-    assert intersection_union(pred, gt) == (1.0, 3.0)  # the ignore pixel counts for neither
+    gt = torch.tensor([[1, 1, 0, 255]], dtype=torch.uint8)  # the ignore pixel counts for neither I nor U
     sums = SegmentSums()
     logits = torch.tensor([[[5.0, -5.0, 5.0, 5.0]], [[-1.0, -1.0, -1.0, -1.0]]])
     sums.add_masks(logits, torch.stack([gt, torch.zeros_like(gt)]))  # second: empty vs empty -> IoU 1
@@ -110,6 +108,8 @@ def test_draw_queries_is_seeded_and_regroups_by_image():
     assert sum(len(im.queries) for im in a) == 5 and all(x.gt_exists for im in a for x in im.queries)
     assert [im.image_id for im in a] == sorted(im.image_id for im in a)
     assert sum(len(im.queries) for im in draw_queries(images, 100, 0, positives_only=False)) == 18
+    assert shard(list(range(7)), 1, 3) == [1, 4] and shard(list(range(7)), 0, 3) == [0, 3, 6]
+    assert shard(list(range(7)), 0, 3, equal=True) == [0, 3]
 
 
 def test_logger_choice_and_jsonl(tmp_path, monkeypatch):

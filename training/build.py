@@ -102,38 +102,46 @@ def engine_io(engine) -> Callable[[SesameBatch], SesameBatch]:
 
 
 def validation_from_args(args: argparse.Namespace, loaded, engine) -> Optional[Callable[[], dict]]:
-    """validate() -> metrics, or None with --no_eval."""
+    """validate() -> metrics (the same on every rank), or None with --no_eval.
+
+    gIoU/cIoU: teacher-forced over a seeded draw of --val_samples positive queries of --val_dataset.
+    See: greedy generation over a seeded draw of --val_see_samples queries of --val_see_dataset
+    (skipped with a note when its files are absent, and under ZeRO-3, whose collective parameter
+    gathering cannot follow answers of different lengths on different ranks).
+    """
     if args.no_eval:
         return None
+    from torch.utils.data import DataLoader
+
     from dataset.eval_sets import build_eval_dataset, teacher_forced_samples
-    from dataset.image_io import read_image_rgb
+    from dataset.image_io import DatasetFileError, read_image_rgb
 
     rank, world = dist_utils.rank(), dist_utils.world_size()
+    equal = args.zero_stage == 3
     seg_images = []
-    for name in [n for n in args.val_dataset.split("||") if n]:
-        seg_images += build_eval_dataset(name, args.dataset_dir, args.val_split, seed=args.seed)
-    seg_items = shard(draw_queries(seg_images, args.val_samples, args.seed, positives_only=True), rank, world)
+    for name in split_names(args.val_dataset):
+        seg_images += build_eval_dataset(name, args.dataset_dir, args.val_split, seed=args.seed,
+                                         templates=args.templates)
+    seg_items = shard(draw_queries(seg_images, args.val_samples, args.seed, positives_only=True), rank, world, equal)
     see_items = []
-    if args.val_see_dataset:
-        see_images = build_eval_dataset(args.val_see_dataset, args.dataset_dir, args.val_split, seed=args.seed)
+    if args.val_see_dataset and args.zero_stage == 3:
+        _log("validation: See accuracy is skipped under ZeRO-3")
+    elif args.val_see_dataset:
+        try:
+            see_images = build_eval_dataset(args.val_see_dataset, args.dataset_dir, args.val_split, seed=args.seed,
+                                            templates=args.templates)
+        except DatasetFileError as e:
+            _log(f"validation: See accuracy skipped, {args.val_see_dataset} is not available ({e})")
+            see_images = []
         see_items = shard(draw_queries(see_images, args.val_see_samples, args.seed, positives_only=False), rank, world)
-    collate = collate_from_args(args, loaded.tokenizer)
+    seg_set = teacher_forced_samples(seg_items, loaded.clip_transform, loaded.sam_transform, templates=args.templates,
+                                     seed=args.seed, conv_template=args.conv_type)
+    seg_loader = DataLoader(seg_set, batch_size=args.val_batch_size, collate_fn=collate_from_args(args, loaded.tokenizer),
+                            num_workers=min(args.workers, 2), shuffle=False)
     to_device = engine_io(engine)
 
-    def seg_batches():
-        samples = teacher_forced_samples(seg_items, loaded.clip_transform, loaded.sam_transform,
-                                         conv_template=args.conv_type)
-        chunk = []
-        for s in samples:
-            chunk.append(s)
-            if len(chunk) == args.val_batch_size:
-                yield collate(chunk)
-                chunk = []
-        if chunk:
-            yield collate(chunk)
-
     def load_inputs(image):
-        rgb = read_image_rgb(image.image_path, "validation")
+        rgb = read_image_rgb(image.image_path, image.dataset or "validation")
         sam = loaded.sam_transform(rgb)
         return loaded.clip_transform(rgb)[None], sam.pixels[None], sam.resized_size, sam.original_size
 
@@ -142,11 +150,22 @@ def validation_from_args(args: argparse.Namespace, loaded, engine) -> Optional[C
     def validate() -> dict:
         was_training = engine.module.training
         engine.eval()
-        seg = segment_metrics(engine, seg_batches(), to_device)
-        see = see_metrics(engine.module, see_items, load_inputs, loaded.tokenizer, args.conv_type,
-                          args.val_max_new_tokens, tok_ids.eos, tok_ids.pad) if see_items else None
-        if was_training:
-            engine.train()
+        try:
+            seg = segment_metrics(engine, seg_loader, to_device)
+            see = see_metrics(engine.module, see_items, load_inputs, loaded.tokenizer, args.conv_type,
+                              args.val_max_new_tokens, tok_ids.eos, tok_ids.pad) if see_items else None
+        finally:
+            if was_training:
+                engine.train()
         return reduce_metrics(seg, see)
 
     return validate
+
+
+def split_names(value: str) -> list[str]:
+    return [n.strip() for n in value.split("||") if n.strip()]
+
+
+def _log(msg: str) -> None:
+    if dist_utils.is_main():
+        print(msg, flush=True)

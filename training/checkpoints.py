@@ -141,8 +141,10 @@ def load_engine_checkpoint(engine, ckpt_dir: str, tag: Optional[str] = None, loa
 
 
 def write_model_recipe(ckpt_dir: str, config_dict: dict, tokenizer, seg_token_id: int) -> None:
-    """The model config and tokenizer a merge rebuilds the network from."""
+    """The model config and tokenizer (released slow-tokenizer files) a merge rebuilds the network from."""
+    from model.tokenizer import save_slow_tokenizer
+
     os.makedirs(ckpt_dir, exist_ok=True)
     with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
         json.dump({"sesame_config": config_dict, "seg_token_id": seg_token_id}, f, indent=2)
-    tokenizer.save_pretrained(os.path.join(ckpt_dir, TOKENIZER_DIR))
+    save_slow_tokenizer(tokenizer, os.path.join(ckpt_dir, TOKENIZER_DIR))

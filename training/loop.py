@@ -101,6 +101,7 @@ def train_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: i
     engine.train()
     meter = LossMeter()
     for step_in_epoch in range(first, last):
+        lr = float(engine.get_lr()[0])  # the rate this optimizer step uses
         for _ in range(accum):
             batch = io.to_device(next(batches))
             out = engine(batch)
@@ -112,7 +113,7 @@ def train_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: i
             raise RuntimeError(f"DeepSpeed counts {engine.global_steps} optimizer steps, the loop {state.global_step}")
         done_in_epoch = step_in_epoch + 1
         if done_in_epoch % cfg.print_freq == 0 or done_in_epoch == last:
-            metrics = {**meter.report(), "train/lr": float(engine.get_lr()[0]), "train/epoch": epoch}
+            metrics = {**meter.report(), "train/lr": lr, "train/epoch": epoch}
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
@@ -133,6 +134,8 @@ def end_of_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: 
     improved = cfg.no_eval or io.validate is None
     if not improved:
         metrics = io.validate()
+        if cfg.best_metric not in metrics:
+            raise ValueError(f"--best_metric {cfg.best_metric} is not among the validation metrics {sorted(metrics)}")
         score = metrics[cfg.best_metric]
         improved = state.best_score is None or score > state.best_score
         if improved:
@@ -141,12 +144,16 @@ def end_of_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: 
         io.sink.log({f"val/{k}": v for k, v in metrics.items()} | {"val/best": state.best_score},
                     step=state.global_step)
         if dist_utils.is_main():
-            print(f"[epoch {epoch}] step {state.global_step} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            print(f"[epoch {epoch}] step {state.global_step} " + " ".join(_fmt(k, v) for k, v in metrics.items())
                   + f" | best {cfg.best_metric}={state.best_score:.4f} (step {state.best_step})", flush=True)
     # Best first: once `latest` says an epoch is done, its best checkpoint is on disk too.
     if improved and not (cfg.no_eval or io.validate is None):
         io.checkpoints.save(engine, state, BEST)
     io.checkpoints.save(engine, state, LATEST)
+
+
+def _fmt(name: str, value) -> str:
+    return f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
 
 
 def _progress_bar(enabled: bool, epoch: int, cfg: LoopConfig, first: int):

@@ -17,16 +17,11 @@ import numpy as np
 import torch
 
 from dataset.eval_sets import EvalImage
+from dataset.image_io import SkipItem
 from model.batch import SesameBatch
 from model.conversation import build_prompt, tokenize_with_image
 from utils import distributed as dist_utils
-
-
-def intersection_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float]:
-    """Foreground intersection and union of a bool prediction and a uint8 ground truth (255 = ignore)."""
-    valid = gt != 255
-    p, g = pred & valid, (gt == 1) & valid
-    return float((p & g).sum()), float((p | g).sum())
+from utils.metrics import GIOU_EPS, intersection_union
 
 
 @dataclass
@@ -38,11 +33,11 @@ class SegmentSums:
 
     def add_masks(self, pred_logits: torch.Tensor, gt: torch.Tensor) -> None:
         """pred_logits (n, H, W), gt (n, H, W) uint8 with 255 = ignore."""
-        for p, g in zip(pred_logits, gt):
-            i, u = intersection_union(p > 0, g)
+        for p, g in zip((pred_logits > 0).cpu().numpy(), gt.cpu().numpy()):
+            i, u = intersection_union(p, g)
             self.intersection += i
             self.union += u
-            self.giou_sum += 1.0 if u == 0 else i / (u + 1e-5)
+            self.giou_sum += 1.0 if u == 0 else i / (u + GIOU_EPS)
             self.num_masks += 1
 
 
@@ -67,7 +62,11 @@ def draw_queries(images: Sequence[EvalImage], n: int, seed: int, positives_only:
                       width=images[i].width, queries=[images[i].queries[k] for k in ks]) for i, ks in keep.items()]
 
 
-def shard(items: Sequence, rank: int, world_size: int) -> list:
+def shard(items: Sequence, rank: int, world_size: int, equal: bool = False) -> list:
+    """Every world_size-th item from `rank`. `equal` drops the remainder so every rank runs the same
+    number of forwards (ZeRO-3 gathers parameters collectively inside each forward)."""
+    if equal:
+        items = items[:len(items) // world_size * world_size]
     return list(items[rank::world_size])
 
 
@@ -90,7 +89,10 @@ def see_metrics(model, images: Iterable[EvalImage], load_inputs, tokenizer, conv
     """
     sums = SeeSums()
     for image in images:
-        clip, sam, resized, original = load_inputs(image)
+        try:
+            clip, sam, resized, original = load_inputs(image)
+        except SkipItem:  # an unreadable image: left out of See (counted by the dataset's skip log)
+            continue
         prompts = [tokenize_with_image(build_prompt(q.question, template=conv_template), tokenizer)
                    for q in image.queries]
         preds = model.predict(clip, sam, [resized], [original], prompts, [0] * len(prompts),
@@ -108,9 +110,10 @@ def reduce_metrics(seg: SegmentSums | None, see: SeeSums | None) -> dict[str, fl
     t = dist_utils.all_reduce_sum(torch.tensor([seg.intersection, seg.union, seg.giou_sum, seg.num_masks,
                                                 see.correct, see.total], dtype=torch.float64)).tolist()
     inter, union, giou_sum, n_masks, correct, total = t
+    n_masks, correct, total = int(n_masks), int(correct), int(total)
     metrics = {"giou": giou_sum / n_masks if n_masks else 0.0, "ciou": inter / union if union else 0.0,
-               "num_masks": int(n_masks)}
+               "num_masks": n_masks}
     if total:
         metrics["see"] = correct / total
-        metrics["see_queries"] = int(total)
+        metrics["see_queries"] = total
     return metrics
