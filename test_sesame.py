@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the question-template choice of the eval set")
     p.add_argument("--conv_type", choices=("llava_v1", "vicuna_v1"), default="llava_v1",
                    help="system prompt; the original evaluation silently used vicuna_v1, training used llava_v1")
-    p.add_argument("--reason_seg_template", choices=("lisa", "sesame"), default="sesame",
-                   help="ReasonSeg question templates (READ evaluates with LISA's)")
+    p.add_argument("--reason_seg_template", choices=("lisa", "sesame"), default="lisa",
+                   help="ReasonSeg question wording: LISA's fixed prompts (what READ reports) or SESAME's templates")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--queries_per_batch", type=int, default=256, help="queries decoded together (KV memory grows with it)")
@@ -85,7 +85,7 @@ def load_model(args):
 def load_eval_images(args):
     from dataset.eval_sets import build_eval_dataset
 
-    kwargs = {"reason_seg_template": args.reason_seg_template} if args.val_dataset == "ReasonSeg" else {}
+    kwargs = {"question_style": args.reason_seg_template} if args.val_dataset == "ReasonSeg" else {}
     images = build_eval_dataset(args.val_dataset, args.dataset_dir, split=args.split, seed=args.seed, **kwargs)
     if args.limit_images:
         images = images[:args.limit_images]
@@ -117,36 +117,46 @@ class PreparedImage:
     index: int
     clip_pixels: torch.Tensor
     sam: object  # dataset.transforms.SamInput
+    gt_rles: list  # per pending query: (gt_mask RLE or None, gt_ignore RLE or None)
     rgb: Optional[np.ndarray]
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decode + CLIP + SAM preprocessing, run in DataLoader workers."""
-
-    def __init__(self, images, clip_transform, sam_transform, keep_rgb: bool):
-        self.images, self.clip, self.sam, self.keep_rgb = images, clip_transform, sam_transform, keep_rgb
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> PreparedImage:
-        im = self.images[i]
-        rgb = read_rgb(im.image_path)
-        if rgb.shape[:2] != (im.height, im.width):
-            raise ValueError(f"{im.image_path}: image is {rgb.shape[0]}x{rgb.shape[1]} but the annotation says "
-                             f"{im.height}x{im.width}")
-        return PreparedImage(i, self.clip(rgb), self.sam(rgb), rgb if self.keep_rgb else None)
-
-
-# --- inference -------------------------------------------------------------------------------
-def _record(image, query, pred, tokenizer, special_ids):
+def ground_truth_rles(image, query) -> tuple[Optional[dict], Optional[dict]]:
+    """RLEs of a query's foreground (label 1; none for a false premise) and ignore pixels (255)."""
     from utils.mask_io import encode_optional
-    from utils.records import QueryRecord
 
     gt = np.asarray(query.gt_mask)
     if gt.shape != (image.height, image.width):
         raise ValueError(f"{image.image_path} ref {query.ref_id} sent {query.sent_id}: gt_mask is {gt.shape}, "
                          f"image is {(image.height, image.width)}")
+    return (encode_optional(gt == 1) if query.gt_exists else None), encode_optional(gt == 255)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decode, CLIP and SAM preprocessing and ground-truth RLEs, run in DataLoader workers.
+    pending: (EvalImage, queries still to run) per item."""
+
+    def __init__(self, pending, clip_transform, sam_transform, keep_rgb: bool):
+        self.pending, self.clip, self.sam, self.keep_rgb = pending, clip_transform, sam_transform, keep_rgb
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def __getitem__(self, i: int) -> PreparedImage:
+        im, todo = self.pending[i]
+        rgb = read_rgb(im.image_path)
+        if rgb.shape[:2] != (im.height, im.width):
+            raise ValueError(f"{im.image_path}: image is {rgb.shape[0]}x{rgb.shape[1]} but the annotation says "
+                             f"{im.height}x{im.width}")
+        return PreparedImage(i, self.clip(rgb), self.sam(rgb), [ground_truth_rles(im, q) for q in todo],
+                             rgb if self.keep_rgb else None)
+
+
+# --- inference -------------------------------------------------------------------------------
+def _record(image, query, gt_rles, pred, tokenizer, special_ids):
+    from utils.mask_io import encode_optional
+    from utils.records import QueryRecord
+
     ids = [t for t in pred.output_ids if t != special_ids.eos]
     first = pred.masks[0].numpy() if pred.masks.shape[0] else None
     return QueryRecord(
@@ -154,9 +164,8 @@ def _record(image, query, pred, tokenizer, special_ids):
         sentence=query.sentence, question=query.question,
         answer=tokenizer.decode(ids, skip_special_tokens=True).strip(),
         gt_exists=bool(query.gt_exists), pred_exists=bool(pred.exists), pred_mask=encode_optional(first),
-        gt_mask=encode_optional(gt == 1) if query.gt_exists else None, gt_ignore=encode_optional(gt == 255),
-        height=int(image.height), width=int(image.width), gt_sent=query.gt_sent,
-        num_seg=sum(t == special_ids.seg for t in pred.output_ids), extra=dict(query.extra))
+        gt_mask=gt_rles[0], gt_ignore=gt_rles[1], height=int(image.height), width=int(image.width),
+        gt_sent=query.gt_sent, num_seg=sum(t == special_ids.seg for t in pred.output_ids), extra=dict(query.extra))
 
 
 def _visualize(out_dir: str, image, query, pred, rgb: np.ndarray, answer: str) -> None:
@@ -171,8 +180,9 @@ def _visualize(out_dir: str, image, query, pred, rgb: np.ndarray, answer: str) -
         save_sasp_pngs(directory, rgb, pred.sasp, pred.masks.numpy())
 
 
-def run_inference(args, loaded, images, engine_hook=None) -> dict:
-    """Evaluate this process's shard of `images`, appending records; returns counts."""
+def run_inference(args, loaded, images, engine_hook=None, timer=None) -> dict:
+    """Evaluate this process's shard of `images`, appending records; returns counts.
+    engine_hook / timer: passed to the engine (tests force tokens; the benchmark splits time by stage)."""
     from model.conversation import build_prompt, tokenize_with_image
     from model.inference import BatchedInference, EngineConfig, ImageWork, batch_images
     from utils.records import ShardWriter, shard_items, shard_path
@@ -206,8 +216,8 @@ def run_inference(args, loaded, images, engine_hook=None) -> dict:
 
         engine = BatchedInference(model, EngineConfig(max_new_tokens=args.max_new_tokens, eos_token_id=ids.eos,
                                                       pad_token_id=ids.pad, slots_per_group=args.slots_per_group),
-                                  logits_hook=engine_hook)
-        files = ImageFiles([im for im, _ in pending], loaded.clip_transform, loaded.sam_transform, args.visualize)
+                                  logits_hook=engine_hook, timer=timer)
+        files = ImageFiles(pending, loaded.clip_transform, loaded.sam_transform, args.visualize)
         loader = torch.utils.data.DataLoader(files, batch_size=None, shuffle=False, num_workers=args.num_workers,
                                              prefetch_factor=4 if args.num_workers else None)
         progress = None
@@ -225,8 +235,8 @@ def run_inference(args, loaded, images, engine_hook=None) -> dict:
             records = []
             for item, preds in zip(batch, predictions):
                 im, todo = pending[item.index]
-                for q, pred in zip(todo, preds):
-                    rec = _record(im, q, pred, tokenizer, ids)
+                for q, gt_rles, pred in zip(todo, item.gt_rles, preds):
+                    rec = _record(im, q, gt_rles, pred, tokenizer, ids)
                     records.append(rec)
                     if args.visualize:
                         _visualize(out_dir, im, q, pred, item.rgb, rec.answer)

@@ -1,0 +1,276 @@
+"""Evaluation throughput: the batched prefix-sharing engine vs the original's strategy, same model.
+
+Builds the full-size architecture (LLaMA-7B, CLIP ViT-L/14-336, SAM ViT-H) with random bf16 weights on
+the GPU and runs the real evaluation loop of test_sesame.py (image files decoded and preprocessed in
+DataLoader workers, batched engine, records written as JSONL with RLE masks) over synthetic
+FP-RefCOCO-like work: N images x Q queries, prompts in the real llava_v1 template with SESAME's
+question wording, answers capped at --max_new_tokens, [SEG] forced in half of the answers (so mask
+decoding is counted) and EOS suppressed (every answer has the full length, in both strategies).
+
+Then it times the original's strategy on a subset (`eval_sesame.py` + `evaluate()`): chunks of 5
+queries of one image, left padded; SAM ViT-H run once per query (the image is repeated); every
+decode step recomputes the whole sequence without a KV cache, with CLIP and the projector re-run
+inside each step; masks of the chunk's [SEG]s. Its queries/s is extrapolated from the subset.
+
+    python benchmarks/eval_throughput.py                  # GPU, full size
+    python benchmarks/eval_throughput.py --tiny           # CPU smoke check, tiny random model
+
+Prints a Markdown table to paste into benchmarks/RESULTS.md and one JSON line with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import zlib
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import test_sesame  # noqa: E402
+from dataset.eval_sets import EvalImage, EvalQuery  # noqa: E402
+from dataset.transforms import ClipTransform, SamTransform  # noqa: E402
+from model.builder import LoadedSesame  # noqa: E402
+from model.config import SesameConfig  # noqa: E402
+from model.conversation import build_prompt, tokenize_with_image  # noqa: E402
+from model.inference import StageTimer  # noqa: E402
+from model.sesame import SesameModel  # noqa: E402
+from model.tokenizer import SpecialTokenIds  # noqa: E402
+
+# SESAME's first short question template (sesame.md §5) and RefCOCO-like expressions of varied length.
+QUESTION = ("Can you confirm if {e} is present in this image? If it is, kindly provide the segmentation map. "
+            "If it isn't, please state so and, if appropriate, mention any objects that might be mistaken for {e}.")
+EXPRESSIONS = ["man in red", "left zebra", "white car behind the bus", "person on right", "the small dog",
+               "woman holding an umbrella near the door", "bowl", "second giraffe from the left",
+               "blue chair", "guy in the black shirt sitting down"]
+STAGES = ("encoders", "prefill_prefix", "prefill_suffix", "decode", "masks")
+
+
+class SyntheticTokenizer:
+    """LLaMA-sized stand-in (vocab 32003, bos 1, eos 2, [SEG] 32000, <im_start> 32001, <im_end> 32002):
+    words and punctuation hash to ids, words longer than 6 letters take two pieces, which gives
+    about the lengths LLaMA's tokenizer gives for English."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    specials = {"[SEG]": 32000, "<im_start>": 32001, "<im_end>": 32002}
+    _pieces = re.compile(r"<im_start>|<im_end>|\[SEG\]|\w+|[^\w\s]")
+
+    def __call__(self, text: str):
+        ids = [self.bos_token_id]
+        for piece in self._pieces.findall(text):
+            if piece in self.specials:
+                ids.append(self.specials[piece])
+                continue
+            parts = [piece] if len(piece) <= 6 else [piece[:len(piece) // 2], piece[len(piece) // 2:]]
+            ids.extend(3 + zlib.crc32(p.encode()) % 31997 for p in parts)
+        return SimpleNamespace(input_ids=ids)
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+def build_full_model(device: str) -> LoadedSesame:
+    cfg = SesameConfig.preset("llama-7b", "clip-l-336", "vit_h")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = SesameModel(cfg, seg_token_id=32000)
+    torch.set_default_dtype(torch.float32)
+    model = model.to(dtype=torch.bfloat16).eval()  # .to() keeps SAM's positional encoding float32
+    ids = SpecialTokenIds(seg=32000, im_start=32001, im_end=32002, pad=0, bos=1, eos=2)
+    return LoadedSesame(model, SyntheticTokenizer(), ids, ClipTransform(cfg.vision.image_size),
+                        SamTransform(cfg.sam.image_size))
+
+
+def build_tiny_model() -> LoadedSesame:
+    from model.tiny import tiny_model, tiny_tokenizer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tok, ids = tiny_tokenizer(os.path.join(root, "assets", "tiny_tokenizer"))
+    model = tiny_model(ids, len(tok))
+    return LoadedSesame(model, tok, ids, ClipTransform(model.config.vision.image_size),
+                        SamTransform(model.config.sam.image_size))
+
+
+def synthetic_images(root: str, num_images: int, queries: int, sizes) -> list[EvalImage]:
+    """JPEG files with COCO-like sizes, Q queries each, half of them false premises."""
+    rng = np.random.default_rng(0)
+    images, sent = [], 0
+    for i in range(num_images):
+        h, w = sizes[i % len(sizes)]
+        path = os.path.join(root, f"{i:05d}.jpg")
+        cv2.imwrite(path, (rng.random((h, w, 3)) * 255).astype(np.uint8))
+        qs = []
+        for k in range(queries):
+            expr = EXPRESSIONS[(i + k) % len(EXPRESSIONS)]
+            exists = k % 2 == 0
+            gt = np.zeros((h, w), np.uint8)
+            if exists:
+                gt[h // 4:h // 2, w // 4:w // 2] = 1
+            qs.append(EvalQuery(ref_id=i * 1000 + k, sent_id=sent, sentence=expr,
+                                question="<image>\n" + QUESTION.format(e=expr), gt_exists=exists,
+                                gt_sent=None if exists else "blue chair", gt_mask=gt))
+            sent += 1
+        images.append(EvalImage(image_path=path, image_id=i, height=h, width=w, queries=qs))
+    return images
+
+
+def make_hook(seg_id: int, eos_id: int, seg_step: int = 3):
+    """[SEG] at `seg_step` for every other query; EOS never (fixed answer length)."""
+    def hook(step, logits, query):
+        logits = logits.clone()
+        logits[:, eos_id] = float("-inf")
+        if step == seg_step:
+            logits[(query >= 0) & (query % 2 == 0), seg_id] += 1e4
+        return logits
+    return hook
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
+    argv = ["--vis_save_path", out_dir, "--max_new_tokens", str(args.max_new_tokens), "--queries_per_batch",
+            str(args.queries_per_batch), "--slots_per_group", str(args.slots_per_group), "--num_workers",
+            str(args.num_workers), "--no_progress"]
+    eval_args = test_sesame.build_parser().parse_args(argv)
+    hook = make_hook(loaded.token_ids.seg, loaded.token_ids.eos)
+    sync(args.device)
+    summary = test_sesame.run_inference(eval_args, loaded, images, engine_hook=hook, timer=timer)
+    sync(args.device)
+    return summary
+
+
+@torch.inference_mode()
+def run_original(loaded, images, args) -> tuple[int, float]:
+    """The original's evaluation strategy (module docstring). Returns (queries, seconds)."""
+    model, tok, ids = loaded.model, loaded.tokenizer, loaded.token_ids
+    llm = model.language_model
+    device = model.device
+    hook = make_hook(ids.seg, ids.eos)
+    n, start = 0, None
+    for idx, im in enumerate(images):
+        rgb = test_sesame.read_rgb(im.image_path)
+        clip_px, sam_in = loaded.clip_transform(rgb), loaded.sam_transform(rgb)
+        prompts = [tokenize_with_image(build_prompt(q.question), tok) for q in im.queries]
+        for a in range(0, len(prompts), args.original_chunk):
+            warmup = idx == 0 and a == 0  # the first chunk is not timed
+            if not warmup and start is None:
+                sync(args.device)
+                start = time.perf_counter()
+            chunk = prompts[a:a + args.original_chunk]
+            b = len(chunk)
+            clip = clip_px[None].repeat(b, 1, 1, 1).to(device)
+            sam = sam_in.pixels[None].repeat(b, 1, 1, 1).to(device)
+            sam_emb = torch.cat([model.encode_images_sam(sam[r:r + 1]) for r in range(b)])  # once per query
+            length = max(len(p) for p in chunk)
+            input_ids = torch.full((b, length), ids.pad, dtype=torch.long, device=device)
+            for r, p in enumerate(chunk):
+                input_ids[r, length - len(p):] = torch.tensor(p, device=device)
+            query = torch.arange(a, a + b, device=device)
+            for step in range(args.max_new_tokens):
+                feats = model.encode_images_clip(clip)  # inside every forward, as the original
+                spliced = model.splice_image_features(input_ids, torch.ones_like(input_ids), feats)
+                hidden = llm.model(inputs_embeds=spliced.embeds, use_cache=False).last_hidden_state
+                logits = hook(step, llm.lm_head(hidden[:, -1]).float(), query)
+                input_ids = torch.cat([input_ids, logits.argmax(-1, keepdim=True)], dim=1)
+            predicts_seg = spliced.token_ids[:, 1:] == ids.seg
+            for r in range(b):
+                seg_h = hidden[r, :-1][predicts_seg[r]]
+                if seg_h.shape[0]:
+                    (model.masks_for_image(sam_emb[r:r + 1], seg_h, None, sam_in.resized_size,
+                                           sam_in.original_size) > 0).cpu()
+            if not warmup:
+                n += b
+    sync(args.device)
+    return n, time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke check with the tiny random model")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--images", type=int, default=None, help="default 64 (tiny: 6)")
+    ap.add_argument("--queries_per_image", type=int, default=None, help="default 8 (tiny: 3)")
+    ap.add_argument("--max_new_tokens", type=int, default=None, help="default 24 (tiny: 8)")
+    ap.add_argument("--queries_per_batch", type=int, default=256)
+    ap.add_argument("--slots_per_group", type=int, default=8)
+    ap.add_argument("--num_workers", type=int, default=None, help="default 8 (tiny: 0)")
+    ap.add_argument("--original_images", type=int, default=None,
+                    help="images for the original's strategy, the first one a warm-up (default 5; tiny: 2)")
+    ap.add_argument("--original_chunk", type=int, default=5)
+    ap.add_argument("--skip_original", action="store_true")
+    args = ap.parse_args(argv)
+    tiny = args.tiny
+    defaults = dict(images=(6, 64), queries_per_image=(3, 8), max_new_tokens=(8, 24), num_workers=(0, 8),
+                    original_images=(2, 5))
+    for k, (t, f) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, t if tiny else f)
+    args.device = args.device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for but no GPU is visible")
+
+    t0 = time.perf_counter()
+    loaded = build_tiny_model() if tiny else build_full_model(args.device)
+    sync(args.device)
+    build_s = time.perf_counter() - t0
+    sizes = [(48, 64), (64, 40)] if tiny else [(480, 640), (640, 427), (427, 640), (500, 375)]
+    with tempfile.TemporaryDirectory() as tmp:
+        images = synthetic_images(os.path.join(tmp), args.images, args.queries_per_image, sizes)
+        run_engine(loaded, images[:4], args, os.path.join(tmp, "warmup"))
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        summary = run_engine(loaded, images, args, os.path.join(tmp, "run"))
+        peak_engine = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
+        timer = StageTimer(sync=True)
+        timed = run_engine(loaded, images, args, os.path.join(tmp, "timed"), timer=timer)
+        original = None
+        if not args.skip_original:
+            n_orig, s_orig = run_original(loaded, images[:args.original_images], args)
+            original = {"queries": n_orig, "seconds": s_orig, "queries_per_s": n_orig / s_orig}
+
+    queries = summary["queries_run"]
+    qps = summary["queries_per_s"]
+    stage_total = timed["seconds"]
+    breakdown = {k: timer.seconds.get(k, 0.0) for k in STAGES}
+    breakdown["other (loading, records)"] = max(0.0, stage_total - sum(breakdown.values()))
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    import transformers
+    figures = {
+        "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
+        "model": "tiny random (fp32)" if tiny else "LLaMA-7B + CLIP ViT-L/14-336 + SAM ViT-H, random bf16",
+        "build_s": build_s, "images": args.images, "queries": queries, "max_new_tokens": args.max_new_tokens,
+        "queries_per_batch": args.queries_per_batch, "slots_per_group": args.slots_per_group,
+        "engine_seconds": summary["seconds"], "engine_queries_per_s": qps,
+        "breakdown_s": breakdown, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
+        "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,
+    }
+    print(f"\n| what | figure |\n|---|---|")
+    print(f"| device | {device_name}, torch {torch.__version__}, transformers {transformers.__version__} |")
+    print(f"| model | {figures['model']} (build {build_s:.1f} s) |")
+    print(f"| work | {args.images} images x {args.queries_per_image} queries = {queries}, answers "
+          f"{args.max_new_tokens} new tokens, [SEG] in half, {args.queries_per_batch} queries per batch |")
+    print(f"| engine | **{qps:.1f} queries/s** ({summary['seconds']:.2f} s, real loop incl. loading and records) |")
+    parts = ", ".join(f"{k} {v:.2f} s ({100 * v / stage_total:.0f}%)" for k, v in breakdown.items())
+    print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts} |")
+    if peak_engine is not None:
+        print(f"| engine peak GPU memory | {peak_engine:.1f} GiB |")
+    if original:
+        print(f"| original strategy ({original['queries']} queries after a warm-up chunk) | "
+              f"**{original['queries_per_s']:.2f} queries/s** ({original['seconds']:.1f} s) |")
+        print(f"| speed-up | **{figures['speedup']:.1f}x** |")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
