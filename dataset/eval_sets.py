@@ -321,6 +321,7 @@ class TeacherForcedSamples(torch.utils.data.Dataset):
             yield self[i]
 
 
-def teacher_forced_samples(images: Sequence[EvalImage], clip_transform, sam_transform, **kwargs) -> TeacherForcedSamples:
+def teacher_forced_samples(images: Sequence[EvalImage], clip_transform, sam_transform,
+                           **kwargs) -> TeacherForcedSamples:
     """See TeacherForcedSamples (keyword options: templates, seed, conv_template, max_queries_per_image)."""
     return TeacherForcedSamples(images, clip_transform, sam_transform, **kwargs)

@@ -100,7 +100,8 @@ class HybridDataset(torch.utils.data.Dataset):
                 ds = split_names(refer_lists[name], f"{name}_data")
                 bad = [d for d in ds if d not in REFER_DATASETS]
                 if bad:
-                    raise ValueError(f"{name}_data: unknown referring dataset(s) {bad}; known: {', '.join(REFER_DATASETS)}")
+                    raise ValueError(f"{name}_data: unknown referring dataset(s) {bad}; "
+                                     f"known: {', '.join(REFER_DATASETS)}")
                 src = ReferSegSource(name, dataset_dir, ds, t, k)
                 for data in src.data:
                     if data.malformed_refs:

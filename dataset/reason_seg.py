@@ -61,7 +61,8 @@ def reason_seg_mask(shapes, height: int, width: int) -> np.ndarray:
     return mask
 
 
-def load_reason_seg_annotation(json_path: str, height: int, width: int, source: str = "ReasonSeg") -> ReasonSegAnnotation:
+def load_reason_seg_annotation(json_path: str, height: int, width: int,
+                               source: str = "ReasonSeg") -> ReasonSegAnnotation:
     """Parse one ReasonSeg json. Raises SkipItem if missing or malformed."""
     try:
         with open(json_path) as f:

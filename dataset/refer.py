@@ -167,7 +167,8 @@ class ReferData:
         for ann_id in ann_ids_of(ref):
             ann = self.anns.get(ann_id)
             if ann is None:
-                raise SkipItem(self.dataset, self.image_path(im.image_id), f"ref {ref['ref_id']}: unknown ann_id {ann_id}")
+                raise SkipItem(self.dataset, self.image_path(im.image_id),
+                               f"ref {ref['ref_id']}: unknown ann_id {ann_id}")
             try:
                 mask |= decode_segmentation(ann["segmentation"], im.height, im.width)
             except (ValueError, TypeError, KeyError) as e:

@@ -25,7 +25,8 @@ def refer_conversation(rng: np.random.Generator, templates: Templates, sentence:
     if exists:
         answer = choice(rng, templates.short_answer).format(class_name=expr)
     elif dataset in FALSE_PREMISE_DATASETS and sentence.get("gt_sent"):
-        answer = choice(rng, templates.correct_answer).format(class_name=expr, gt_name=str(sentence["gt_sent"]).strip().lower())
+        gt_name = str(sentence["gt_sent"]).strip().lower()
+        answer = choice(rng, templates.correct_answer).format(class_name=expr, gt_name=gt_name)
     else:
         answer = choice(rng, templates.neg_answer).format(class_name=expr)
     return question, answer

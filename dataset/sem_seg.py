@@ -22,10 +22,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from .class_names import ade20k_class_names, cocostuff_class_names
 from .image_io import SkipItem, read_image_rgb, read_label_map, require_path
 from .refer import decode_segmentation
 from .sample import IGNORE_LABEL, RawSample, choice, sample_without_replacement
@@ -33,7 +34,6 @@ from .templates import Templates
 
 SEM_SEG_DATASETS = ("ade20k", "cocostuff", "pascal_part", "paco_lvis", "mapillary")
 MODE_RATES = (("true_premise", 0.85), ("false_premise_denial", 0.07), ("false_premise_correction", 0.08))
-CLASSES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "classes")
 
 
 def draw_mode(rng: np.random.Generator) -> str:
@@ -43,18 +43,6 @@ def draw_mode(rng: np.random.Generator) -> str:
         if u < acc:
             return mode
     return MODE_RATES[0][0]
-
-
-def ade20k_class_names(path: Optional[str] = None) -> list[str]:
-    with open(path or os.path.join(CLASSES_DIR, "ade20k_classes.json")) as f:
-        return [str(n) for n in json.load(f)]
-
-
-def cocostuff_class_names(path: Optional[str] = None) -> list[str]:
-    """Names indexed by label value (the file's "0: unlabeled" line is not a label value)."""
-    with open(path or os.path.join(CLASSES_DIR, "cocostuff_classes.txt")) as f:
-        lines = [line.strip() for line in f if line.strip()]
-    return [line.split(": ", 1)[-1] for line in lines[1:]]
 
 
 def part_name(category: str, rng: np.random.Generator) -> str:
@@ -260,7 +248,8 @@ class SemSegSource:
                  num_classes_per_sample: int = 3):
         unknown = [d for d in sem_seg_data if d not in _BUILDERS]
         if unknown or not sem_seg_data:
-            raise ValueError(f"unknown semantic-segmentation dataset(s) {unknown}; known: {', '.join(SEM_SEG_DATASETS)}")
+            raise ValueError(f"unknown semantic-segmentation dataset(s) {unknown}; "
+                             f"known: {', '.join(SEM_SEG_DATASETS)}")
         self.name = name
         self.sources = [_BUILDERS[d](dataset_dir, templates, num_classes_per_sample) for d in sem_seg_data]
 

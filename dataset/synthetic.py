@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .sem_seg import ade20k_class_names, cocostuff_class_names
+from .class_names import ade20k_class_names, cocostuff_class_names
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "purple": (140, 50, 170), "orange": (245, 140, 20)}
@@ -107,7 +107,8 @@ def make_scene(scene_id: int, rng: np.random.Generator) -> Scene:
             if m.sum() > 20 and not (grown & occupied).any():
                 occupied |= grown
                 ys, xs = np.nonzero(m)
-                scene.shapes.append(Shape(kind, color, [float(v) for v in poly], m, (float(xs.mean()), float(ys.mean()))))
+                center = (float(xs.mean()), float(ys.mean()))
+                scene.shapes.append(Shape(kind, color, [float(v) for v in poly], m, center))
                 break
     if len(scene.shapes) < 2:
         raise RuntimeError(f"could not place shapes in scene {scene_id}")
@@ -121,8 +122,9 @@ def make_scene(scene_id: int, rng: np.random.Generator) -> Scene:
 
 def write_jpg(path: str, image_rgb: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    cv2.imwrite(path, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 98,
-                                                                  cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+    # no chroma subsampling, so colours stay crisp up to the shape edges
+    params = [cv2.IMWRITE_JPEG_QUALITY, 98, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    cv2.imwrite(path, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), params)
 
 
 def write_png(path: str, label: np.ndarray, palette: list[int] | None = None) -> None:
@@ -170,7 +172,8 @@ def instances_json(scenes: list[Scene], file_name) -> tuple[dict, dict[tuple[int
     cats = [{"id": i + 1, "name": k, "supercategory": "shape"} for i, k in enumerate(KINDS)]
     images, anns, ann_ids = [], [], {}
     for scene in scenes:
-        images.append({"id": scene.scene_id, "file_name": file_name(scene), "height": scene.height, "width": scene.width})
+        images.append({"id": scene.scene_id, "file_name": file_name(scene), "height": scene.height,
+                       "width": scene.width})
         for j, shape in enumerate(scene.shapes):
             ann_id = scene.scene_id * 100 + j
             segm, crowd = _segmentation(shape, len(anns))
@@ -236,7 +239,8 @@ def write_refer(root: str, scenes: list[Scene], rng: np.random.Generator) -> Non
     from .refer import REFER_DATASETS, default_split_by
 
     for scene in scenes:
-        write_jpg(os.path.join(root, "refer_seg", "images", "mscoco", "images", "train2014", coco_file(scene)), scene.image)
+        coco_dir = os.path.join(root, "refer_seg", "images", "mscoco", "images", "train2014")
+        write_jpg(os.path.join(coco_dir, coco_file(scene)), scene.image)
         write_jpg(os.path.join(root, "refer_seg", "images", "saiapr_tc-12", clef_file(scene)), scene.image)
     for dataset in REFER_DATASETS:
         folder = os.path.join(root, "refer_seg", dataset)
@@ -262,7 +266,8 @@ def write_vqa(root: str, scenes: list[Scene]) -> None:
         turns = [{"from": "human", "value": ("<image>\n" + first) if scene.scene_id % 2 else (first + "\n<image>")},
                  {"from": "gpt", "value": f"The picture shows {names} on a plain background."},
                  {"from": "human", "value": f"Where is the {scene.shapes[0].name}?"},
-                 {"from": "gpt", "value": f"It is at the {scene.shapes[0].where(scene.width, scene.height)} of the image."}]
+                 {"from": "gpt",
+                  "value": f"It is at the {scene.shapes[0].where(scene.width, scene.height)} of the image."}]
         if scene.scene_id % 3 == 0:  # LLaVA records occasionally open with a non-human turn; it is dropped
             turns = [{"from": "gpt", "value": "Hello."}] + turns
         records.append({"id": f"{scene.scene_id:012d}", "image": f"{scene.scene_id:012d}.jpg", "conversations": turns})
@@ -336,7 +341,8 @@ def _part_json(scenes: list[Scene], file_name, object_name) -> dict:
         for part in ("top_half", "bottom_half", "left_half", "right_half"):
             cat_id(f"{object_name(k)}:{part}")
     for scene in scenes:
-        images.append({"id": scene.scene_id, "file_name": file_name(scene), "height": scene.height, "width": scene.width})
+        images.append({"id": scene.scene_id, "file_name": file_name(scene), "height": scene.height,
+                       "width": scene.width})
         for s in scene.shapes:
             parts = {"": s.mask, **_halves(s)}
             for part, m in parts.items():
@@ -371,11 +377,12 @@ def write_sem_seg(root: str, scenes: list[Scene]) -> None:
         palette = [c for i in range(256) for c in ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256)]
         write_png(os.path.join(root, "mapillary", "training", "v2.0", "labels", key + ".png"), label, palette)
         # PASCAL-Part images
-        write_jpg(os.path.join(root, "vlpart", "pascal_part", "VOCdevkit", "VOC2010", "JPEGImages", f"2008_{sid:06d}.jpg"),
-                  scene.image)
+        voc_dir = os.path.join(root, "vlpart", "pascal_part", "VOCdevkit", "VOC2010", "JPEGImages")
+        write_jpg(os.path.join(voc_dir, f"2008_{sid:06d}.jpg"), scene.image)
     write_json(os.path.join(root, "mapillary", "config_v2.0.json"),
                {"labels": [{"name": n, "readable": r, "color": [(37 * i) % 256, (91 * i) % 256, (53 * i) % 256],
-                            "instances": False, "evaluate": r != "Unlabeled"} for i, (n, r) in enumerate(MAPILLARY_LABELS)],
+                            "instances": False, "evaluate": r != "Unlabeled"}
+                           for i, (n, r) in enumerate(MAPILLARY_LABELS)],
                 "version": "2.0"})
     write_json(os.path.join(root, "vlpart", "pascal_part", "train.json"),
                _part_json(scenes, lambda s: f"2008_{s.scene_id:06d}.jpg", lambda k: k))
@@ -386,7 +393,8 @@ def write_sem_seg(root: str, scenes: list[Scene]) -> None:
 def write_manifest(root: str, scenes: list[Scene]) -> None:
     write_json(os.path.join(root, "synthetic_manifest.json"), {
         "images": [{"scene_id": s.scene_id, "height": s.height, "width": s.width,
-                    "coco_train2014": os.path.join("refer_seg", "images", "mscoco", "images", "train2014", coco_file(s)),
+                    "coco_train2014": os.path.join("refer_seg", "images", "mscoco", "images", "train2014",
+                                                   coco_file(s)),
                     "coco_train2017": os.path.join("coco", "train2017", f"{s.scene_id:012d}.jpg"),
                     "shapes": [{"kind": sh.kind, "color": sh.color, "name": sh.name, "bbox": sh.bbox(),
                                 "area": int(sh.mask.sum())} for sh in s.shapes]} for s in scenes]})

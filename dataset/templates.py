@@ -70,7 +70,8 @@ def validate(t: Templates, source: str = "templates") -> None:
             except ValueError as e:
                 raise ValueError(f"{where}: bad format string ({e})") from None
             if found - allowed:
-                raise ValueError(f"{where}: unknown placeholder(s) {sorted(found - allowed)}; allowed {sorted(allowed)}")
+                raise ValueError(f"{where}: unknown placeholder(s) {sorted(found - allowed)}; "
+                                 f"allowed {sorted(allowed)}")
             if required - found:
                 raise ValueError(f"{where}: must contain {{{'}, {'.join(sorted(required - found))}}}")
             if entry.count(SEG) != n_seg:

@@ -370,7 +370,7 @@ def test_part_names():
 
 
 def test_class_lists():
-    from dataset.sem_seg import ade20k_class_names, cocostuff_class_names
+    from dataset.class_names import ade20k_class_names, cocostuff_class_names
     ade, stuff = ade20k_class_names(), cocostuff_class_names()
     assert len(ade) == 150 and ade[0] == "wall" and ade[-1] == "flag"
     assert len(stuff) == 182 and stuff[0] == "person" and stuff[-1] == "wood"
