@@ -379,7 +379,8 @@ def _from_llava_base(directory: str, config: dict, *, vision_pretrained: Optiona
     ckpt.load_planned(model, ckpt.iter_shards(weights, _shard_device(weights, device)), plan, device=device,
                       dtype=dtype)
     sam_plan = ckpt.plan_loading(model, sam_shapes, f"SAM checkpoint {vision_pretrained}",
-                                 to_internal=lambda k: "visual_model." + k, provides=("visual_model.",))
+                                 to_internal=lambda k: "visual_model." + k, provides=("visual_model.",),
+                                 to_file=lambda n: n[len("visual_model."):])
     ckpt.load_planned(model, [sam_state], sam_plan, device=device, dtype=dtype)
     del sam_state
     _init_fresh(model.text_hidden_fcs, device=device, dtype=dtype)

@@ -208,13 +208,15 @@ class LoadPlan:
 
 def plan_loading(model: SesameModel, shapes: dict[str, tuple[int, ...]], source: str, *,
                  to_internal: Callable[[str], Optional[str]], provides: tuple[str, ...],
-                 growable: tuple[str, ...] = ()) -> LoadPlan:
+                 growable: tuple[str, ...] = (), to_file: Optional[Callable[[str], str]] = None) -> LoadPlan:
     """Match file keys to the model before reading any data; raise one CheckpointError listing
     every missing and unexpected key (by group) and every shape mismatch.
 
     provides: SesameModel name prefixes this source must cover completely.
     growable: names whose first dimension may be smaller in the file (rows added for new tokens).
+    to_file: how a missing SesameModel name is spelled in this file (default: the released key).
     """
+    to_file = to_file or (lambda n: internal_to_released(n) or n)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name.startswith(provides)}
     mapping, grown, unexpected, mismatched = {}, {}, [], []
     for key, shape in shapes.items():
@@ -235,7 +237,7 @@ def plan_loading(model: SesameModel, shapes: dict[str, tuple[int, ...]], source:
     missing = [(name, name) for name in expected if name not in mapping.values()]
     problems = []
     if missing:
-        problems.append(f"missing keys: {describe_keys((internal_to_released(n) or n, n) for n, _ in missing)}")
+        problems.append(f"missing keys: {describe_keys((to_file(n), n) for n, _ in missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {describe_keys(unexpected)}")
     if mismatched:
