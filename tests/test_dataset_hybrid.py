@@ -269,3 +269,21 @@ def test_inconsistent_raw_samples_are_skip_items():
                            ({"exists": []}, "exists")]:
         with pytest.raises(SkipItem, match=reason):
             RawSample(**{**ok, **change})
+
+
+def test_workers_give_the_same_stream_and_report_skips(synthetic_root, tokenizer, transforms, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(synthetic_root, root)
+    folder = root / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
+    for f in sorted(folder.iterdir())[0:6:2]:
+        f.write_bytes(b"\xff\xd8 truncated")
+    ds = _hybrid(str(root), tokenizer, transforms, datasets="refer_seg||vqa", sample_rates=[3, 1],
+                 refer_seg_data="refcoco", samples_per_epoch=24)
+    collate = functools.partial(collate_fn, tokenizer=tokenizer)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate)
+    batches = list(loader)
+    assert ds.skipped_counts() == {}  # the skips happened in the workers ...
+    assert sum(sum(b.meta["skipped"].values()) for b in batches) > 0  # ... and travel with the batches
+    direct = [collate([ds[i] for i in range(k, k + 4)]) for k in range(0, 24, 4)]
+    for a, b in zip(batches, direct):
+        assert torch.equal(a.input_ids, b.input_ids) and a.meta["image_paths"] == b.meta["image_paths"]
