@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest text prompt in tokens (image patches not counted); longer prompts are an error")
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="seeds the question-template choice of the eval set")
-    p.add_argument("--conv_type", choices=("llava_v1", "vicuna_v1"), default="llava_v1",
-                   help="system prompt; the original evaluation silently used vicuna_v1, training used llava_v1")
+    p.add_argument("--conv_type", choices=("llava_v1", "vicuna_v1"), default="vicuna_v1",
+                   help="system prompt: vicuna_v1 is what the original evaluation used (its published numbers), "
+                        "llava_v1 what training used")
     p.add_argument("--reason_seg_template", choices=("lisa", "sesame"), default="lisa",
                    help="ReasonSeg question wording: LISA's fixed prompts (what READ reports) or SESAME's templates")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")

@@ -161,7 +161,7 @@ def run_original(loaded, images, args) -> tuple[int, float]:
     for idx, im in enumerate(images):
         rgb = test_sesame.read_rgb(im.image_path)
         clip_px, sam_in = loaded.clip_transform(rgb), loaded.sam_transform(rgb)
-        prompts = [tokenize_with_image(build_prompt(q.question), tok) for q in im.queries]
+        prompts = [tokenize_with_image(build_prompt(q.question, template="vicuna_v1"), tok) for q in im.queries]
         for a in range(0, len(prompts), args.original_chunk):
             warmup = idx == 0 and a == 0  # the first chunk is not timed
             if not warmup and start is None:
