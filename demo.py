@@ -24,17 +24,16 @@ from typing import Callable, Optional, TextIO
 import numpy as np
 import torch
 
-from model.builder import LoadedSesame
-from model.config import SasPConfig
+from model.builder import TINY_RANDOM, LoadedSesame, load_pretrained
 from model.conversation import IMAGE_TOKEN, SYSTEM_PROMPTS, build_prompt, tokenize_with_image
 from model.generation import LogitsHook
+from model.sasp import add_sasp_arguments, sasp_config_from_args
 from model.sesame import QueryPrediction
 from utils.image_io import ImageLoadError, load_image
 from utils.visualize import new_query_dir, write_query_outputs
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_WORDS = ("exit", "quit")
-TINY_RANDOM = "tiny-random"
 
 
 class QueryError(ValueError):
@@ -71,40 +70,34 @@ class QueryResult:
 
 
 # --- model ------------------------------------------------------------------------------------
-def load_pretrained(path, *, vision_tower=None, dtype=torch.bfloat16, device="cuda", sasp=None) -> LoadedSesame:
-    """TEMPORARY stand-in for model.builder.load_pretrained (checkpoint issue #3): tiny-random only."""
-    from dataset.transforms import ClipTransform, SamTransform
-    from model.tiny import tiny_model, tiny_tokenizer
-
-    if path != TINY_RANDOM:
-        raise SystemExit(f"--pretrained_model_path {path}: only {TINY_RANDOM} until checkpoint loading lands")
-    root = os.path.dirname(os.path.abspath(__file__))
-    tokenizer, ids = tiny_tokenizer(os.path.join(root, "assets", "tiny_tokenizer"))
-    model = tiny_model(ids, len(tokenizer), sasp=sasp, dtype=dtype, device=device)
-    return LoadedSesame(model, tokenizer, ids, ClipTransform(model.config.vision.image_size),
-                        SamTransform(model.config.sam.image_size))
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sasp_from_args(args: argparse.Namespace) -> Optional[SasPConfig]:
-    """--use_sasp, or any explicit SasP value, turns READ's point prompts on (defaults fill the rest)."""
-    values = {k: getattr(args, k) for k in ("num_points", "t_pos", "t_neg", "down_sample") if getattr(args, k) is not None}
-    if not args.use_sasp and not values:
-        return None  # READ checkpoints still turn SasP on by themselves
-    return SasPConfig(**values)
 
 
 def load_model(args: argparse.Namespace) -> LoadedSesame:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    return load_pretrained(args.pretrained_model_path, vision_tower=args.vision_tower, dtype=PRECISIONS[args.precision],
-                           device=args.device, sasp=sasp_from_args(args))
+    try:
+        loaded = load_pretrained(args.pretrained_model_path, vision_tower=args.vision_tower,
+                                 dtype=PRECISIONS[args.precision], device=args.device,
+                                 sasp=sasp_config_from_args(args) if args.use_sasp else None)
+        # SasP flags without --use_sasp tune the checkpoint's own SasP (READ); a SESAME checkpoint has none
+        # to tune, which is an error. SasP has no weights, so its settings may change after loading.
+        loaded.model.config.sasp = sasp_config_from_args(args, loaded.model.config.sasp)
+    except (OSError, ValueError) as e:  # missing checkpoint / tower, bad config, SasP flags without SasP
+        raise SystemExit(f"error: {one_line(e)}") from None
+    return loaded
 
 
 # --- one query --------------------------------------------------------------------------------
+def clean_source(image_source: str) -> str:
+    """Trim blanks and one pair of surrounding quotes (what dragging a file into a terminal adds)."""
+    source = image_source.strip()
+    if len(source) >= 2 and source[0] == source[-1] and source[0] in "'\"":
+        source = source[1:-1].strip()
+    return source
+
+
 def check_question(question: str) -> str:
     question = question.strip()
     if not question:
@@ -149,16 +142,13 @@ def ask(loaded: LoadedSesame, image_rgb: np.ndarray, question: str, *, conv_type
 
 
 def write_sasp_outputs(directory: str, image_rgb: np.ndarray, prediction: QueryPrediction) -> list[str]:
-    """READ hook for --visualize: the similarity heat map and the chosen points, next to the mask.
-
-    Drawn by utils/visualize_sasp.py from `prediction.sasp` (model.sasp.SasPResult); returns the
-    files written ([] when the prediction carries no SasP result, e.g. no [SEG] was generated).
-    """
-    if getattr(prediction, "sasp", None) is None:
+    """--visualize with READ: per [SEG], the similarity heat map and the chosen points beside the
+    mask (sasp.png, sasp_1.png, ...). [] when no [SEG] was generated (no SasP result)."""
+    if prediction.sasp is None:
         return []
-    from utils import visualize_sasp  # READ's module; only needed for SasP models
+    from utils.visualize_sasp import save_sasp_pngs  # READ's drawing; only needed for SasP models
 
-    return list(visualize_sasp.save_sasp_visuals(directory, image_rgb, prediction.sasp))
+    return save_sasp_pngs(directory, image_rgb, prediction.sasp, prediction.masks.numpy())
 
 
 def run_query(loaded: LoadedSesame, settings: DemoSettings, image_source: str, question: str,
@@ -166,7 +156,8 @@ def run_query(loaded: LoadedSesame, settings: DemoSettings, image_source: str, q
     """Load the image, answer, write the files. Raises QueryError / ImageLoadError on bad input."""
     start = time.perf_counter()
     question = check_question(question)
-    image = load_image(image_source.strip(), max_pixels=settings.max_image_pixels)
+    image_source = clean_source(image_source)
+    image = load_image(image_source, max_pixels=settings.max_image_pixels)
     notes = []
     if image.downscaled:
         notes.append(f"image downscaled from {image.original_size[1]}x{image.original_size[0]} to "
@@ -175,7 +166,7 @@ def run_query(loaded: LoadedSesame, settings: DemoSettings, image_source: str, q
                                  max_new_tokens=settings.max_new_tokens, logits_hook=logits_hook)
     masks = prediction.masks.numpy().astype(bool)
     say = say_text(raw_answer, loaded.model.config.seg_token)
-    directory = new_query_dir(settings.vis_save_dir, image_source.strip(), question)
+    directory = new_query_dir(settings.vis_save_dir, image_source, question)
     files = write_query_outputs(directory, image.rgb, masks, say)
     sasp_paths = []
     if settings.visualize:
@@ -211,8 +202,9 @@ def one_line(error: BaseException) -> str:
 
 # --- the two modes ----------------------------------------------------------------------------
 def interactive(loaded: LoadedSesame, settings: DemoSettings, read: Callable[[str], str] = input,
-                out: TextIO = sys.stdout) -> None:
+                out: Optional[TextIO] = None) -> None:
     """Question, then image path, until 'exit', 'quit' or end of input. Nothing typed ends it otherwise."""
+    out = out or sys.stdout
     if read is input:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -247,7 +239,8 @@ def interactive(loaded: LoadedSesame, settings: DemoSettings, read: Callable[[st
 
 
 def one_shot(loaded: LoadedSesame, settings: DemoSettings, image_source: str, question: str, as_json: bool,
-             out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+             out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
     try:
         result = run_query(loaded, settings, image_source, question)
     except (QueryError, ImageLoadError) as e:
@@ -279,13 +272,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--image", default=None, help="one-shot mode: image path or http(s) URL (needs --query)")
     p.add_argument("--query", default=None, help="one-shot mode: the question (needs --image)")
     p.add_argument("--json", action="store_true", help="one-shot mode: print one JSON object instead of text")
-    read = p.add_argument_group("READ (Similarity as Points); any value given here turns SasP on")
-    read.add_argument("--use_sasp", action="store_true", help="add SasP point prompts (READ checkpoints do by themselves)")
-    read.add_argument("--num_points", type=int, default=None, help=f"default {SasPConfig.num_points}")
-    read.add_argument("--t_pos", type=float, default=None, help=f"default {SasPConfig.t_pos}")
-    read.add_argument("--t_neg", type=float, default=None, help=f"default {SasPConfig.t_neg}")
-    read.add_argument("--down_sample", type=int, default=None, help=f"default {SasPConfig.down_sample}")
-    read.add_argument("--visualize", action="store_true", help="also save the similarity map and the chosen points")
+    add_sasp_arguments(p)  # --use_sasp --num_points --t_pos --t_neg --down_sample (READ)
+    p.add_argument("--visualize", action="store_true",
+                   help="SasP models: also save the similarity map and the chosen points next to the mask")
     args = p.parse_args(argv)
     if (args.image is None) != (args.query is None):
         p.error("one-shot mode needs both --image and --query")

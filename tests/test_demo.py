@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pexpect
 import pytest
+import torch
 from PIL import Image
 
 import demo
@@ -162,7 +163,8 @@ def test_interactive_loop_survives_bad_input(loaded, tmp_path):
              "<image>", ]
     good = ["gray", "rgba", "palette", "sixteen", "exif", "large"]
     for name in good:
-        typed += [f"Where is the {name} thing?", images[name]]
+        path = f"'{images[name]}' " if name == "gray" else images[name]  # quotes as a drag-and-drop adds
+        typed += [f"Where is the {name} thing?", path]
     typed += ["Is there a red square?", "quit"]
     prompts = []
 
@@ -210,11 +212,17 @@ def test_one_shot_script_json(tmp_path):
     assert os.path.dirname(result["mask_path"]) == str(vis / "shapes" / "000_is-there-a-red-square")
     assert "untrained" in run.stderr
 
-    bad = subprocess.run(cmd[:cmd.index("--image") + 1] + [str(tmp_path / "nope.png")] + cmd[cmd.index("--image") + 2:],
-                         cwd=str(tmp_path), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, env=_script_env())
-    assert bad.returncode == 1
-    assert json.loads(bad.stdout)["error"].endswith("nope.png: no such file")
-    assert "error: " in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_one_shot_bad_image_exits_1_with_one_line(tmp_path, capsys):
+    code = demo.main(["--pretrained_model_path", "tiny-random", "--device", "cpu", "--precision", "fp32",
+                      "--image", str(tmp_path / "nope.png"), "--query", "Is there a red square?", "--json",
+                      "--vis_save_dir", str(tmp_path / "vis")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert json.loads(out)["error"].endswith("nope.png: no such file")
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "vis")
 
 
 def test_interactive_script_through_a_pseudo_terminal(tmp_path):
@@ -245,3 +253,24 @@ def test_interactive_script_through_a_pseudo_terminal(tmp_path):
     assert child.exitstatus == 0
     assert folder == str(vis / "shapes" / "000_is-there-a-red-square")
     assert sorted(os.listdir(folder)) == ["answer.txt", "result.json", "seg_mask.png", "seg_overlay.jpg"]
+
+
+def test_sasp_flags_and_visualize(loaded, tmp_path):
+    with pytest.raises(SystemExit, match="SasP is off"):  # a knob with nothing to tune
+        demo.load_model(demo.parse_args(["--pretrained_model_path", "tiny-random", "--precision", "fp32",
+                                         "--device", "cpu", "--num_points", "5"]))
+    plain = demo.run_query(loaded, _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?")
+    assert plain.sasp_paths == [] and any("does not use SasP" in n for n in plain.notes)
+
+    read = demo.load_model(demo.parse_args(["--pretrained_model_path", "tiny-random", "--precision", "fp32",
+                                            "--device", "cpu", "--use_sasp", "--num_points", "5", "--t_pos", "0.7"]))
+    assert read.model.config.sasp.num_points == 5 and read.model.config.sasp.t_pos == 0.7
+    hook = _answer_with_seg(read.tokenizer, read.token_ids.seg, read.token_ids.eos)
+    result = demo.run_query(read, _settings(tmp_path, visualize=True, max_new_tokens=32), SHAPES,
+                            "Is there a red square?", logits_hook=hook)
+    assert [os.path.basename(p) for p in result.sasp_paths] == ["sasp.png"]
+    assert os.path.dirname(result.sasp_paths[0]) == result.output_dir
+    assert np.asarray(Image.open(result.sasp_paths[0])).ndim == 3
+    no_seg = demo.run_query(read, _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?",
+                            logits_hook=lambda step, logits: logits.index_fill(1, torch.tensor([read.token_ids.seg]), -1e4))
+    assert no_seg.num_seg == 0 and no_seg.sasp_paths == [] and any("no [SEG]" in n for n in no_seg.notes)
