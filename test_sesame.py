@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--queries_per_batch", type=int, default=256, help="queries decoded together (KV memory grows with it)")
     p.add_argument("--slots_per_group", type=int, default=8, help="queries of one image sharing one cached prefix")
-    p.add_argument("--num_workers", type=int, default=4, help="image loading / preprocessing processes")
+    p.add_argument("--num_workers", type=int, default=4, help="image loading / preprocessing threads (0: inline)")
     p.add_argument("--limit_images", type=int, default=0, help="evaluate only the first N images (0: all)")
     p.add_argument("--visualize", action="store_true",
                    help="save mask overlays (and SasP maps/points for READ) under {dataset}_{split}/vis/")
@@ -133,8 +135,8 @@ def ground_truth_rles(image, query) -> tuple[Optional[dict], Optional[dict]]:
     return (encode_optional(gt == 1) if query.gt_exists else None), encode_optional(gt == 255)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decode, CLIP and SAM preprocessing and ground-truth RLEs, run in DataLoader workers.
+class ImageFiles:
+    """Decode, CLIP and SAM preprocessing and ground-truth RLEs of one pending image.
     pending: (EvalImage, queries still to run) per item."""
 
     def __init__(self, pending, clip_transform, sam_transform, keep_rgb: bool):
@@ -143,7 +145,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pending)
 
-    def __getitem__(self, i: int) -> PreparedImage:
+    def __call__(self, i: int) -> PreparedImage:
         im, todo = self.pending[i]
         rgb = read_rgb(im.image_path)
         if rgb.shape[:2] != (im.height, im.width):
@@ -151,6 +153,31 @@ class ImageFiles(torch.utils.data.Dataset):
                              f"{im.height}x{im.width}")
         return PreparedImage(i, self.clip(rgb), self.sam(rgb), [ground_truth_rles(im, q) for q in todo],
                              rgb if self.keep_rgb else None)
+
+
+def prefetched(fn, count: int, workers: int, lookahead: int):
+    """fn(0), fn(1), ... in order, computed `lookahead` items ahead by `workers` threads.
+
+    Threads, not processes: decoding and resizing run in OpenCV / Pillow / numpy code that releases
+    the GIL, and nothing has to go through shared memory (a 1024^2 SAM input is 12 MB, more than a
+    container's default /dev/shm holds a few of)."""
+    if workers <= 0:
+        for i in range(count):
+            yield fn(i)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="eval-loader")
+    futures: deque = deque()
+    try:
+        for i in range(count):
+            futures.append(pool.submit(fn, i))
+            if len(futures) > lookahead:
+                yield futures.popleft().result()
+        while futures:
+            yield futures.popleft().result()
+    finally:
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 # --- inference -------------------------------------------------------------------------------
@@ -219,8 +246,9 @@ def run_inference(args, loaded, images, engine_hook=None, timer=None) -> dict:
                                                       pad_token_id=ids.pad, slots_per_group=args.slots_per_group),
                                   logits_hook=engine_hook, timer=timer)
         files = ImageFiles(pending, loaded.clip_transform, loaded.sam_transform, args.visualize)
-        loader = torch.utils.data.DataLoader(files, batch_size=None, shuffle=False, num_workers=args.num_workers,
-                                             prefetch_factor=4 if args.num_workers else None)
+        per_image = max(1.0, total / max(1, len(pending)))
+        lookahead = int(min(256, max(2 * args.num_workers, 2 * args.queries_per_batch / per_image + 1)))
+        loader = prefetched(files, len(files), args.num_workers, lookahead)
         progress = None
         if not args.no_progress:
             from tqdm import tqdm
@@ -229,7 +257,7 @@ def run_inference(args, loaded, images, engine_hook=None, timer=None) -> dict:
                             desc=f"{args.val_dataset} {args.split} {args.process_num}/{world_size}")
         out_dir = os.path.dirname(path)
         start, done_now = time.perf_counter(), 0
-        for batch in batch_images(iter(loader), lambda item: len(pending[item.index][1]), args.queries_per_batch):
+        for batch in batch_images(loader, lambda item: len(pending[item.index][1]), args.queries_per_batch):
             work = [ImageWork(item.clip_pixels, item.sam.pixels, item.sam.resized_size, item.sam.original_size,
                               prompts[item.index]) for item in batch]
             predictions = engine.run(work)

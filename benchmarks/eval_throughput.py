@@ -1,8 +1,8 @@
 """Evaluation throughput: the batched prefix-sharing engine vs the original's strategy, same model.
 
 Builds the full-size architecture (LLaMA-7B, CLIP ViT-L/14-336, SAM ViT-H) with random bf16 weights on
-the GPU and runs the real evaluation loop of test_sesame.py (image files decoded and preprocessed in
-DataLoader workers, batched engine, records written as JSONL with RLE masks) over synthetic
+the GPU and runs the real evaluation loop of test_sesame.py (image files decoded and preprocessed by
+loader threads, batched engine, records written as JSONL with RLE masks) over synthetic
 FP-RefCOCO-like work: N images x Q queries, prompts in the real llava_v1 template with SESAME's
 question wording, answers capped at --max_new_tokens, [SEG] forced in half of the answers (so mask
 decoding is counted) and EOS suppressed (every answer has the full length, in both strategies).
@@ -255,7 +255,7 @@ def main(argv=None) -> None:
         "breakdown_s": breakdown, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
         "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,
     }
-    print(f"\n| what | figure |\n|---|---|")
+    print("\n| what | figure |\n|---|---|")
     print(f"| device | {device_name}, torch {torch.__version__}, transformers {transformers.__version__} |")
     print(f"| model | {figures['model']} (build {build_s:.1f} s) |")
     print(f"| work | {args.images} images x {args.queries_per_image} queries = {queries}, answers "

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -213,9 +214,11 @@ class BatchedInference:
         cap = self.config.slots_per_group
         group_image, slot_query = [], []
         for image, locals_ in per_image.items():
-            for a in range(0, len(locals_), cap):
+            # as few groups as the cap allows, of near-equal size: 13 queries -> 7 + 6, not 8 + 5
+            k = -(-len(locals_) // cap)
+            for part in np.array_split(np.asarray(locals_), k):
                 group_image.append(image)
-                slot_query.append(locals_[a:a + cap])
+                slot_query.append(part.tolist())
         return _Plan(group_image, slot_query, max(len(s) for s in slot_query))
 
     def _run_prefix(self, images, clip_features, sam_embeddings, prefix: tuple[int, ...],
@@ -236,7 +239,6 @@ class BatchedInference:
         Ts = max(len(s) for _, s, _ in queries)
         capacity_steps = min(cfg.max_new_tokens, cfg.first_capacity)
         cache = GroupKVCache(num_layers, groups, kv_heads, attn0.head_dim, P + (Ts + capacity_steps) * n, dtype, device)
-        group_image = torch.tensor(plan.group_image, device=device)
 
         # 1) prefix: each distinct image once, copied into each of its groups' cache rows
         with self._stage("prefill_prefix"):
