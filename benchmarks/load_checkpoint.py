@@ -9,7 +9,9 @@ Usage:
   python benchmarks/load_checkpoint.py --synthetic --layers 4 --device cpu          # LLaMA-7B-wide, fp32 files
   python benchmarks/load_checkpoint.py --tiny                                       # CPU smoke check
 --synthetic writes a float32 release (7B width, `--layers` layers, SAM ViT-B, tiny CLIP) to a
-temporary directory and loads it in bf16 in a fresh process.
+temporary directory and loads it in bf16 in a fresh process. peak_rss counts the pages of the
+memory-mapped shard being read (reclaimable page cache), so it can exceed baseline + model by up to
+one shard.
 """
 import argparse
 import json
@@ -18,14 +20,20 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+def rss_gib(kind: str = "VmRSS") -> float:
+    """Resident memory from /proc/self/status: VmRSS (all), RssAnon (heap: what a float32 copy
+    would show up in), RssFile (pages of memory-mapped shards: page cache the kernel can drop)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(kind + ":"):
+                return int(line.split()[1]) / 2**20
+    raise KeyError(kind)
 
 
 def load(path: str, device: str, dtype_name: str, vision_tower) -> dict:
@@ -34,16 +42,28 @@ def load(path: str, device: str, dtype_name: str, vision_tower) -> dict:
     from model.builder import load_pretrained
 
     base = rss_gib()
+    peak_anon = [rss_gib("RssAnon")]
+    done = threading.Event()
+
+    def sample():  # the anonymous-memory peak is what a full float32 copy would raise
+        while not done.wait(0.005):
+            peak_anon[0] = max(peak_anon[0], rss_gib("RssAnon"))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.time()
     loaded = load_pretrained(path, device=device, dtype=getattr(torch, dtype_name), vision_tower=vision_tower)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.time() - t0
+    done.set()
+    sampler.join()
     params = sum(p.numel() for p in loaded.model.parameters())
     report = {"path": path, "device": device, "dtype": dtype_name, "load_s": round(seconds, 2),
               "params_B": round(params / 1e9, 3), "rss_baseline_GiB": round(base, 2),
-              "rss_after_GiB": round(rss_gib(), 2),
+              "rss_after_GiB": round(rss_gib(), 2), "rss_anon_after_GiB": round(rss_gib("RssAnon"), 2),
+              "rss_file_after_GiB": round(rss_gib("RssFile"), 2),
               "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+              "peak_rss_anon_GiB": round(peak_anon[0], 2),
               "model_GiB": round(sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30, 2)}
     if device.startswith("cuda"):
         report["gpu_allocated_GiB"] = round(torch.cuda.memory_allocated() / 2**30, 2)

@@ -31,7 +31,7 @@ TINY_RANDOM = "tiny-random"
 RELEASED_ARCHITECTURES = {"SESAMEForCausalLM": False, "READForCausalLM": True, "LISAForCausalLM": False}
 LLAVA_BASE_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-_HUB_PATTERNS = ["*.json", "*.bin", "*.safetensors", "tokenizer.model"]
+_HUB_PATTERNS = ["*.json", "*.bin", "*.safetensors", "tokenizer.model"]  # what a cached snapshot may hold
 
 
 @dataclass
@@ -50,16 +50,22 @@ def resolve_checkpoint_dir(path: str) -> str:
         return path
     if os.path.exists(path):
         raise NotADirectoryError(f"{path} is a file; a checkpoint is a directory (config.json, weights, tokenizer)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
-    errors = []
-    for local_only in (True, False):
-        try:
-            return snapshot_download(path, allow_patterns=_HUB_PATTERNS, local_files_only=local_only)
-        except Exception as e:  # offline, unknown repo, bad id: all mean "not available"
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    raise FileNotFoundError(f"{path!r} is not a local directory, and as a Hugging Face Hub id it could not be found "
-                            f"in the local cache or downloaded ({errors[-1]})")
+    try:
+        return snapshot_download(path, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except Exception:  # not cached (or not a valid id): try the Hub
+        pass
+    try:
+        # one weight format only: repos that hold both would otherwise be downloaded twice
+        files = [f.rfilename for f in HfApi().model_info(path).siblings or []]
+        weights = ["*.safetensors", "*.safetensors.index.json"] if any(f.endswith(".safetensors") for f in files) \
+            else ["*.bin", "*.bin.index.json"]
+        return snapshot_download(path, allow_patterns=["*.json", "tokenizer.model", *weights])
+    except Exception as e:  # offline, unknown repo, bad id: all mean "not available"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise FileNotFoundError(f"{path!r} is not a local directory, and as a Hugging Face Hub id it could not be "
+                                f"found in the local cache or downloaded ({reason})") from e
 
 
 def read_config(directory: str) -> dict:
@@ -93,8 +99,11 @@ def _field(config: dict, name: str, directory: str):
 # --- config.json + weights -> SesameConfig -------------------------------------------------------
 def llm_config(config: dict, directory: str, vocab_size: Optional[int] = None) -> LLMConfig:
     get = lambda name: _field(config, name, directory)  # noqa: E731
+    path = os.path.join(directory, ckpt.CONFIG_FILE)
     if config.get("rope_scaling"):
-        raise ckpt.CheckpointError(f"{directory}: rope_scaling {config['rope_scaling']} is not supported")
+        raise ckpt.CheckpointError(f"{path}: rope_scaling {config['rope_scaling']} is not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ckpt.CheckpointError(f"{path}: hidden_act {config['hidden_act']!r} is not LLaMA's 'silu'")
     return LLMConfig(
         hidden_size=get("hidden_size"), intermediate_size=get("intermediate_size"),
         num_hidden_layers=get("num_hidden_layers"), num_attention_heads=get("num_attention_heads"),
@@ -309,7 +318,8 @@ def load_pretrained(path: str, *, vision_tower: Optional[str] = None, dtype: tor
 
 def build_for_training(version: str, *, vision_pretrained: Optional[str] = None, vision_tower: Optional[str] = None,
                        dtype: torch.dtype = torch.bfloat16, device: str = "cuda", sasp: Optional[SasPConfig] = None,
-                       out_dim: Optional[int] = 256, train_mask_decoder: bool = True) -> LoadedSesame:
+                       out_dim: Optional[int] = 256, train_mask_decoder: bool = True,
+                       use_mm_start_end: bool = True) -> LoadedSesame:
     """A training start point.
 
     version: (a) a LLaVA-1.5 base in the original layout (`LlavaLlamaForCausalLM`): its LLM and
@@ -323,6 +333,7 @@ def build_for_training(version: str, *, vision_pretrained: Optional[str] = None,
     sasp: READ's SasP; None keeps the checkpoint architecture's choice.
     out_dim: width of a fresh text_hidden_fcs (case (a)); must equal the SAM prompt width. A
         released checkpoint keeps its own (as the original: its config wins).
+    use_mm_start_end: case (a): add <im_start>/<im_end> to the LLaVA tokenizer (SESAME's default).
     """
     if version == TINY_RANDOM:
         loaded = _tiny_random(dtype, device, sasp)
@@ -330,7 +341,8 @@ def build_for_training(version: str, *, vision_pretrained: Optional[str] = None,
         directory, config, architecture = _open(version)
         if architecture in LLAVA_BASE_ARCHITECTURES:
             loaded = _from_llava_base(directory, config, vision_pretrained=vision_pretrained, vision_tower=vision_tower,
-                                      dtype=dtype, device=device, sasp=sasp, out_dim=out_dim)
+                                      dtype=dtype, device=device, sasp=sasp, out_dim=out_dim,
+                                      use_mm_start_end=use_mm_start_end)
         else:
             loaded = _load_released(directory, config, architecture, vision_tower=vision_tower, dtype=dtype,
                                     device=device, sasp=sasp)
@@ -342,7 +354,7 @@ def build_for_training(version: str, *, vision_pretrained: Optional[str] = None,
 
 def _from_llava_base(directory: str, config: dict, *, vision_pretrained: Optional[str], vision_tower: Optional[str],
                      dtype: torch.dtype, device: str, sasp: Optional[SasPConfig],
-                     out_dim: Optional[int]) -> LoadedSesame:
+                     out_dim: Optional[int], use_mm_start_end: bool) -> LoadedSesame:
     if not vision_pretrained:
         raise ValueError(f"{directory} is a LLaVA base: SAM weights are needed too (vision_pretrained / "
                          "--vision_pretrained, e.g. sam_vit_h_4b8939.pth)")
@@ -350,7 +362,7 @@ def _from_llava_base(directory: str, config: dict, *, vision_pretrained: Optiona
         raise FileNotFoundError(f"SAM checkpoint (vision_pretrained) {vision_pretrained} does not exist")
     weights = ckpt.find_weight_files(directory)
     shapes = ckpt.read_shapes(weights)
-    sam_state = ckpt._load_pickle_checkpoint(vision_pretrained)
+    sam_state = ckpt.load_pickle_checkpoint(vision_pretrained)
     if isinstance(sam_state, dict) and "model" in sam_state and isinstance(sam_state["model"], dict):
         raise ckpt.CheckpointError(f"{vision_pretrained}: a training checkpoint with a 'model' entry; "
                                    "pass the plain SAM state dict (image_encoder.*, prompt_encoder.*, mask_decoder.*)")
@@ -361,14 +373,14 @@ def _from_llava_base(directory: str, config: dict, *, vision_pretrained: Optiona
         raise ValueError(f"out_dim {out_dim} must equal the SAM prompt width {sam.prompt_embed_dim} "
                          f"of {vision_pretrained}")
 
-    tokenizer, ids = _tokenizer_for(directory, use_mm_start_end=True)
+    tokenizer, ids = _tokenizer_for(directory, use_mm_start_end)
     named_by = "--vision_tower" if vision_tower else f"'mm_vision_tower' in {os.path.join(directory, ckpt.CONFIG_FILE)}"
     clip_name = resolve_vision_tower(vision_tower or _field(config, "mm_vision_tower", directory), directory)
     tower = load_vision_tower(clip_name, dtype=dtype, device=device, attn_implementation="sdpa", named_by=named_by)
     vision = vision_config(tower, clip_name, config.get("mm_vision_select_layer", -2))
     _check_vision_fields(config, vision, directory)
     cfg = SesameConfig(llm=llm_config(config, directory, vocab_size=len(tokenizer)), vision=vision, sam=sam,
-                       sasp=sasp, out_dim=out_dim, use_mm_start_end=True,
+                       sasp=sasp, out_dim=out_dim, use_mm_start_end=use_mm_start_end,
                        mm_projector_type=projector_type(config, shapes, directory),
                        architecture="READForCausalLM" if sasp is not None else "SESAMEForCausalLM")
     model = ckpt.build_on_meta(lambda: SesameModel(cfg, seg_token_id=ids.seg, vision_tower=tower))

@@ -130,14 +130,22 @@ def find_weight_files(directory: str) -> WeightFiles:
                             f"{BIN_FILE}")
 
 
-def _load_pickle_checkpoint(path: str) -> dict:
-    """A .bin / .pth state dict, safely (weights_only) and memory-mapped where the format allows."""
+def load_pickle_checkpoint(path: str) -> dict:
+    """A .bin / .pth state dict, safely (`weights_only`: tensors and plain containers, no code) and
+    memory-mapped where the format allows (not the pre-zip legacy format)."""
+    import pickle
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise CheckpointError(f"{path}: cannot be read as a weights-only state dict ({e})") from e
-    return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a weights-only PyTorch state dict (refusing to unpickle arbitrary "
+                              f"objects): {first}") from e
 
 
 def iter_shards(weights: WeightFiles, device: str | torch.device = "cpu") -> Iterator[dict[str, torch.Tensor]]:
@@ -149,7 +157,7 @@ def iter_shards(weights: WeightFiles, device: str | torch.device = "cpu") -> Ite
             with safe_open(path, framework="pt", device=str(device)) as f:
                 yield _LazySafetensors(f)
         else:
-            state = _load_pickle_checkpoint(path)
+            state = load_pickle_checkpoint(path)
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
             yield state

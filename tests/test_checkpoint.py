@@ -542,3 +542,25 @@ def test_cli_writes_loadable_release_and_llava_base(tmp_path):
     start = build_for_training(base, vision_pretrained=os.path.join(base, "sam_tiny.pth"), device="cpu",
                                dtype=torch.float32, out_dim=32)
     assert start.model.config.llm.vocab_size == VOCAB
+
+
+class _WritesAFile:
+    """Unpickling this would create a file: safe loading must refuse it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_code_is_refused(release, tmp_path):
+    d = copy_release(release, tmp_path)
+    marker = str(tmp_path / "code_ran")
+    shard = os.path.join(d, "pytorch_model-00001-of-00003.bin")
+    state = torch.load(shard, weights_only=True)
+    state["model.norm.weight"] = _WritesAFile(marker)
+    torch.save(state, shard)
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00001-of-00003\.bin: not a weights-only"):
+        load_pretrained(d, device="cpu")
+    assert not os.path.exists(marker)
