@@ -226,7 +226,7 @@ def plan_loading(model: SesameModel, shapes: dict[str, tuple[int, ...]], source:
     """
     to_file = to_file or (lambda n: internal_to_released(n) or n)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name.startswith(provides)}
-    mapping, grown, unexpected, mismatched = {}, {}, [], []
+    mapping, grown, unexpected, mismatched, seen = {}, {}, [], [], set()
     for key, shape in shapes.items():
         name = to_internal(key)
         if name is None:
@@ -234,6 +234,7 @@ def plan_loading(model: SesameModel, shapes: dict[str, tuple[int, ...]], source:
         if name not in expected:
             unexpected.append((key, name))
             continue
+        seen.add(name)
         want = expected[name]
         if shape != want:
             if name in growable and len(shape) == len(want) and shape[1:] == want[1:] and shape[0] < want[0]:
@@ -242,10 +243,10 @@ def plan_loading(model: SesameModel, shapes: dict[str, tuple[int, ...]], source:
                 mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(want)}")
                 continue
         mapping[key] = name
-    missing = [(name, name) for name in expected if name not in mapping.values()]
+    missing = [name for name in expected if name not in seen]
     problems = []
     if missing:
-        problems.append(f"missing keys: {describe_keys((to_file(n), n) for n, _ in missing)}")
+        problems.append(f"missing keys: {describe_keys((to_file(n), n) for n in missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {describe_keys(unexpected)}")
     if mismatched:

@@ -390,6 +390,7 @@ def test_unexpected_keys_and_shape_mismatches_are_reported(release, tmp_path):
     assert "unexpected keys" in msg and "other (1): model.extra.weight" in msg
     assert "SAM image encoder (1): model.visual_model.image_encoder.extra_block.weight" in msg
     assert "model.text_hidden_fcs.0.2.weight: checkpoint [16, 64] vs model [32, 64]" in msg
+    assert "missing keys" not in msg  # a mismatched key is not also reported as missing
 
 
 def test_unknown_architecture_and_bad_configs(release, tmp_path):
