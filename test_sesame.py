@@ -305,7 +305,9 @@ def run_metrics(args) -> dict:
 def launch(args, argv: Sequence[str]) -> int:
     world_size = args.world_size or 1
     if args.gpus is not None:
-        gpus = [g for g in args.gpus.split(",") if g.strip()]
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    elif os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():  # keep the caller's restriction
+        gpus = [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
     else:
         gpus = [str(i) for i in range(torch.cuda.device_count())]
     child_argv = [a for a in argv if a != "--launch"]

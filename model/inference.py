@@ -316,6 +316,8 @@ class BatchedInference:
         `mask` (G, 1, L, start + L) says which cached columns each token sees.
         """
         cos, sin = decoder.rotary_emb(x, positions)
+        if mask is not None:  # additive form once, not once per layer inside SDPA
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         end = start + x.shape[1]
         batch, length = x.shape[:2]
         for i, layer in enumerate(decoder.layers[:decoder.config.num_hidden_layers]):
