@@ -175,3 +175,34 @@ def test_visualize_writes_overlays(tmp_path, loaded):
     folders = sorted(os.listdir(vis))
     assert len(folders) == QUERIES[0] + QUERIES[1]
     assert {"seg_mask.png", "seg_overlay.jpg", "answer.txt"} <= set(os.listdir(os.path.join(vis, folders[0])))
+
+
+def test_visualize_sasp_maps(tmp_path, tokenizer, token_ids):
+    """READ model (SasP switched on by flag) with [SEG] in every answer: heat map + points PNGs."""
+    from model.config import SasPConfig
+
+    model = tiny_model(token_ids, len(tokenizer), seed=1, sasp=SasPConfig(num_points=5))
+    loaded = LoadedSesame(model, tokenizer, token_ids, ClipTransform(model.config.vision.image_size),
+                          SamTransform(model.config.sam.image_size))
+    images = _images(str(tmp_path))[:1]
+
+    def always_seg(step, logits, query):
+        logits = logits.clone()
+        logits[:, token_ids.seg if step == 0 else token_ids.eos] += 1e4
+        return logits
+    args = _args(tmp_path / "read", "--visualize")
+    test_sesame.run_inference(args, loaded, images, engine_hook=always_seg)
+    vis = os.path.join(shard_dir(str(tmp_path / "read"), "fprefcoco", "val"), "vis")
+    for folder in os.listdir(vis):
+        assert {"sasp.png", "seg_mask.png", "seg_overlay.jpg"} <= set(os.listdir(os.path.join(vis, folder)))
+    assert len(os.listdir(vis)) == QUERIES[0]
+
+
+def test_load_model_sasp_flags():
+    parse = test_sesame.build_parser().parse_args
+    base = ["--pretrained_model_path", "tiny-random", "--device", "cpu", "--precision", "fp32"]
+    assert test_sesame.load_model(parse(base)).model.config.sasp is None
+    cfg = test_sesame.load_model(parse(base + ["--use_sasp", "--num_points", "7"])).model.config.sasp
+    assert cfg is not None and cfg.num_points == 7 and cfg.t_pos == 0.8
+    with pytest.raises(ValueError, match="use_sasp"):
+        test_sesame.load_model(parse(base + ["--t_pos", "0.6"]))
