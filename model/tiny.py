@@ -23,7 +23,8 @@ from .config import SAM_PRESETS, SesameConfig
 from .sesame import SesameModel
 from .tokenizer import SpecialTokenIds, add_sesame_tokens, load_tokenizer
 
-TINY_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_tokenizer")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TOKENIZER_DIR = os.path.join(_REPO_ROOT, "assets", "tiny_tokenizer")  # the bundled 512-piece tokenizer
 LLAMA_VOCAB_SIZE = 32000
 
 _CORPUS = """A chat between a curious human and an artificial intelligence assistant.
@@ -224,7 +225,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     write_tiny_released(args.out_dir, architecture=args.architecture, seed=args.seed,
                         llama_vocab=not args.small_vocab, safe_serialization=args.safetensors,
                         max_shard_size=args.max_shard_size, dtype=getattr(torch, args.dtype))
-    print(f"tiny {args.architecture} checkpoint in {args.out_dir} (CLIP in {os.path.join(args.out_dir, 'vision_tower')})")
+    clip_dir = os.path.join(args.out_dir, "vision_tower")
+    print(f"tiny {args.architecture} checkpoint in {args.out_dir} (CLIP in {clip_dir})")
 
 
 if __name__ == "__main__":

@@ -319,20 +319,23 @@ def test_save_released_writes_the_released_layout_and_round_trips(loaded, releas
 def test_save_released_safetensors_and_bf16(loaded, tmp_path):
     out = str(tmp_path / "safe")
     save_released(loaded.model, loaded.tokenizer, out, safe_serialization=True, dtype=torch.bfloat16,
-                  architecture="READForCausalLM")
-    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+                  architecture="READForCausalLM", max_shard_size="2MB")
     assert not any(f.endswith(".bin") for f in os.listdir(out))
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) > 1
     from safetensors import safe_open
-    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
-        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
-        gaussian = "model.visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
-        assert f.get_tensor(gaussian).dtype == torch.float32
+    gaussian = "model.visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    for key, dtype in (("model.layers.0.self_attn.q_proj.weight", torch.bfloat16), (gaussian, torch.float32)):
+        with safe_open(os.path.join(out, weight_map[key]), "pt") as f:
+            assert f.get_tensor(key).dtype == dtype
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["torch_dtype"] == "bfloat16" and cfg["architectures"] == ["READForCausalLM"]
     got = load_pretrained(out, device="cpu", dtype=torch.float32)
     assert got.model.config.sasp == SasPConfig()
-    ref = {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()}
+    ref = {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v
+           for k, v in loaded.model.state_dict().items()}
     for k, v in got.model.state_dict().items():
         expected = loaded.model.state_dict()[k] if "gaussian" in k or k.startswith("vision_tower.") else ref[k]
         assert torch.equal(v, expected), k
