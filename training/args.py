@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLIP tower (hub id or dir); default: the one the --version config names")
     g.add_argument("--precision", default="bf16", choices=PRECISIONS)
     g.add_argument("--model_max_length", type=int, default=512)
-    g.add_argument("--out_dim", type=int, default=256)
+    g.add_argument("--out_dim", type=int, default=None,
+                   help="text_hidden_fcs output width; default: SAM's prompt width (256 for every released SAM)")
     g.add_argument("--train_mask_decoder", action=on_off, default=True)
     g.add_argument("--use_mm_start_end", action=on_off, default=True)
     g.add_argument("--gradient_checkpointing", action=on_off, default=True)

@@ -13,7 +13,7 @@ from model.config import LoraConfig, LossConfig, SasPConfig
 from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable
 from utils import distributed as dist_utils
 
-from .data_stream import samples_needed, stream_loader
+from .data_stream import private_generator, samples_needed, stream_loader
 from .deepspeed_config import DeepSpeedRecipe
 from .engine import DTYPES, uses_ds_optimizer
 from .loop import LoopConfig
@@ -137,7 +137,7 @@ def validation_from_args(args: argparse.Namespace, loaded, engine) -> Optional[C
     seg_set = teacher_forced_samples(seg_items, loaded.clip_transform, loaded.sam_transform, templates=args.templates,
                                      seed=args.seed, conv_template=args.conv_type)
     seg_loader = DataLoader(seg_set, batch_size=args.val_batch_size, collate_fn=collate_from_args(args, loaded.tokenizer),
-                            num_workers=min(args.workers, 2), shuffle=False)
+                            num_workers=min(args.workers, 2), shuffle=False, generator=private_generator())
     to_device = engine_io(engine)
 
     def load_inputs(image):

@@ -40,13 +40,18 @@ class TrainState:
     best_step: Optional[int] = None
     validations: list[dict] = field(default_factory=list)  # one entry per validation: step, metrics
     logger_run_id: Optional[str] = None  # wandb run to continue
+    # This rank's random generators at the save, put back by the loop right before its first step
+    # (anything that draws random numbers while the run is being set up must not shift them).
+    rng: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("rng")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "rng"}
         return cls(**known)
 
 
@@ -125,7 +130,8 @@ class RunCheckpoints:
 
 
 def load_engine_checkpoint(engine, ckpt_dir: str, tag: Optional[str] = None, load_optimizer: bool = True) -> TrainState:
-    """Restore model, optimizer, scheduler and RNG from a DeepSpeed checkpoint directory."""
+    """Restore model, optimizer and scheduler from a DeepSpeed checkpoint directory; the saved random
+    generator states come back in `TrainState.rng` (run_training puts them back)."""
     tag = tag or read_latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {ckpt_dir} (its 'latest' file is missing)")
@@ -134,10 +140,11 @@ def load_engine_checkpoint(engine, ckpt_dir: str, tag: Optional[str] = None, loa
         load_module_only=not load_optimizer)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
+    state = TrainState.from_dict((client_state or {}).get("train_state", {}))
     rng_file = _rng_path(ckpt_dir, tag, dist_utils.rank())
     if load_optimizer and os.path.exists(rng_file):  # a run resumed on more ranks starts the extra ones fresh
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return TrainState.from_dict((client_state or {}).get("train_state", {}))
+        state.rng = torch.load(rng_file, weights_only=True)
+    return state
 
 
 def write_model_recipe(ckpt_dir: str, config_dict: dict, tokenizer, seg_token_id: int) -> None:

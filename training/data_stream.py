@@ -50,4 +50,11 @@ def stream_loader(dataset: Dataset, collate: Callable[[Sequence], object], start
                          "build it with samples_per_epoch >= samples_needed(...)")
     return DataLoader(dataset, batch_sampler=MicroBatchSampler(start, stop, rank, world_size, batch_size),
                       collate_fn=collate, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False, generator=private_generator())
+
+
+def private_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed when an iterator starts; from a generator of its own
+    that leaves the global stream (LoRA dropout) untouched, so a resumed run draws what the
+    uninterrupted one drew. Items do not depend on worker seeds (they are functions of the index)."""
+    return torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 from model.batch import SesameBatch
 from utils import distributed as dist_utils
 
-from .checkpoints import BEST, LATEST, RunCheckpoints, TrainState
+from .checkpoints import BEST, LATEST, RunCheckpoints, TrainState, set_rng_state
 
 LOSS_PARTS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
 BEST_METRICS = ("giou", "ciou", "see")
@@ -85,6 +85,9 @@ class LoopIO:
 
 
 def run_training(engine, cfg: LoopConfig, io: LoopIO, state: TrainState) -> TrainState:
+    if state.rng is not None:  # resumed: continue the random streams (LoRA dropout) where they were saved
+        set_rng_state(state.rng)
+        state.rng = None
     start_epoch = state.global_step // cfg.steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_epoch(engine, cfg, io, state, epoch)
