@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launch", action="store_true",
                    help="start all --world_size shards as processes (one GPU each, see --gpus), then run metrics")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids for --launch (default: all visible)")
-    p.add_argument("--local_rank", type=int, default=0, help="accepted for launcher compatibility; unused")
     p.add_argument("--pretrained_model_path", default="tsunghanwu/SESAME")
     p.add_argument("--vision_tower", default=None, help="CLIP tower overriding the checkpoint's config.json")
     p.add_argument("--val_dataset", choices=DATASETS, default="fprefcoco")
