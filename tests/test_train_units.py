@@ -133,3 +133,15 @@ def test_logger_choice_and_jsonl(tmp_path, monkeypatch):
     assert kind == "none" and not (tmp_path / "n").exists()
     with pytest.raises(ValueError, match="--logger"):
         resolve_logger("mlflow")
+
+
+def test_data_left_out_is_counted_per_source(capsys):
+    from types import SimpleNamespace
+
+    from training.loop import DataCounts
+
+    counts = DataCounts()
+    counts.add(SimpleNamespace(meta={"skipped": {"refcoco": 2}, "truncated_rows": 1, "dropped_masks": 0}))
+    counts.add(SimpleNamespace(meta={"skipped": {"refcoco": 1, "vqa": 4}, "truncated_rows": 0, "dropped_masks": 3}))
+    assert counts.report(epoch=0) == {"skipped/refcoco": 3, "skipped/vqa": 4, "truncated_rows": 1, "dropped_masks": 3}
+    assert "data left out" in capsys.readouterr().out

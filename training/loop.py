@@ -45,6 +45,33 @@ class LoopConfig:
         return self.epochs * self.steps_per_epoch
 
 
+class DataCounts:
+    """What the data pipeline had to leave out during an epoch: unreadable items (per source, from
+    the samples' `skipped`) and rows cut by truncation with the masks dropped alongside."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, batch: SesameBatch) -> None:
+        meta = batch.meta or {}
+        for source, n in (meta.get("skipped") or {}).items():
+            self._bump(f"skipped/{source}", n)
+        for key in ("truncated_rows", "dropped_masks"):
+            self._bump(key, meta.get(key, 0))
+
+    def _bump(self, key: str, n: int) -> None:
+        if n:
+            self.counts[key] = self.counts.get(key, 0) + int(n)
+
+    def report(self, epoch: int) -> dict[str, int]:
+        """Summed over ranks (a collective: every rank calls it)."""
+        total = dist_utils.sum_counts(self.counts)
+        if total and dist_utils.is_main():
+            print(f"[epoch {epoch}] data left out: " + ", ".join(f"{k}={v}" for k, v in sorted(total.items())),
+                  flush=True)
+        return total
+
+
 class LossMeter:
     """Sums of the loss parts over the micro-steps since the last report."""
 
@@ -103,10 +130,13 @@ def train_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: i
     bar = _progress_bar(io.progress, epoch, cfg, first)
     engine.train()
     meter = LossMeter()
+    data_counts = DataCounts()
     for step_in_epoch in range(first, last):
         lr = float(engine.get_lr()[0])  # the rate this optimizer step uses
         for _ in range(accum):
-            batch = io.to_device(next(batches))
+            batch = next(batches)
+            data_counts.add(batch)
+            batch = io.to_device(batch)
             out = engine(batch)
             engine.backward(out.loss)
             engine.step()
@@ -130,6 +160,9 @@ def train_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: i
             io.checkpoints.save(engine, state, LATEST)
     if bar is not None:
         bar.close()
+    left_out = data_counts.report(epoch)
+    if left_out:
+        io.sink.log({f"data/{k}": v for k, v in left_out.items()}, step=state.global_step)
 
 
 def end_of_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: int) -> None:

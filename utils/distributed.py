@@ -78,6 +78,19 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out.cpu()
 
 
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """{name: count} summed over ranks (every rank gets the total)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(counts)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s `obj` on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
