@@ -271,6 +271,10 @@ def load_planned(model: SesameModel, weights: Iterable[dict[str, torch.Tensor]],
                 continue
             target_dtype = (torch.float32 if name in buffers else dtype) if tensor.is_floating_point() else tensor.dtype
             value = tensor.to(device=device, dtype=target_dtype)
+            if value.data_ptr() == tensor.data_ptr():
+                # no conversion happened: own the memory instead of pointing into the memory-mapped
+                # shard (a later rewrite of that file must not change or truncate the model)
+                value = value.clone()
             if name in plan.grown:
                 rows = targets[name][0] - tensor.shape[0]
                 extra = torch.empty((rows, *tensor.shape[1:]), dtype=torch.float32).normal_(0.0, INIT_STD,
