@@ -102,6 +102,8 @@ def check_question(question: str) -> str:
     question = question.strip()
     if not question:
         raise QueryError("empty question: type what to look for (or 'exit')")
+    if any("\ud800" <= c <= "\udfff" for c in question):  # undecodable bytes, kept as surrogates by the reader
+        raise QueryError("the question is not valid text in this terminal's encoding; type it again")
     if IMAGE_TOKEN in question:
         raise QueryError(f"the question must not contain {IMAGE_TOKEN!r}: the demo places the image itself")
     return question
@@ -227,6 +229,9 @@ def interactive(loaded: LoadedSesame, settings: DemoSettings, read: Callable[[st
         except (EOFError, KeyboardInterrupt):
             print(file=out)
             return
+        except UnicodeDecodeError as e:  # bytes the terminal's encoding cannot read
+            print(f"error: could not read that line as text ({e.encoding}); type it again", file=out)
+            continue
         try:
             print_result(run_query(loaded, settings, image_source, question), out)
         except (QueryError, ImageLoadError) as e:
@@ -293,6 +298,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    # Typed bytes the terminal's encoding cannot decode, and odd characters in answers or paths,
+    # must not raise inside the loop: keep them as surrogates on input, escape them on output.
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "backslashreplace"),
+                           (sys.stderr, "backslashreplace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
     log = sys.stderr  # stdout stays clean for --json
     print(f"Loading {args.pretrained_model_path} ({args.precision}, {args.device}) ...", file=log, flush=True)
     loaded = load_model(args)

@@ -35,7 +35,9 @@ def _settings(tmp_path, **kw):
 
 
 def _script_env():
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    # one thread: on a shared, loaded CPU, OpenMP's spinning threads make tiny models ~10x slower
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               LANG="C.UTF-8", LC_ALL="C.UTF-8")
     env.pop("PYTHONPATH", None)
     return env
 
@@ -230,8 +232,15 @@ def test_interactive_script_through_a_pseudo_terminal(tmp_path):
     child = pexpect.spawn(sys.executable, [os.path.join(ROOT, "demo.py"), "--pretrained_model_path", "tiny-random",
                                            "--device", "cpu", "--precision", "fp32", "--max_new_tokens", FEW_TOKENS,
                                            "--vis_save_dir", str(vis)],
-                          cwd=str(tmp_path), env=_script_env(), encoding="utf-8", timeout=SCRIPT_TIMEOUT_S)
+                          cwd=str(tmp_path), env=_script_env(), encoding="utf-8", codec_errors="replace",
+                          timeout=SCRIPT_TIMEOUT_S)
     try:
+        child.expect_exact("Human Prompts: ")
+        child.sendline("   ")
+        child.expect_exact("error: empty question")
+        child.expect_exact("Human Prompts: ")
+        os.write(child.child_fd, b"caf\xe9 \xff?\r")  # bytes that are not UTF-8
+        child.expect_exact("error: the question is not valid text")
         child.expect_exact("Human Prompts: ")
         child.sendline("Is there a red square?")
         child.expect_exact("Image path: ")
@@ -274,3 +283,21 @@ def test_sasp_flags_and_visualize(loaded, tmp_path):
     no_seg = demo.run_query(read, _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?",
                             logits_hook=lambda step, logits: logits.index_fill(1, torch.tensor([read.token_ids.seg]), -1e4))
     assert no_seg.num_seg == 0 and no_seg.sasp_paths == [] and any("no [SEG]" in n for n in no_seg.notes)
+
+
+def test_released_read_checkpoint_directory(tmp_path):
+    """A checkpoint directory in the released layout: READ turns SasP on by itself, flags tune it."""
+    from model.tiny import write_tiny_released
+
+    ckpt = str(tmp_path / "read_ckpt")
+    write_tiny_released(ckpt, architecture="READForCausalLM", llama_vocab=False)
+    read = demo.load_model(demo.parse_args(["--pretrained_model_path", ckpt, "--precision", "fp32", "--device", "cpu",
+                                            "--num_points", "7", "--vision_tower", os.path.join(ckpt, "vision_tower")]))
+    assert read.model.config.sasp.num_points == 7 and read.model.config.architecture == "READForCausalLM"
+    hook = _answer_with_seg(read.tokenizer, read.token_ids.seg, read.token_ids.eos)
+    result = demo.run_query(read, _settings(tmp_path, visualize=True, max_new_tokens=32), SHAPES,
+                            "Is there a red square?", logits_hook=hook)
+    assert result.say == "Sure, it is." and result.num_seg == 1
+    assert [os.path.basename(p) for p in result.sasp_paths] == ["sasp.png"]
+    with pytest.raises(SystemExit, match="error: .*missing_ckpt"):
+        demo.load_model(demo.parse_args(["--pretrained_model_path", str(tmp_path / "missing_ckpt"), "--device", "cpu"]))
