@@ -185,3 +185,11 @@ def test_http_url_is_fetched_and_errors_are_one_line(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_corrupt_exif_keeps_the_image_unrotated(tmp_path, recwarn):
+    Image.fromarray(np.full((10, 20, 3), 90, np.uint8)).save(
+        tmp_path / "bad_exif.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff\x01\x12")
+    out = load_image(str(tmp_path / "bad_exif.jpg"))
+    assert out.rgb.shape == (10, 20, 3) and out.original_size == (10, 20)
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]

@@ -117,6 +117,15 @@ def _fit_within(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation (1 = as stored); unreadable EXIF counts as 1 rather than losing the image."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # Pillow raises assorted errors on malformed EXIF blocks
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def load_image(source: str, *, max_pixels: Optional[int] = None) -> LoadedImage:
     """Read `source` (a file path or an http(s) URL) as RGB uint8 with EXIF rotation applied.
 
@@ -128,18 +137,19 @@ def load_image(source: str, *, max_pixels: Optional[int] = None) -> LoadedImage:
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's warnings (bomb size, corrupt EXIF, palette transparency) are handled here or harmless
+            warnings.simplefilter("ignore")
             with _open(source) as image:
                 mode = image.mode
                 stored_w, stored_h = image.size
-                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                orientation = _orientation(image)
                 # EXIF orientations 5-8 swap width and height when shown
                 original_size = (stored_w, stored_h) if orientation in (5, 6, 7, 8) else (stored_h, stored_w)
                 too_big = max_pixels is not None and stored_w * stored_h > max_pixels
                 if too_big and image.format == "JPEG":  # let libjpeg skip detail we would throw away
                     s = (max_pixels / float(stored_w * stored_h)) ** 0.5
                     image.draft("RGB", (int(stored_w * s) + 1, int(stored_h * s) + 1))
-                transposed = ImageOps.exif_transpose(image)
+                transposed = ImageOps.exif_transpose(image) if orientation != 1 else image
                 if too_big:
                     transposed = _fit_within(transposed, max_pixels)
                 rgb = to_rgb_array(transposed)
