@@ -12,6 +12,7 @@ Bad input (a missing or broken image, an empty question) prints one line and the
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -209,7 +210,7 @@ def interactive(loaded: LoadedSesame, settings: DemoSettings, read: Callable[[st
     out = out or sys.stdout
     if read is input:
         try:
-            import readline  # noqa: F401  (line editing and history for input())
+            importlib.import_module("readline")  # importing it gives input() line editing and history
         except ImportError:
             pass
     print("Type a question, then an image path or URL ('exit' or Ctrl-D to stop).", file=out)
