@@ -209,3 +209,28 @@ def test_merged_checkpoint_gives_the_engine_outputs(tmp_path):
     args = (batch.images_clip[:1], batch.images_sam[:1], batch.resized_sizes[:1], batch.original_sizes[:1], [prompt], [0])
     kw = dict(max_new_tokens=8, eos_token_id=loaded.token_ids.eos)
     assert engine.module.predict(*args, **kw)[0].output_ids == merged.predict(*args, **kw)[0].output_ids
+
+
+def test_train_step_benchmark_smoke():
+    """benchmarks/train_step.py --tiny: the GPU benchmark's code path runs and reports every figure."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "train_step.py")
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.main(["--tiny", "--steps", "2", "--warmup", "1"])
+    assert r["world_size"] == 1 and r["conversations_per_gpu"] == 6 and r["step_s_median"] > 0
+    assert r["samples_per_s"] == pytest.approx(2 / r["step_s_median"])
+    assert 0 < r["llm_tflops_per_step_per_gpu_frozen_aware"] < r["llm_tflops_per_step_per_gpu_6N"] * 1.5
+    # hand count for the tiny LLM: 2 layers, d 64, ffn 128 -> N = 2 * (4*64*64 + 3*64*128) = 81920
+    cfg = bench.SesameConfig.tiny(vocab_size=515)
+    args = bench.parse_args(["--tiny"])
+    args.batch_size = 1
+    b = bench.make_batch(cfg, args, seed=0)
+    t = 1 + 100 + 14 + cfg.vision.num_patches  # BOS + prompt + answer; the <image> id becomes the patches
+    frozen, six_n = bench.llm_flops(cfg, b, cfg.vision.num_patches)
+    attention = 3 * (3 * 4 * 2 * t * t * 64)
+    assert six_n == 3 * 6 * 81920 * t + attention
+    assert frozen == 3 * 4 * 81920 * t + attention + 3 * 2 * 515 * 64 * int((b.labels != -100).sum())
