@@ -254,6 +254,9 @@ class SesameModel(nn.Module):
                 bce_sum = bce_sum + bce_loss_sum(logits, target, valid)
                 dice_sum = dice_sum + dice_loss_sum(logits, target, valid)
                 num_masks += gt.shape[0]
+            elif torch.is_grad_enabled():
+                bce_sum = bce_sum + 0.0 * self._idle_mask_head(sam_embeddings[i:i + 1], hidden,
+                                                               batch.resized_sizes[i], batch.original_sizes[i])
         w = self.config.loss
         bce = bce_sum / (num_masks + 1e-8)
         dice = dice_sum / (num_masks + 1e-8)
@@ -261,6 +264,17 @@ class SesameModel(nn.Module):
         loss = w.ce_loss_weight * ce_loss + mask_loss
         return SesameOutput(loss=loss, ce_loss=ce_loss, mask_bce_loss=bce, mask_dice_loss=dice, mask_loss=mask_loss,
                             pred_masks=pred_masks, gt_masks=list(batch.masks))
+
+    def _idle_mask_head(self, image_embedding: torch.Tensor, hidden: torch.Tensor,
+                        resized_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+        """One dummy [SEG] (a zero state) through text_hidden_fcs and the mask decoder, for an image
+        without [SEG]; the caller adds it times 0. Data-parallel training (DeepSpeed ZeRO) then gets
+        gradients for the same parameters, and calls the same modules, on every rank whatever the
+        micro-batch holds: ZeRO reduces gradients and ZeRO-3 gathers parameters collectively."""
+        zero_state = hidden.new_zeros((1, hidden.shape[-1]))
+        logits = decode_masks(self.visual_model, image_embedding, self.project_seg(zero_state), resized_size,
+                              original_size)
+        return logits.sum()
 
     def _image_hidden_rows(self, hidden: torch.Tensor, spliced: SplicedInputs, rows: torch.Tensor,
                            num_patches: int) -> torch.Tensor:

@@ -234,3 +234,77 @@ def test_train_step_benchmark_smoke():
     attention = 3 * (3 * 4 * 2 * t * t * 64)
     assert six_n == 3 * 6 * 81920 * t + attention
     assert frozen == 3 * 4 * 81920 * t + attention + 3 * 2 * 515 * 64 * int((b.labels != -100).sum())
+
+
+def test_images_without_seg_keep_the_mask_head_in_the_graph(tokenizer, token_ids):
+    """Data-parallel ranks must produce gradients for the same parameters: an image whose answers
+    hold no [SEG] still sends a zero-weighted dummy through text_hidden_fcs and the mask decoder."""
+    model = trainable_model(tokenizer, token_ids)
+    data = IndexedSamples(model, 4)
+    no_seg = collate_fn([data[1]], tokenizer)  # "No, there is no dog."
+    assert no_seg.masks[0].shape[0] == 0
+    out = model(no_seg)
+    assert float(out.mask_bce_loss) == 0.0 and float(out.mask_dice_loss) == 0.0
+    out.loss.backward()
+    heads = {n: p for n, p in model.named_parameters() if n.startswith(("text_hidden_fcs", "visual_model.mask_decoder"))
+             and "iou_prediction_head" not in n and p.requires_grad}
+    assert heads and all(p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in heads.values())
+    with torch.no_grad():  # no dummy work when nothing will be differentiated
+        assert model(no_seg).pred_masks[0].shape == (0, *no_seg.original_sizes[0])
+
+
+RANKS_WORKER = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import torch, torch.distributed as dist
+from utils import distributed as dist_utils
+dist_utils.init_distributed()
+import test_train_engine as T
+from dataset.collate import collate_fn
+from model.tiny import tiny_tokenizer
+from training.deepspeed_config import DeepSpeedRecipe, build_deepspeed_config, client_optimizer
+import deepspeed
+tok, ids = tiny_tokenizer(os.path.join(sys.argv[1], "assets", "tiny_tokenizer"))
+rank = dist_utils.rank()
+for stage in (2, 3):
+    model = T.trainable_model(tok, ids)
+    recipe = DeepSpeedRecipe(micro_batch_size=1, precision="fp32", zero_stage=stage, ds_optimizer=False, lr=1e-2,
+                             total_steps=10, warmup_steps=1)
+    cfg = build_deepspeed_config(recipe)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny weights
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client_optimizer(params, recipe),
+                                      config=cfg)
+    data = T.IndexedSamples(model, 4)
+    for step in range(3):  # [SEG] on one rank, none on the other, alternating
+        idx = 0 if (rank + step) % 2 == 0 else 1
+        batch = T.to_engine(engine)(collate_fn([data[idx]], tok))
+        out = engine(batch)
+        engine.backward(out.loss)
+        engine.step()
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+        check = torch.stack([p.detach().double().sum() for p in engine.module.parameters() if p.requires_grad])
+    copies = [torch.zeros_like(check) for _ in range(2)]
+    dist.all_gather(copies, check)
+    assert torch.equal(copies[0], copies[1]), "ranks diverged"
+    print(f"stage {stage} ok", flush=True)
+'''
+
+
+def test_two_ranks_with_and_without_seg_stay_in_step(tmp_path):
+    """ZeRO-2 and ZeRO-3 on 2 CPU ranks (torchrun, gloo) where one rank's micro-batch has a [SEG] and
+    the other's has none: no collective mismatch, and the replicas stay identical."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = tmp_path / "worker.py"
+    worker.write_text(RANKS_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(dist_utils.free_port()), str(worker), root],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.count("stage 2 ok") == 2 and run.stdout.count("stage 3 ok") == 2
