@@ -65,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--zero_stage", type=int, default=2)
     p.add_argument("--offload_optimizer", action="store_true")
+    p.add_argument("--offload_param", action="store_true", help="with --zero_stage 3")
     p.add_argument("--torch_adam", action="store_true",
                    help="client torch.optim.AdamW instead of DeepSpeed's fused AdamW (no op build)")
     p.add_argument("--no_gradient_checkpointing", action="store_true")
@@ -176,7 +177,8 @@ def main(argv=None) -> dict:
     ds_optimizer = not args.torch_adam and (device.type != "cpu" or args.offload_optimizer)
     engine = build_engine(model, DeepSpeedRecipe(
         micro_batch_size=args.batch_size, precision=precision, zero_stage=args.zero_stage,
-        offload_optimizer=args.offload_optimizer, total_steps=10_000, ds_optimizer=ds_optimizer))
+        offload_optimizer=args.offload_optimizer, offload_param=args.offload_param, total_steps=10_000,
+        ds_optimizer=ds_optimizer))
     num_patches = cfg.vision.num_patches
     batches = [make_batch(cfg, args, seed=1000 * dist_utils.rank() + i).to(device, dtype) for i in range(2)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -209,6 +211,8 @@ def main(argv=None) -> dict:
         "build_s": build_s,
         "precision": precision,
         "zero_stage": args.zero_stage,
+        "offload": ",".join(n for n, on in (("optimizer", args.offload_optimizer), ("param", args.offload_param)) if on)
+        or "none",
         "optimizer": f"{'DeepSpeed' if ds_optimizer else 'torch'} AdamW in {type(engine.optimizer).__name__}",
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "images_per_gpu": args.batch_size,

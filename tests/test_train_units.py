@@ -29,8 +29,11 @@ def test_deepspeed_config_is_the_original_recipe():
 
 
 def test_deepspeed_config_small_gpu_options_and_errors():
-    z3 = build_deepspeed_config(DeepSpeedRecipe(zero_stage=3, offload_optimizer=True))["zero_optimization"]
-    assert z3["stage"] == 3 and z3["offload_optimizer"]["device"] == "cpu"
+    z3 = build_deepspeed_config(DeepSpeedRecipe(zero_stage=3, offload_optimizer=True, offload_param=True))
+    z3 = z3["zero_optimization"]
+    assert z3["stage"] == 3 and z3["offload_optimizer"]["device"] == "cpu" and z3["offload_param"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="offload_param"):
+        DeepSpeedRecipe(zero_stage=2, offload_param=True)
     client = build_deepspeed_config(DeepSpeedRecipe(ds_optimizer=False, precision="fp32"))
     assert "optimizer" not in client and client["zero_force_ds_cpu_optimizer"] is False
     assert client["bf16"]["enabled"] is False

@@ -59,6 +59,7 @@ def recipe_from_args(args: argparse.Namespace, device: torch.device) -> DeepSpee
                            total_steps=args.epochs * args.steps_per_epoch, warmup_steps=args.warmup_steps,
                            gradient_clipping=args.gradient_clipping, precision=args.precision,
                            zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer,
+                           offload_param=args.offload_param,
                            ds_optimizer=uses_ds_optimizer(device, args.offload_optimizer))
 
 

@@ -3,7 +3,7 @@
 The original builds it inline: ZeRO-2 (contiguous gradients, overlapped communication, reduce
 scatter, 5e8 buckets), AdamW (betas 0.9/0.95, weight decay 0), WarmupDecayLR (linear warm-up over
 100 steps from 0 to `lr`, then linear decay to 0 at epochs x steps_per_epoch), gradient clipping 1.0
-and bf16. ZeRO-3 and CPU optimizer offload are opt-in for small GPUs.
+and bf16. ZeRO-3 and CPU offload (optimizer; parameters with ZeRO-3) are opt-in for small GPUs.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class DeepSpeedRecipe:
     precision: str = "bf16"
     zero_stage: int = 2
     offload_optimizer: bool = False
+    offload_param: bool = False  # ZeRO-3 only: parameters live in CPU memory between uses
     # The optimizer lives in the DS config (FusedAdam / DeepSpeedCPUAdam, JIT-built ops) or is a
     # client torch.optim.AdamW with the same hyper-parameters (no op build; used on CPU).
     ds_optimizer: bool = True
@@ -37,6 +38,8 @@ class DeepSpeedRecipe:
             raise ValueError(f"--zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("--offload_optimizer needs ZeRO stage 1, 2 or 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("--offload_param needs --zero_stage 3")
         if self.offload_optimizer and not self.ds_optimizer:
             raise ValueError("CPU optimizer offload needs DeepSpeed's own optimizer (DeepSpeedCPUAdam)")
         for name in ("micro_batch_size", "grad_accumulation_steps", "total_steps"):
@@ -59,6 +62,8 @@ def build_deepspeed_config(r: DeepSpeedRecipe) -> dict:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     if r.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if r.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     cfg: dict = {
         "train_micro_batch_size_per_gpu": r.micro_batch_size,
         "gradient_accumulation_steps": r.grad_accumulation_steps,
