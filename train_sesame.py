@@ -34,6 +34,7 @@ def log(msg: str) -> None:
 def main(argv=None) -> TrainState:
     args = parse_args(argv)
     dist_utils.ensure_launch_env(args.local_rank)
+    dist_utils.default_cuda_arch_list()
     dist_utils.init_distributed()
     torch.manual_seed(args.seed)
     device = dist_utils.accelerator_device()

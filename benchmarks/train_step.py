@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     if args.batch_size is None:
         args.batch_size = 2 if args.tiny else 12
     precision = args.precision or ("fp32" if args.tiny else "bf16")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # DeepSpeed's JIT ops on the H100/H200 image
+    dist_utils.default_cuda_arch_list()
     dist_utils.ensure_launch_env(args.local_rank)
     dist_utils.init_distributed()
     device = dist_utils.accelerator_device()

@@ -38,6 +38,15 @@ def ensure_launch_env(local_rank: int | None = None) -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def default_cuda_arch_list() -> None:
+    """DeepSpeed JIT-builds its fused ops (AdamW) for TORCH_CUDA_ARCH_LIST. When unset, set it to the
+    GPU present (9.0 on H100/H200): what DeepSpeed would probe, but fixed before any worker process
+    forks (DeepSpeed refuses to probe CUDA from a forked process)."""
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+
+
 def init_distributed() -> None:
     """Start the process group through DeepSpeed (nccl on GPUs, gloo on CPU)."""
     import deepspeed
