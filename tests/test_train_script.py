@@ -63,17 +63,19 @@ def test_killed_run_auto_resumes_like_an_uninterrupted_one(inputs):
     assert full.global_step == 4 and len(full.validations) == 2
 
     latest = root / "runs" / "killed" / LATEST
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sesame.py"), *flags(root, "killed")],
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 300
-        while read_latest_tag(str(latest)) is None and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)  # right after the first checkpoint: no chance to clean up
-    finally:
-        _, err = proc.communicate()
+    log_path = root / "killed.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sesame.py"), *flags(root, "killed")],
+                                env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while read_latest_tag(str(latest)) is None and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)  # right after the first checkpoint: no chance to clean up
+        finally:
+            proc.wait()
     saved = read_latest_tag(str(latest))
-    assert saved is not None, err.decode()[-3000:]
+    assert saved is not None, log_path.read_text()[-3000:]
     killed_at = int(saved.removeprefix("global_step"))
     assert 1 <= killed_at < 4
 
