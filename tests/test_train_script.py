@@ -176,3 +176,12 @@ def test_bad_flags_are_named(inputs):
         train_sesame.main(flags(inputs, "bad", precision="fp8"))
     with pytest.raises(ValueError, match="nope"):
         train_sesame.main(flags(inputs, "bad", dataset="refer_seg||nope", sample_rates="1,1") + ["--no_eval"])
+
+
+def test_missing_validation_set_and_bad_lora_targets_are_named(inputs):
+    from dataset.image_io import DatasetFileError
+
+    with pytest.raises(DatasetFileError, match="--val_dataset"):
+        train_sesame.main(flags(inputs, "bad", dataset_dir=inputs / "data" / "refer_seg"))
+    with pytest.raises(ValueError, match="gate_proj"):
+        train_sesame.main(flags(inputs, "bad", lora_target_modules="q_proj,gate_proj") + ["--no_eval"])

@@ -46,6 +46,11 @@ def build_model(args: argparse.Namespace, device: torch.device):
     cfg.train_mask_decoder = args.train_mask_decoder
     cfg.use_mm_start_end = args.use_mm_start_end
     apply_lora(model)
+    adapted = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    unmatched = [t for t in cfg.lora.target_modules if not any(f".{t}.lora_A" in n for n in adapted)]
+    if unmatched:
+        raise ValueError(f"--lora_target_modules {','.join(unmatched)} matched no attention projection of the LLM "
+                         "(LoRA goes on LLaMA's self_attn q_proj/k_proj/v_proj/o_proj)")
     set_trainable(model)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -121,8 +126,14 @@ def validation_from_args(args: argparse.Namespace, loaded, engine) -> Optional[C
     equal = args.zero_stage == 3
     seg_images = []
     for name in split_names(args.val_dataset):
-        seg_images += build_eval_dataset(name, args.dataset_dir, args.val_split, seed=args.seed,
-                                         templates=args.templates)
+        try:
+            seg_images += build_eval_dataset(name, args.dataset_dir, args.val_split, seed=args.seed,
+                                             templates=args.templates)
+        except DatasetFileError as e:
+            raise DatasetFileError(f"validation set {name!r} ({args.val_split}): {e}. Choose the sets with "
+                                   "--val_dataset/--val_split, or train without validation (--no_eval)") from e
+    if not seg_images:
+        raise ValueError(f"--val_dataset {args.val_dataset!r} split {args.val_split!r} has no images")
     seg_items = shard(draw_queries(seg_images, args.val_samples, args.seed, positives_only=True), rank, world, equal)
     see_items = []
     if args.val_see_dataset and args.zero_stage == 3:
