@@ -148,3 +148,16 @@ def test_data_left_out_is_counted_per_source(capsys):
     counts.add(SimpleNamespace(meta={"skipped": {"refcoco": 1, "vqa": 4}, "truncated_rows": 0, "dropped_masks": 3}))
     assert counts.report(epoch=0) == {"skipped/refcoco": 3, "skipped/vqa": 4, "truncated_rows": 1, "dropped_masks": 3}
     assert "data left out" in capsys.readouterr().out
+
+
+def test_merge_names_what_is_wrong_with_the_directory(tmp_path):
+    from training.merge import read_model_recipe
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_model_recipe(str(tmp_path / "nope"))
+    (tmp_path / "run" / "ckpt_model").mkdir(parents=True)
+    (tmp_path / "run" / "ckpt_model" / "sesame_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        read_model_recipe(str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="not written by train_sesame.py"):
+        read_model_recipe(str(tmp_path))

@@ -51,6 +51,12 @@ def read_model_recipe(ckpt_dir: str):
     """(SesameConfig, seg_token_id, tokenizer) stored by the training run."""
     from model.tokenizer import load_tokenizer
 
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
+    for sub in ("ckpt_model", "ckpt_model_best"):
+        if os.path.isfile(os.path.join(ckpt_dir, sub, CONFIG_FILE)):
+            raise FileNotFoundError(f"{ckpt_dir} is a run directory: pass {os.path.join(ckpt_dir, sub)} "
+                                    f"(latest) or {os.path.join(ckpt_dir, 'ckpt_model_best')} (best)")
     path = os.path.join(ckpt_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by train_sesame.py, so the "
