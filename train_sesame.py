@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import torch
 
 from training.args import parse_args
-from training.build import (build_model, loop_config_from_args, recipe_from_args, train_batches_from_args,
-                            engine_io, validation_from_args)
+from training.build import (build_model, engine_io, loop_config_from_args, recipe_from_args,
+                            train_batches_from_args, validation_from_args)
 from training.checkpoints import RunCheckpoints, TrainState, load_engine_checkpoint, write_model_recipe
 from training.engine import build_engine
 from training.loop import LoopIO, run_training
@@ -89,4 +88,4 @@ def main(argv=None) -> TrainState:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

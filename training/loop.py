@@ -76,21 +76,22 @@ class LossMeter:
     """Sums of the loss parts over the micro-steps since the last report."""
 
     def __init__(self) -> None:
-        self.sums = {k: 0.0 for k in LOSS_PARTS}
+        self.sums: dict[str, torch.Tensor | float] = {k: 0.0 for k in LOSS_PARTS}
         self.count = 0
         self.samples = 0
         self.start = time.perf_counter()
 
     def add(self, out, samples: int) -> None:
-        for k in LOSS_PARTS:
-            self.sums[k] += float(getattr(out, k).detach().float())
+        for k in LOSS_PARTS:  # kept on the device: no GPU sync per micro-step
+            self.sums[k] = self.sums[k] + getattr(out, k).detach().float()
         self.count += 1
         self.samples += samples
 
     def report(self) -> dict[str, float]:
         n = max(self.count, 1)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {**{f"train/{k}": v / n for k, v in self.sums.items()}, "train/samples_per_sec": self.samples / elapsed}
+        return {**{f"train/{k}": float(v) / n for k, v in self.sums.items()},
+                "train/samples_per_sec": self.samples / elapsed}
 
 
 @dataclass
