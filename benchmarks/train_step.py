@@ -120,7 +120,8 @@ def make_batch(cfg: SesameConfig, args, seed: int) -> SesameBatch:
             m[j, y0:y0 + h // 3, x0:x0 + w // 3] = 1
         masks.append(m)
     v = cfg.vision.image_size
-    return SesameBatch(images_clip=torch.randn(b, 3, v, v, generator=g), images_sam=torch.randn(b, 3, s, s, generator=g),
+    return SesameBatch(images_clip=torch.randn(b, 3, v, v, generator=g),
+                       images_sam=torch.randn(b, 3, s, s, generator=g),
                        input_ids=input_ids, labels=lab, attention_mask=att,
                        offset=torch.arange(0, b * k + 1, k), masks=masks, resized_sizes=[resized] * b,
                        original_sizes=[(h, w)] * b)

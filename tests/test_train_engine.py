@@ -110,7 +110,8 @@ def run_loop(tmp_path, tokenizer, token_ids, *, epochs=2, steps=2, accum=2, cras
     seen = []
 
     def batches(start, stop):
-        for k, b in zip(range(start, stop), stream_loader(data, lambda s: collate_fn(s, tokenizer), start, stop, 0, 1, 2)):
+        loader = stream_loader(data, lambda s: collate_fn(s, tokenizer), start, stop, 0, 1, 2)
+        for k, b in zip(range(start, stop), loader):
             if k == crash_at_micro:
                 raise Crash(k)
             seen.append((k, b.meta["image_paths"]))
@@ -146,7 +147,9 @@ def test_killed_run_resumes_exactly(tmp_path, tokenizer, token_ids):
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
     ma, mb = full.optimizer.optimizer.state, resumed.optimizer.optimizer.state
-    for pa, pb in zip(full.optimizer.optimizer.param_groups[0]["params"], resumed.optimizer.optimizer.param_groups[0]["params"]):
+    params_a = full.optimizer.optimizer.param_groups[0]["params"]
+    params_b = resumed.optimizer.optimizer.param_groups[0]["params"]
+    for pa, pb in zip(params_a, params_b):
         torch.testing.assert_close(ma[pa]["exp_avg_sq"], mb[pb]["exp_avg_sq"], rtol=0, atol=0)
     assert full.get_lr() == resumed.get_lr()
     # only the newest tag is kept
@@ -206,7 +209,8 @@ def test_merged_checkpoint_gives_the_engine_outputs(tmp_path):
         torch.testing.assert_close(pb, pa, atol=1e-3, rtol=1e-3)
     from model.conversation import build_prompt, tokenize_with_image
     prompt = tokenize_with_image(build_prompt("<image>\nWhere is the red square?"), tok)
-    args = (batch.images_clip[:1], batch.images_sam[:1], batch.resized_sizes[:1], batch.original_sizes[:1], [prompt], [0])
+    args = (batch.images_clip[:1], batch.images_sam[:1], batch.resized_sizes[:1], batch.original_sizes[:1],
+            [prompt], [0])
     kw = dict(max_new_tokens=8, eos_token_id=loaded.token_ids.eos)
     assert engine.module.predict(*args, **kw)[0].output_ids == merged.predict(*args, **kw)[0].output_ids
 

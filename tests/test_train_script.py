@@ -139,12 +139,14 @@ def test_train_sesame_sh_keeps_the_original_usage():
                           "--epochs", "1"], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("deepspeed --include localhost:0\\,1 --master_port=15990 ")
     assert "refer_seg\\|\\|correct_refer_seg\\|\\|vqa\\|\\|neg_refer_seg --sample_rates 12\\,2\\,2\\,1" in out
-    assert "--batch_size 12 --grad_accumulation_steps 1 --num_classes_per_sample 3" in out and out.strip().endswith("--epochs 1")
+    assert "--batch_size 12 --grad_accumulation_steps 1 --num_classes_per_sample 3" in out
+    assert out.strip().endswith("--epochs 1")
     out = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "ReasonSeg"], env=env, capture_output=True,
                          text=True, check=True).stdout
     assert "sem_seg\\|\\|refer_seg\\|\\|correct_refer_seg\\|\\|vqa\\|\\|neg_refer_seg\\|\\|reason_seg" in out
     assert "--sample_rates 10\\,10\\,2\\,3\\,1\\,1" in out
-    bad = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "Nope"], env=env, capture_output=True, text=True)
+    bad = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "Nope"], env=env, capture_output=True,
+                         text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
@@ -157,10 +159,10 @@ def test_llava_base_start_with_sasp_bf16_and_offline_wandb(inputs, tmp_path, mon
     write_tiny_llava_base(str(tmp_path / "llava"))
     write_tiny_sam(str(tmp_path / "sam.pth"))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    state = train_sesame.main(flags(root, "from_base", version=tmp_path / "llava", vision_pretrained=tmp_path / "sam.pth",
-                                    precision="bf16", epochs=1, grad_accumulation_steps=1, logger="auto",
-                                    wandb_project="sesame-test", num_points=7)
-                              + ["--no_eval", "--use_sasp"])
+    state = train_sesame.main(flags(root, "from_base", version=tmp_path / "llava",
+                                    vision_pretrained=tmp_path / "sam.pth", precision="bf16", epochs=1,
+                                    grad_accumulation_steps=1, logger="auto", wandb_project="sesame-test",
+                                    num_points=7) + ["--no_eval", "--use_sasp"])
     assert state.global_step == 2
     run_dir = root / "runs" / "from_base"
     recipe = json.loads((run_dir / LATEST / "sesame_config.json").read_text())["sesame_config"]

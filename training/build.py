@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
@@ -148,8 +147,9 @@ def validation_from_args(args: argparse.Namespace, loaded, engine) -> Optional[C
         see_items = shard(draw_queries(see_images, args.val_see_samples, args.seed, positives_only=False), rank, world)
     seg_set = teacher_forced_samples(seg_items, loaded.clip_transform, loaded.sam_transform, templates=args.templates,
                                      seed=args.seed, conv_template=args.conv_type)
-    seg_loader = DataLoader(seg_set, batch_size=args.val_batch_size, collate_fn=collate_from_args(args, loaded.tokenizer),
-                            num_workers=min(args.workers, 2), shuffle=False, generator=private_generator())
+    seg_loader = DataLoader(seg_set, batch_size=args.val_batch_size, shuffle=False,
+                            collate_fn=collate_from_args(args, loaded.tokenizer), num_workers=min(args.workers, 2),
+                            generator=private_generator())
     to_device = engine_io(engine)
 
     def load_inputs(image):

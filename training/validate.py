@@ -71,7 +71,8 @@ def shard(items: Sequence, rank: int, world_size: int, equal: bool = False) -> l
 
 
 @torch.no_grad()
-def segment_metrics(engine, batches: Iterable[SesameBatch], to_device: Callable[[SesameBatch], SesameBatch]) -> SegmentSums:
+def segment_metrics(engine, batches: Iterable[SesameBatch],
+                    to_device: Callable[[SesameBatch], SesameBatch]) -> SegmentSums:
     sums = SegmentSums()
     for batch in batches:
         out = engine(to_device(batch))

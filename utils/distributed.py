@@ -28,8 +28,8 @@ def ensure_launch_env(local_rank: int | None = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         missing = [k for k in LAUNCH_ENV if k not in os.environ]
         if missing:
-            raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but the launcher variables {missing} are not set; "
-                               "start multi-process runs with `deepspeed` or `torchrun`")
+            raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but the launcher variables {missing} are "
+                               "not set; start multi-process runs with `deepspeed` or `torchrun`")
         return
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
