@@ -10,15 +10,57 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.image_encoder import Attention as SamAttention
+from segment_anything.modeling.image_encoder import get_rel_pos
 
 from .config import SamConfig
 
 
+class SdpaSamAttention(nn.Module):
+    """segment_anything's image-encoder attention computed with `F.scaled_dot_product_attention`.
+
+    The decomposed relative-position terms become SDPA's additive bias, so softmax and the value
+    product run fused instead of over several materialised (HW x HW) maps. Same parameters (the
+    same objects), same state-dict keys, same outputs to float rounding.
+    """
+
+    def __init__(self, attn: SamAttention):
+        super().__init__()
+        self.num_heads, self.scale, self.use_rel_pos = attn.num_heads, attn.scale, attn.use_rel_pos
+        self.qkv, self.proj = attn.qkv, attn.proj
+        if self.use_rel_pos:
+            self.rel_pos_h, self.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        heads = self.num_heads
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (b, heads, hw, d)
+        bias = None
+        if self.use_rel_pos:
+            r_q = q.reshape(b * heads, h, w, -1)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h).to(q.dtype))
+            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w).to(q.dtype))
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, h * w, h * w)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+def use_sdpa_attention(encoder: ImageEncoderViT) -> ImageEncoderViT:
+    """Swap every block's attention for SdpaSamAttention (in place; parameters are shared)."""
+    for block in encoder.blocks:
+        if isinstance(block.attn, SamAttention):
+            block.attn = SdpaSamAttention(block.attn)
+    return encoder
+
+
 def build_sam(cfg: SamConfig) -> Sam:
-    """Same wiring as `segment_anything.build_sam._build_sam`, for any geometry (ViT-H .. tiny)."""
+    """Same wiring as `segment_anything.build_sam._build_sam`, for any geometry (ViT-H .. tiny);
+    the image encoder's attention runs through PyTorch SDPA (`SdpaSamAttention`)."""
     emb = cfg.embedding_size
-    return Sam(
+    sam = Sam(
         image_encoder=ImageEncoderViT(
             depth=cfg.encoder_depth, embed_dim=cfg.encoder_embed_dim, img_size=cfg.image_size, mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg.encoder_num_heads,
@@ -34,6 +76,8 @@ def build_sam(cfg: SamConfig) -> Sam:
                                           mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads),
             transformer_dim=cfg.prompt_embed_dim, iou_head_depth=3, iou_head_hidden_dim=cfg.iou_head_hidden_dim),
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    use_sdpa_attention(sam.image_encoder)
+    return sam
 
 
 def decode_masks(

@@ -288,3 +288,25 @@ def test_preprocessing_matches_independent_pil():
     np.testing.assert_allclose(sam.pixels[:, :rh, :rw].numpy(), norm.transpose(2, 0, 1), atol=1e-4)
     assert sam.pixels.shape == (3, 1024, 1024)
     assert float(sam.pixels[:, rh:, :].abs().sum()) == 0 and float(sam.pixels[:, :, rw:].abs().sum()) == 0
+
+
+def test_sdpa_sam_attention_equals_library_attention():
+    """The SDPA image-encoder attention gives the library's outputs (windowed and global blocks)."""
+    import copy
+    from segment_anything.modeling.image_encoder import Attention as SamAttention
+    from model.config import SAM_PRESETS
+    from model.sam import SdpaSamAttention, build_sam
+    torch.manual_seed(0)
+    sam = build_sam(SAM_PRESETS["tiny"])
+    encoder = sam.image_encoder
+    assert all(isinstance(b.attn, SdpaSamAttention) for b in encoder.blocks)
+    for p in encoder.parameters():  # rel-pos tables start at zero: make them matter
+        torch.nn.init.normal_(p, std=0.1)
+    reference = copy.deepcopy(encoder)
+    for block in reference.blocks:
+        library = SamAttention(block.attn.qkv.in_features, block.attn.num_heads, use_rel_pos=True, input_size=(1, 1))
+        library.qkv, library.proj = block.attn.qkv, block.attn.proj  # same weights as the SDPA version
+        library.rel_pos_h, library.rel_pos_w = block.attn.rel_pos_h, block.attn.rel_pos_w
+        block.attn = library
+    x = torch.randn(2, 3, 128, 128)
+    torch.testing.assert_close(encoder(x), reference(x), atol=1e-5, rtol=1e-4)
