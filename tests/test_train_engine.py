@@ -3,6 +3,8 @@
 Batches come from the real collate function over samples built here, so these tests do not depend
 on a data root; tests/test_train_script.py runs the whole script on generated data.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,16 @@ ANSWERS = ["Sure, it is [SEG].", "No, there is no dog.", "Yes [SEG]."]
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
+    """A one-process group for DeepSpeed; the launcher variables it sets are removed afterwards so
+    that subprocesses started by other tests do not inherit them."""
+    saved = {k: os.environ.get(k) for k in dist_utils.LAUNCH_ENV}
     dist_utils.init_distributed()
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def make_sample(idx: int, model, clip_t, sam_t) -> Sample:
@@ -218,7 +229,6 @@ def test_merged_checkpoint_gives_the_engine_outputs(tmp_path):
 def test_train_step_benchmark_smoke():
     """benchmarks/train_step.py --tiny: the GPU benchmark's code path runs and reports every figure."""
     import importlib.util
-    import os
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "train_step.py")
     spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
@@ -298,7 +308,6 @@ for stage in (2, 3):
 def test_two_ranks_with_and_without_seg_stay_in_step(tmp_path):
     """ZeRO-2 and ZeRO-3 on 2 CPU ranks (torchrun, gloo) where one rank's micro-batch has a [SEG] and
     the other's has none: no collective mismatch, and the replicas stay identical."""
-    import os
     import subprocess
     import sys
 

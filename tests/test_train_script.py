@@ -27,8 +27,14 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_script")
     generate(str(root / "data"), seed=0)
     write_tiny_released(str(root / "start"), llama_vocab=False)
+    saved = {k: os.environ.get(k) for k in dist_utils.LAUNCH_ENV}
     dist_utils.init_distributed()
-    return root
+    yield root
+    for k, v in saved.items():  # leave no launcher variables behind for other tests' subprocesses
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def flags(root, exp, **over):
