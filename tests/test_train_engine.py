@@ -258,7 +258,7 @@ def test_images_without_seg_keep_the_mask_head_in_the_graph(tokenizer, token_ids
     no_seg = collate_fn([data[1]], tokenizer)  # "No, there is no dog."
     assert no_seg.masks[0].shape[0] == 0
     out = model(no_seg)
-    assert float(out.mask_bce_loss) == 0.0 and float(out.mask_dice_loss) == 0.0
+    assert float(out.mask_bce_loss.detach()) == 0.0 and float(out.mask_dice_loss.detach()) == 0.0
     out.loss.backward()
     heads = {n: p for n, p in model.named_parameters() if n.startswith(("text_hidden_fcs", "visual_model.mask_decoder"))
              and "iou_prediction_head" not in n and p.requires_grad}
