@@ -161,3 +161,12 @@ def test_merge_names_what_is_wrong_with_the_directory(tmp_path):
         read_model_recipe(str(tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="not written by train_sesame.py"):
         read_model_recipe(str(tmp_path))
+
+
+def test_cuda_arch_list_suffixes_are_reduced(monkeypatch):
+    """DeepSpeed's op builder cannot parse '9.0a'; the launcher helper rewrites it."""
+    from utils.distributed import default_cuda_arch_list
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 9.0+PTX")
+    default_cuda_arch_list()
+    import os
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;9.0+PTX"

@@ -5,6 +5,7 @@ Everything reads the state torch.distributed already keeps; nothing here holds s
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import torch
@@ -41,8 +42,14 @@ def ensure_launch_env(local_rank: int | None = None) -> None:
 def default_cuda_arch_list() -> None:
     """DeepSpeed JIT-builds its fused ops (AdamW) for TORCH_CUDA_ARCH_LIST. When unset, set it to the
     GPU present (9.0 on H100/H200): what DeepSpeed would probe, but fixed before any worker process
-    forks (DeepSpeed refuses to probe CUDA from a forked process)."""
-    if "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available():
+    forks (DeepSpeed refuses to probe CUDA from a forked process). When set, arch-specific entries
+    such as '9.0a' (which some CUDA images export) become '9.0': DeepSpeed's op builder reads each
+    entry as MAJOR.MINOR[+PTX] and fails on the suffix."""
+    current = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if current:
+        entries = [e for e in re.split(r"[;\s]+", current) if e]
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", e) for e in entries)
+    elif torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
 
