@@ -255,6 +255,8 @@ class SesameModel(nn.Module):
                 dice_sum = dice_sum + dice_loss_sum(logits, target, valid)
                 num_masks += gt.shape[0]
             elif torch.is_grad_enabled():
+                # once per image, with or without [SEG]: every rank then runs the mask decoder equally
+                # often, as ZeRO-3's collective parameter gathering needs (see _idle_mask_head)
                 bce_sum = bce_sum + 0.0 * self._idle_mask_head(sam_embeddings[i:i + 1], hidden,
                                                                batch.resized_sizes[i], batch.original_sizes[i])
         w = self.config.loss
