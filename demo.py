@@ -80,10 +80,9 @@ def load_model(args: argparse.Namespace) -> LoadedSesame:
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     try:
         loaded = load_pretrained(args.pretrained_model_path, vision_tower=args.vision_tower,
-                                 dtype=PRECISIONS[args.precision], device=args.device,
-                                 sasp=sasp_config_from_args(args) if args.use_sasp else None)
-        # SasP flags without --use_sasp tune the checkpoint's own SasP (READ); a SESAME checkpoint has none
-        # to tune, which is an error. SasP has no weights, so its settings may change after loading.
+                                 dtype=PRECISIONS[args.precision], device=args.device)
+        # READ checkpoints bring SasP, --use_sasp adds it, the knob flags tune it (knobs on a model
+        # without SasP are an error). SasP has no weights, so its settings may change after loading.
         loaded.model.config.sasp = sasp_config_from_args(args, loaded.model.config.sasp)
     except (OSError, ValueError) as e:  # missing checkpoint / tower, bad config, SasP flags without SasP
         raise SystemExit(f"error: {one_line(e)}") from None

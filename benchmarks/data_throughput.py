@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         ds = HybridDataset(args.dataset_dir, tokenizer, clip, sam, datasets=name if single else args.dataset,
                            sample_rates=[1] if single else args.sample_rates, samples_per_epoch=args.items)
         results[name] = time_items(ds, args.items, args.batch_size, tokenizer, args.model_max_length)
-    print(f"| source | items/s (1 process) | collate ms/item | conversations/item |\n|---|---|---|---|")
+    print("| source | items/s (1 process) | collate ms/item | conversations/item |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['items_per_s']:.1f} | {r['collate_ms_per_item']:.2f} | {r['conversations_per_item']:.2f} |")
     print(json.dumps({"clip_size": args.clip_size, "sam_size": args.sam_size, "results": results}))

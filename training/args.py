@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from model.sasp import add_sasp_arguments
+
 from .deepspeed_config import PRECISIONS
 from .loop import BEST_METRICS
 
@@ -45,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dice_loss_weight", type=float, default=0.5)
     g.add_argument("--bce_loss_weight", type=float, default=2.0)
 
-    g = p.add_argument_group("READ (Similarity as Points)")
-    g.add_argument("--use_sasp", action="store_true",
-                   help="add SasP point prompts (on by itself when --version is a READ checkpoint)")
-    g.add_argument("--num_points", type=int, default=30)
-    g.add_argument("--t_pos", type=float, default=0.8)
-    g.add_argument("--t_neg", type=float, default=0.2)
-    g.add_argument("--down_sample", type=int, default=2)
+    add_sasp_arguments(p)  # READ: --use_sasp --num_points --t_pos --t_neg --down_sample
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_dir", default="./dataset")

@@ -8,8 +8,9 @@ from typing import Callable, Optional
 import torch
 
 from model.batch import SesameBatch
-from model.config import LoraConfig, LossConfig, SasPConfig
+from model.config import LoraConfig, LossConfig
 from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable
+from model.sasp import sasp_config_from_args
 from utils import distributed as dist_utils
 
 from .data_stream import private_generator, samples_needed, stream_loader
@@ -17,12 +18,6 @@ from .deepspeed_config import DeepSpeedRecipe
 from .engine import DTYPES, uses_ds_optimizer
 from .loop import LoopConfig
 from .validate import draw_queries, reduce_metrics, see_metrics, segment_metrics, shard
-
-
-def sasp_from_args(args: argparse.Namespace) -> Optional[SasPConfig]:
-    if not args.use_sasp:
-        return None  # a READ checkpoint turns SasP on by itself (model.builder)
-    return SasPConfig(num_points=args.num_points, t_pos=args.t_pos, t_neg=args.t_neg, down_sample=args.down_sample)
 
 
 def build_model(args: argparse.Namespace, device: torch.device):
@@ -34,10 +29,13 @@ def build_model(args: argparse.Namespace, device: torch.device):
 
     build_device = "cpu" if args.zero_stage == 3 else str(device)
     loaded = build_for_training(args.version, vision_pretrained=args.vision_pretrained, vision_tower=args.vision_tower,
-                                dtype=DTYPES[args.precision], device=build_device, sasp=sasp_from_args(args),
+                                dtype=DTYPES[args.precision], device=build_device,
                                 out_dim=args.out_dim, train_mask_decoder=args.train_mask_decoder)
     model = loaded.model
     cfg = model.config
+    # READ: a READ checkpoint brings SasP, --use_sasp adds it (e.g. fine-tuning from SESAME), the knob
+    # flags tune it; SasP has no weights, so setting it after the build is exact.
+    cfg.sasp = sasp_config_from_args(args, cfg.sasp)
     cfg.lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                           target_modules=tuple(args.lora_target_modules))
     cfg.loss = LossConfig(ce_loss_weight=args.ce_loss_weight, bce_loss_weight=args.bce_loss_weight,
