@@ -142,6 +142,7 @@ def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
     argv = ["--vis_save_path", out_dir, "--max_new_tokens", str(args.max_new_tokens), "--queries_per_batch",
             str(args.queries_per_batch), "--slots_per_group", str(args.slots_per_group), "--num_workers",
             str(args.num_workers), "--no_progress"]
+    argv += (["--no_cuda_graphs"] if args.no_cuda_graphs else []) + (["--compile_sam"] if args.compile_sam else [])
     eval_args = test_sesame.build_parser().parse_args(argv)
     hook = make_hook(loaded.token_ids.seg, loaded.token_ids.eos)
     sync(args.device)
@@ -195,6 +196,82 @@ def run_original(loaded, images, args) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
+def _union_length(intervals) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def summarize_trace(path: str, top: int = 4) -> list[dict]:
+    """Per engine stage, from a torch.profiler Chrome trace of a run with a synchronising StageTimer:
+    wall time, time the GPU was busy, kernels run, host launches and the costliest kernels."""
+    import bisect
+    from collections import Counter
+
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    ranges = {k: [] for k in STAGES}
+    for e in events:
+        if e.get("cat") == "user_annotation" and e.get("name") in ranges:
+            ranges[e["name"]].append((e["ts"], e["ts"] + e["dur"]))
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+    launches = sorted(e["ts"] for e in events if e.get("cat") == "cuda_runtime"
+                      and e.get("name") in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
+                                            "cuLaunchKernelEx", "cudaGraphLaunch"))
+    starts = [k[0] for k in kernels]
+    rows = []
+    for stage, spans in ranges.items():
+        wall = sum(b - a for a, b in spans)
+        inside, n_launch = [], 0
+        for a, b in spans:
+            inside += kernels[bisect.bisect_left(starts, a):bisect.bisect_right(starts, b)]
+            n_launch += bisect.bisect_right(launches, b) - bisect.bisect_left(launches, a)
+        busy = _union_length([(a, b) for a, b, _ in inside])
+        cost = Counter()
+        for a, b, name in inside:
+            cost[name[:80]] += b - a
+        rows.append({"stage": stage, "wall_ms": wall / 1e3, "gpu_busy_ms": busy / 1e3, "kernels": len(inside),
+                     "launches": n_launch, "top": [(k, v / 1e3) for k, v in cost.most_common(top)]})
+    return rows
+
+
+def profile_one_batch(loaded, images, args, out_dir: str, trace_dir: str) -> list[dict]:
+    """One engine batch under torch.profiler; the trace is kept (gzip) in trace_dir."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    timer = StageTimer(sync=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_engine(loaded, images, args, out_dir, timer=timer)
+    os.makedirs(trace_dir, exist_ok=True)
+    path = os.path.join(trace_dir, "eval_trace.json")
+    prof.export_chrome_trace(path)
+    rows = summarize_trace(path)
+    with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    os.remove(path)
+    print("\n| stage (one batch, profiled) | wall ms | GPU busy ms | kernels | launches | costliest kernels (ms) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        top = "; ".join(f"{k} {v:.1f}" for k, v in r["top"])
+        print(f"| {r['stage']} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels']} | {r['launches']} | {top} |")
+    return rows
+
+
+def first_batch(images, queries_per_batch: int):
+    n, count = 0, 0
+    for im in images:
+        if n and count + len(im.queries) > queries_per_batch:
+            break
+        n, count = n + 1, count + len(im.queries)
+    return images[:n]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke check with the tiny random model")
@@ -209,6 +286,11 @@ def main(argv=None) -> None:
                     help="images for the original's strategy, the first one a warm-up (default 5; tiny: 2)")
     ap.add_argument("--original_chunk", type=int, default=5)
     ap.add_argument("--skip_original", action="store_true")
+    ap.add_argument("--no_cuda_graphs", action="store_true", help="decode steps without CUDA graphs")
+    ap.add_argument("--compile_sam", action="store_true", help="torch.compile SAM's image encoder (compile counted "
+                    "in the warm-up run, reported as cold_seconds)")
+    ap.add_argument("--profile_dir", default=None,
+                    help="also profile one batch: per-stage GPU busy time and top kernels; trace saved here")
     args = ap.parse_args(argv)
     tiny = args.tiny
     defaults = dict(images=(6, 64), queries_per_image=(3, 8), max_new_tokens=(8, 24), num_workers=(0, 8),
@@ -227,13 +309,19 @@ def main(argv=None) -> None:
     sizes = [(48, 64), (64, 40)] if tiny else [(480, 640), (640, 427), (427, 640), (500, 375)]
     with tempfile.TemporaryDirectory() as tmp:
         images = synthetic_images(os.path.join(tmp), args.images, args.queries_per_image, sizes)
-        run_engine(loaded, images[:4], args, os.path.join(tmp, "warmup"))
+        # warm-up: one full batch (kernels chosen, allocator pools sized, compilation if asked for), so
+        # the figures are what a long evaluation sees per batch; its own time is reported as "cold"
+        warm = first_batch(images, args.queries_per_batch)
+        cold = run_engine(loaded, warm, args, os.path.join(tmp, "warmup"))
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         summary = run_engine(loaded, images, args, os.path.join(tmp, "run"))
         peak_engine = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
         timer = StageTimer(sync=True)
         timed = run_engine(loaded, images, args, os.path.join(tmp, "timed"), timer=timer)
+        profile_rows = None
+        if args.profile_dir:
+            profile_rows = profile_one_batch(loaded, warm, args, os.path.join(tmp, "profiled"), args.profile_dir)
         original = None
         if not args.skip_original:
             n_orig, s_orig = run_original(loaded, images[:args.original_images], args)
@@ -251,7 +339,9 @@ def main(argv=None) -> None:
         "model": "tiny random (fp32)" if tiny else "LLaMA-7B + CLIP ViT-L/14-336 + SAM ViT-H, random bf16",
         "build_s": build_s, "images": args.images, "queries": queries, "max_new_tokens": args.max_new_tokens,
         "queries_per_batch": args.queries_per_batch, "slots_per_group": args.slots_per_group,
-        "engine_seconds": summary["seconds"], "engine_queries_per_s": qps,
+        "cuda_graphs": not args.no_cuda_graphs, "compile_sam": args.compile_sam,
+        "engine_seconds": summary["seconds"], "engine_queries_per_s": qps, "decode_graphs": summary["decode_graphs"],
+        "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
         "breakdown_s": breakdown, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
         "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,
     }
@@ -260,7 +350,9 @@ def main(argv=None) -> None:
     print(f"| model | {figures['model']} (build {build_s:.1f} s) |")
     print(f"| work | {args.images} images x {args.queries_per_image} queries = {queries}, answers "
           f"{args.max_new_tokens} new tokens, [SEG] in half, {args.queries_per_batch} queries per batch |")
-    print(f"| engine | **{qps:.1f} queries/s** ({summary['seconds']:.2f} s, real loop incl. loading and records) |")
+    print(f"| engine | **{qps:.1f} queries/s** ({summary['seconds']:.2f} s, real loop incl. loading and records; "
+          f"CUDA graphs {'off' if args.no_cuda_graphs else 'on'}, SAM {'compiled' if args.compile_sam else 'eager'}) |")
+    print(f"| warm-up run (first batch, cold) | {cold['queries_run']} queries in {cold['seconds']:.2f} s |")
     parts = ", ".join(f"{k} {v:.2f} s ({100 * v / stage_total:.0f}%)" for k, v in breakdown.items())
     print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts} |")
     if peak_engine is not None:

@@ -19,9 +19,15 @@ columns are laid out time-major so that everything visible at a step is a contig
 
     [ prefix: P columns | suffix token t of slot j at P + t*n + j | generated token s at P + (Ts+s)*n + j ]
 
-A query attends to the prefix and to its own slot's columns only (a boolean mask handed to PyTorch's
+A query attends to the prefix and to its own slot's columns only (an additive mask handed to PyTorch's
 `scaled_dot_product_attention`). The prefix is read once per group and step however many queries
 share it, which is what makes large batches cheap: decode is bound by reading weights and cache.
+
+Launching a decode step op by op costs more host time (~1,700 PyTorch calls for LLaMA-7B) than the
+GPU needs to run it, so on CUDA each step is captured once as a CUDA graph and replayed. For that
+the cache, the mask and the step's inputs live at fixed addresses and are kept between batches, and
+a step reads whole blocks of `column_block` cache columns for `row_block`-rounded groups (columns
+past the last written one are masked): one capture then serves many steps and later batches.
 
 The decoder layers of transformers' LlamaForCausalLM (projections, rotary embedding, norms, MLP,
 LoRA-wrapped or not) are called one by one; only the attention call and the cache are ours,
@@ -32,6 +38,8 @@ Outputs equal `SesameModel.predict` run one query at a time (tests/test_eval_eng
 from __future__ import annotations
 
 import time
+import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
@@ -70,16 +78,25 @@ class EngineConfig:
     clip_batch: int = 32
     prefix_batch: int = 16  # images per prefix forward
     first_capacity: int = 32  # decode steps the cache is sized for at first; doubles when reached
+    cuda_graphs: bool = True  # on CUDA, replay each decode step as a captured CUDA graph
+    # Decode reads the cache in whole blocks of columns and runs groups in multiples of `row_block`,
+    # so a captured step serves many steps and batches. Larger: fewer captures, more masked reads.
+    column_block: int = 256
+    row_block: int = 4
+    max_graphs: int = 48  # captured decode steps kept (oldest dropped first)
+    compile_sam: bool = False  # torch.compile SAM's image encoder (fixed batch of sam_batch images)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "slots_per_group", "sam_batch", "clip_batch", "prefix_batch", "first_capacity"):
+        for name in ("max_new_tokens", "slots_per_group", "sam_batch", "clip_batch", "prefix_batch", "first_capacity",
+                     "column_block", "row_block", "max_graphs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 class StageTimer:
     """Wall time per named stage. With `sync`, CUDA work is waited for at each stage boundary, so
-    the split is honest (use it for benchmarks; it costs a little)."""
+    the split is honest (use it for benchmarks; it costs a little). Stages also show as ranges in
+    torch.profiler traces."""
 
     def __init__(self, sync: bool = False):
         self.sync = sync
@@ -94,7 +111,8 @@ class StageTimer:
         self._wait()
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(name):
+                yield
         finally:
             self._wait()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
@@ -108,34 +126,56 @@ def _no_timer(name: str):
     yield
 
 
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
 class GroupKVCache:
-    """Keys and values per decoder layer, (G, kv_heads, columns, head_dim), in the column layout of
-    the module docstring. Columns grow by reallocation (rare: capacity doubles)."""
+    """Keys and values per decoder layer, (rows, kv_heads, columns, head_dim), in the column layout
+    of the module docstring. It outlives a batch (CUDA graphs captured on it stay valid), so rows
+    and columns are capacities: a batch uses rows [0, groups) and columns [0, used). Zero-filled at
+    allocation: columns a step reads but masks out must hold finite numbers (0 * NaN is NaN)."""
 
     def __init__(self, num_layers: int, groups: int, kv_heads: int, head_dim: int, columns: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (groups, kv_heads, columns, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.used = 0
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
 
     @property
     def columns(self) -> int:
         return self.keys[0].shape[2]
 
     def grow(self, columns: int) -> None:
+        """More columns, keeping [0, used) of every row (new tensors: captured graphs are stale)."""
         if columns <= self.columns:
             return
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                new = old.new_empty((old.shape[0], old.shape[1], columns, old.shape[3]))
+                new = old.new_zeros((old.shape[0], old.shape[1], columns, old.shape[3]))
                 new[:, :, :self.used] = old[:, :, :self.used]
                 store[i] = new
 
     def select(self, groups: torch.Tensor) -> None:
+        """Move rows `groups` (ascending) to rows [0, len(groups)), in place."""
         for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                store[i] = old.index_select(0, groups)
+            for t in store:
+                t[:groups.numel(), :, :self.used] = t[groups, :, :self.used]
+
+
+@dataclass
+class _StepBuffers:
+    """Inputs of one decode step for slot count n, at fixed addresses (what a CUDA graph reads)."""
+
+    mask: torch.Tensor  # (rows, 1, n, columns) additive: 0 visible, -inf not
+    ids: torch.Tensor  # (rows, n) token fed at this step
+    positions: torch.Tensor  # (rows, n) its position id
+    columns: torch.Tensor  # (n,) cache columns this step writes
 
 
 @dataclass
@@ -158,9 +198,15 @@ def _split_prompt(ids: Sequence[int], where: str) -> tuple[tuple[int, ...], list
     return tuple(ids[:k]), list(ids[k + 1:])
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # pinned host memory (the loader pins on CUDA runs) copies without blocking this thread
+    return t.to(device, non_blocking=t.is_pinned())
+
+
 class BatchedInference:
     """See the module docstring. `run` takes any number of images; callers size batches with
-    `batch_images` (KV memory grows with queries x prompt length)."""
+    `batch_images` (KV memory grows with queries x prompt length). The KV cache and the captured
+    decode steps are kept between calls."""
 
     def __init__(self, model: SesameModel, config: EngineConfig, logits_hook: Optional[RowLogitsHook] = None,
                  timer: Optional[StageTimer] = None):
@@ -168,9 +214,21 @@ class BatchedInference:
         self.config = config
         self.logits_hook = logits_hook
         self.timer = timer
+        self._cache: Optional[GroupKVCache] = None
+        self._buffers: dict[int, _StepBuffers] = {}  # per slot count n
+        self._graphs: OrderedDict[tuple[int, int, int], tuple[object, torch.Tensor]] = OrderedDict()
+        self._graph_pool = None
+        self.graph_failure: Optional[str] = None  # why a capture failed, if one did (then: eager steps)
+        self.graph_captures = 0
+        self._sam_encoder = None
+        if config.compile_sam:
+            self._sam_encoder = torch.compile(model.visual_model.image_encoder, dynamic=False)
 
     def _stage(self, name: str):
         return self.timer.stage(name) if self.timer is not None else _no_timer(name)
+
+    def _use_graphs(self) -> bool:
+        return self.config.cuda_graphs and self.model.device.type == "cuda" and self.graph_failure is None
 
     # --- public -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -199,13 +257,23 @@ class BatchedInference:
     # --- stages -------------------------------------------------------------------------------
     def _encode(self, images: Sequence[ImageWork]) -> tuple[torch.Tensor, torch.Tensor]:
         device, cfg = self.model.device, self.config
-        clip = torch.stack([im.clip_pixels for im in images])
-        sam = torch.stack([im.sam_pixels for im in images])
-        clip_features = torch.cat([self.model.encode_images_clip(clip[a:a + cfg.clip_batch].to(device))
-                                   for a in range(0, len(images), cfg.clip_batch)])
-        sam_embeddings = torch.cat([self.model.encode_images_sam(sam[a:a + cfg.sam_batch].to(device))
-                                    for a in range(0, len(images), cfg.sam_batch)])
-        return clip_features, sam_embeddings
+        clip_features, sam_embeddings = [], []
+        for a in range(0, len(images), cfg.clip_batch):
+            pixels = torch.stack([_to_device(im.clip_pixels, device) for im in images[a:a + cfg.clip_batch]])
+            clip_features.append(self.model.encode_images_clip(pixels))
+        for a in range(0, len(images), cfg.sam_batch):
+            pixels = torch.stack([_to_device(im.sam_pixels, device) for im in images[a:a + cfg.sam_batch]])
+            sam_embeddings.append(self._encode_sam(pixels))
+        return torch.cat(clip_features), torch.cat(sam_embeddings)
+
+    def _encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._sam_encoder is None:
+            return self.model.encode_images_sam(pixels)
+        count, batch = pixels.shape[0], self.config.sam_batch
+        if count < batch:  # one shape for the compiled encoder: pad the last chunk with blank images
+            pixels = torch.cat([pixels, pixels.new_zeros((batch - count, *pixels.shape[1:]))])
+        weight = self.model.visual_model.image_encoder.patch_embed.proj.weight
+        return self._sam_encoder(pixels.to(weight.dtype))[:count]
 
     def _plan(self, queries: list[tuple[int, list[int], int]]) -> _Plan:
         per_image: dict[int, list[int]] = {}
@@ -221,6 +289,48 @@ class BatchedInference:
                 slot_query.append(part.tolist())
         return _Plan(group_image, slot_query, max(len(s) for s in slot_query))
 
+    def _cache_for(self, groups: int, columns: int) -> GroupKVCache:
+        """The kept cache, reallocated (graphs dropped) only when it is too small."""
+        cfg, model = self.config, self.model
+        cache = self._cache
+        if cache is not None and cache.rows >= groups and cache.columns >= columns:
+            return cache
+        rows = _round_up(max(groups, cache.rows if cache else 0), cfg.row_block)
+        cols = self._round_columns(max(columns, cache.columns if cache else 0))
+        self._release()
+        llm = model.language_model
+        self._cache = GroupKVCache(llm.config.num_hidden_layers, rows, llm.config.num_key_value_heads,
+                                   llm.model.layers[0].self_attn.head_dim, cols, model.dtype, model.device)
+        return self._cache
+
+    def _round_columns(self, columns: int, block: Optional[int] = None) -> int:
+        # whole blocks; on CUDA also a multiple of 16, so SDPA's fused kernels take mask rows as they are
+        columns = _round_up(columns, self.config.column_block if block is None else block)
+        return _round_up(columns, 16) if self.model.device.type == "cuda" else columns
+
+    def _release(self) -> None:
+        self._graphs.clear()
+        self._buffers.clear()
+        self._cache = None
+
+    def _buffers_for(self, n: int) -> _StepBuffers:
+        cache = self._cache
+        buf = self._buffers.get(n)
+        if buf is None or buf.mask.shape[0] != cache.rows or buf.mask.shape[3] != cache.columns:
+            device, rows = self.model.device, cache.rows
+            old = buf
+            buf = _StepBuffers(mask=torch.full((rows, 1, n, cache.columns), float("-inf"), dtype=self.model.dtype,
+                                               device=device),
+                               ids=torch.zeros((rows, n), dtype=torch.long, device=device),
+                               positions=torch.zeros((rows, n), dtype=torch.long, device=device),
+                               columns=torch.zeros((n,), dtype=torch.long, device=device))
+            if old is not None and old.mask.shape[0] == rows:  # the cache grew mid-decode: keep the mask
+                width = min(old.mask.shape[3], cache.columns)
+                buf.mask[..., :width] = old.mask[..., :width]
+            self._buffers[n] = buf
+            self._graphs = OrderedDict((k, v) for k, v in self._graphs.items() if k[1] != n)
+        return buf
+
     def _run_prefix(self, images, clip_features, sam_embeddings, prefix: tuple[int, ...],
                     queries: list[tuple[int, list[int], int]]) -> list[QueryPrediction]:
         """All queries that share `prefix` text. queries: (image index, suffix ids, flat query index)."""
@@ -230,15 +340,12 @@ class BatchedInference:
         device, dtype = model.device, model.dtype
         plan = self._plan(queries)
         groups, n = len(plan.group_image), plan.slots
-        attn0 = decoder.layers[0].self_attn
-        kv_heads = llm.config.num_key_value_heads
-        num_layers = llm.config.num_hidden_layers
         num_patches = clip_features.shape[1]
         text_len = len(prefix)
         P = text_len + num_patches
         Ts = max(len(s) for _, s, _ in queries)
         capacity_steps = min(cfg.max_new_tokens, cfg.first_capacity)
-        cache = GroupKVCache(num_layers, groups, kv_heads, attn0.head_dim, P + (Ts + capacity_steps) * n, dtype, device)
+        cache = self._cache_for(groups, P + (Ts + capacity_steps) * n)
 
         # 1) prefix: each distinct image once, copied into each of its groups' cache rows
         with self._stage("prefill_prefix"):
@@ -265,16 +372,20 @@ class BatchedInference:
             causal = torch.ones(Ts, Ts, dtype=torch.bool, device=device).tril()
             suffix_keys = own[None, None, :, None, :] & real.transpose(1, 2)[:, None, None, :, :]  # (G,1,n,Ts,n)
             visible = causal[None, :, None, :, None] & suffix_keys  # (G, Ts, n, Ts, n)
-            mask = torch.cat([torch.ones(groups, Ts * n, P, dtype=torch.bool, device=device),
-                              visible.reshape(groups, Ts * n, Ts * n)], dim=2)[:, None]
+            end = P + Ts * n
+            read = min(self._round_columns(end, 1), cache.columns)  # aligned mask rows; extra columns are masked
+            mask = torch.full((groups, 1, Ts * n, read), float("-inf"), dtype=dtype, device=device)
+            mask[:, 0, :, :P] = 0
+            mask[:, 0, :, P:end].masked_fill_(visible.reshape(groups, Ts * n, Ts * n), 0)
             x = llm.get_input_embeddings()(ids.transpose(1, 2).reshape(groups, Ts * n))
-            x = self._layers(decoder, x, positions.transpose(1, 2).reshape(groups, Ts * n), cache, P, mask)
+            x = self._layers(decoder, x, positions.transpose(1, 2).reshape(groups, Ts * n), cache,
+                             torch.arange(P, end, device=device), read, mask)
             hidden = decoder.norm(x[:, (Ts - 1) * n:])  # (G, n, H): the last suffix token of every slot
-            cache.used = P + Ts * n
+            cache.used = end
 
         # 3) greedy decoding over all slots at once
         with self._stage("decode"):
-            tokens, steps_run, seg_steps = self._decode(llm, decoder, hidden, cache, slot_query, suffix_len,
+            tokens, steps_run, seg_steps = self._decode(llm, decoder, hidden, slot_query, suffix_len,
                                                         suffix_keys.reshape(groups, n, Ts * n), P, Ts, n)
 
         # 4) answers, [SEG] states, masks
@@ -299,7 +410,7 @@ class BatchedInference:
             # cache rows (groups) of these images, and which chunk row feeds each
             rows = [g for g, im in enumerate(plan.group_image) if im in chunk]
             source = torch.tensor([chunk.index(plan.group_image[g]) for g in rows], device=device)
-            x = self._layers(decoder, x, positions, cache, 0, None,
+            x = self._layers(decoder, x, positions, cache, None, P, None,
                              prefix_rows=(torch.tensor(rows, device=device), source))
             if keep_image_hidden:
                 states = decoder.norm(x[:, text_len:text_len + num_patches])
@@ -307,18 +418,17 @@ class BatchedInference:
                     image_hidden[im] = states[r]
         return image_hidden
 
-    def _layers(self, decoder, x: torch.Tensor, positions: torch.Tensor, cache: GroupKVCache, start: int,
-                mask: Optional[torch.Tensor], prefix_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-        """Run every decoder layer over x (B, L, H) whose tokens take cache columns [start, start + L).
+    def _layers(self, decoder, x: torch.Tensor, positions: torch.Tensor, cache: GroupKVCache,
+                columns: Optional[torch.Tensor], read: int, mask: Optional[torch.Tensor],
+                prefix_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """Run every decoder layer over x (B, L, H).
 
-        mask None: plain causal attention over x itself (the prefix pass); its keys and values are
-        copied into cache rows prefix_rows[0] from x's rows prefix_rows[1]. Otherwise B = groups and
-        `mask` (G, 1, L, start + L) says which cached columns each token sees.
+        mask None (the prefix pass): plain causal attention over x itself; its keys and values go to
+        cache columns [0, L) of rows prefix_rows[0], taken from x's rows prefix_rows[1]. Otherwise x's
+        B rows are cache rows [0, B), its L tokens take cache columns `columns` (L,), and they attend
+        to columns [0, read) through `mask` (B, 1, L, read), additive (0 or -inf).
         """
         cos, sin = decoder.rotary_emb(x, positions)
-        if mask is not None:  # additive form once, not once per layer inside SDPA
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        end = start + x.shape[1]
         batch, length = x.shape[:2]
         for i, layer in enumerate(decoder.layers[:decoder.config.num_hidden_layers]):
             attn = layer.self_attn
@@ -331,33 +441,41 @@ class BatchedInference:
             gqa = q.shape[1] != k.shape[1]
             if mask is None:
                 rows, source = prefix_rows
-                cache.keys[i][rows, :, start:end] = k[source]
-                cache.values[i][rows, :, start:end] = v[source]
+                cache.keys[i][rows, :, :length] = k[source]
+                cache.values[i][rows, :, :length] = v[source]
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
                                                    **({"enable_gqa": True} if gqa else {}))
             else:
-                cache.keys[i][:, :, start:end] = k
-                cache.values[i][:, :, start:end] = v
-                o = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
-                                                   attn_mask=mask, scale=attn.scaling,
-                                                   **({"enable_gqa": True} if gqa else {}))
+                keys, values = cache.keys[i][:batch], cache.values[i][:batch]
+                keys.index_copy_(2, columns, k)
+                values.index_copy_(2, columns, v)
+                o = F.scaled_dot_product_attention(q, keys[:, :, :read], values[:, :, :read], attn_mask=mask,
+                                                   scale=attn.scaling, **({"enable_gqa": True} if gqa else {}))
             x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
 
-    def _decode(self, llm, decoder, hidden, cache: GroupKVCache, slot_query, suffix_len, suffix_keys, P, Ts, n):
+    def _decode(self, llm, decoder, hidden, slot_query, suffix_len, suffix_keys, P, Ts, n):
         """Greedy steps. Returns tokens (G0, n, steps) on the device, steps run, and the [SEG] states
         as a list of (step, group ids, seg flags (g, n), hidden (g, n, H))."""
         cfg = self.config
         device = hidden.device
         groups0 = hidden.shape[0]
-        embed, lm_head = llm.get_input_embeddings(), llm.lm_head
+        cache = self._cache
+        embed_dtype = hidden.dtype
+        lm_head = llm.lm_head
         seg_id, eos_id = self.model.seg_token_id, cfg.eos_token_id
         tokens = torch.full((groups0, n, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)
         active = torch.arange(groups0, device=device)  # cache row -> original group
         finished = slot_query < 0  # empty slots never produce anything
-        own = torch.eye(n, dtype=torch.bool, device=device)
-        prefix_visible = torch.ones(1, n, P, dtype=torch.bool, device=device)
+        # each slot sees the prefix, its own suffix, then its own generated columns (added per step);
+        # rows past the batch's groups (graph padding) see the prefix only, so they stay finite
+        buf = self._buffers_for(n)
+        buf.mask.fill_(float("-inf"))
+        buf.mask[:, :, :, :P] = 0
+        buf.mask[:groups0, 0, :, P:P + Ts * n].masked_fill_(suffix_keys, 0)
+        own = torch.full((n, n), float("-inf"), dtype=embed_dtype, device=device).fill_diagonal_(0)
+        slot_offsets = torch.arange(n, device=device)
         seg_steps = []
         step = 0
         for step in range(cfg.max_new_tokens):
@@ -372,27 +490,85 @@ class BatchedInference:
             group_done = finished.all(1)
             flags = torch.stack([group_done.all().long(), is_seg.any().long(), group_done.sum()]).tolist()  # one sync per step
             if flags[1]:
-                seg_steps.append((step, active, is_seg, hidden))
+                seg_steps.append((step, active, is_seg, hidden.clone()))  # graph outputs are overwritten
             if flags[0] or step == cfg.max_new_tokens - 1:
                 break
             if flags[2] * 2 >= active.numel() and flags[2] > 0:  # drop groups that are done: less to read
                 keep = (~group_done).nonzero()[:, 0]
-                active, finished, slot_query, suffix_len, suffix_keys, next_ids = (
-                    active[keep], finished[keep], slot_query[keep], suffix_len[keep], suffix_keys[keep], next_ids[keep])
+                active, finished, slot_query, suffix_len, next_ids = (
+                    active[keep], finished[keep], slot_query[keep], suffix_len[keep], next_ids[keep])
                 cache.select(keep)
+                buf.mask[:keep.numel()] = buf.mask[keep]
             column = P + (Ts + step) * n
             if column + n > cache.columns:
                 steps_now = (cache.columns - P) // n - Ts
-                cache.grow(P + (Ts + min(cfg.max_new_tokens, 2 * steps_now)) * n)
+                wanted = P + (Ts + min(cfg.max_new_tokens, 2 * steps_now)) * n
+                cache.grow(self._round_columns(wanted))
+                buf = self._buffers_for(n)  # a wider mask, same contents
+                self._graphs.clear()  # they read the old cache tensors
             g = active.numel()
-            mask = torch.cat([prefix_visible.expand(g, -1, -1), suffix_keys,
-                              own.repeat(1, step + 1)[None].expand(g, -1, -1)], dim=2)[:, None]
-            positions = P + suffix_len + step
-            x = embed(next_ids)  # (g, n, H): slot j is "row" j
-            x = self._layers(decoder, x, positions, cache, column, mask)
+            buf.ids[:g] = next_ids
+            buf.positions[:g] = P + suffix_len + step
+            torch.add(slot_offsets, column, out=buf.columns)
+            buf.mask[:g, 0, :, column:column + n] = own
+            if self._use_graphs():  # whole blocks: few shapes, so few captures
+                rows = min(_round_up(g, cfg.row_block), cache.rows)
+                read = min(_round_up(column + n, cfg.column_block), cache.columns)
+            else:
+                rows, read = g, min(self._round_columns(column + n, 1), cache.columns)
+            hidden = self._step(decoder, llm, buf, rows, n, read)[:g]
             cache.used = column + n
-            hidden = decoder.norm(x)
         return tokens, step + 1, seg_steps
+
+    def _step(self, decoder, llm, buf: _StepBuffers, rows: int, n: int, read: int) -> torch.Tensor:
+        """One decode step over cache rows [0, rows) reading columns [0, read): (rows, n, H) final-norm
+        states. On CUDA, replayed from a graph captured once per (rows, n, read)."""
+        cache, embed = self._cache, llm.get_input_embeddings()
+
+        def step() -> torch.Tensor:
+            x = embed(buf.ids[:rows])
+            x = self._layers(decoder, x, buf.positions[:rows], cache, buf.columns, read,
+                             buf.mask[:rows, :, :, :read])
+            return decoder.norm(x)
+
+        if not self._use_graphs():
+            return step()
+        key = (rows, n, read)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(step)
+            except Exception as e:  # noqa: BLE001 - any capture failure: keep going without graphs
+                self.graph_failure = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture of the decode step failed; decoding without graphs "
+                              f"({self.graph_failure})")
+                torch.cuda.synchronize()
+                return step()
+            self._graphs[key] = entry
+            while len(self._graphs) > self.config.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def _capture(self, step: Callable[[], torch.Tensor]):
+        """Warm up on a side stream (lazy library initialisation must not happen while capturing), then
+        capture. Rerunning a step is harmless: it rewrites the same cache columns with the same values."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader threads may pin host memory meanwhile, which is no capture error
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            out = step()
+        self.graph_captures += 1
+        return graph, out
 
     def _finish(self, queries, plan: _Plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden, images):
         model, cfg = self.model, self.config
@@ -414,24 +590,31 @@ class BatchedInference:
                 states = seg_states.get((g, j))
                 h = torch.stack(states) if states else sam_embeddings.new_zeros((0, width), dtype=model.dtype)
                 answers[local] = (ids, h)
-        # masks: one mask-decoder call per image over all its [SEG]s
+        # masks: one mask-decoder call per image over all its [SEG]s; one wait for all of them
         by_image: dict[int, list[int]] = {}
         for local, (image, _, _) in enumerate(queries):
             by_image.setdefault(image, []).append(local)
-        results: dict[int, QueryPrediction] = {}
+        image_masks = {}
         for image, locals_ in by_image.items():
             work = images[image]
             resized, original = tuple(work.resized_size), tuple(work.original_size)
-            seg = [answers[q][1] for q in locals_]
-            counts = [s.shape[0] for s in seg]
-            all_seg = torch.cat(seg)
+            all_seg = torch.cat([answers[q][1] for q in locals_])
             img_h = None
             if model.config.sasp is not None and all_seg.shape[0]:
                 img_h = image_hidden[image][None].expand(all_seg.shape[0], -1, -1)
             logits = model.masks_for_image(sam_embeddings[image:image + 1], all_seg, img_h, resized, original)
-            masks = (logits > 0).cpu()
-            offset = 0
-            for q, c, h in zip(locals_, counts, seg):
+            # on CUDA: into pinned memory without waiting, then one synchronisation below
+            image_masks[image] = (logits > 0).to("cpu", non_blocking=True)
+        if model.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        results: dict[int, QueryPrediction] = {}
+        for image, locals_ in by_image.items():
+            work = images[image]
+            resized, original = tuple(work.resized_size), tuple(work.original_size)
+            masks, offset = image_masks[image], 0
+            for q in locals_:
+                h = answers[q][1]
+                c = h.shape[0]
                 m = masks[offset:offset + c]
                 offset += c
                 sasp = None

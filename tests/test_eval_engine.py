@@ -77,8 +77,8 @@ def _assert_same(batched, single):
             torch.testing.assert_close(b.seg_hidden, s.seg_hidden, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("slots,first_capacity", [(8, 32), (3, 2)])
-def test_engine_equals_predict_forced_seg(tokenizer, token_ids, slots, first_capacity, monkeypatch):
+@pytest.mark.parametrize("slots,first_capacity,column_block", [(8, 32, 256), (3, 2, 4)])
+def test_engine_equals_predict_forced_seg(tokenizer, token_ids, slots, first_capacity, column_block, monkeypatch):
     """Several images, 1-7 queries each (more than a group's slots), [SEG] in some answers,
     answers of different lengths (groups finish at different steps and are dropped), cache growth."""
     calls = {"grow": 0, "select": 0}
@@ -91,7 +91,8 @@ def test_engine_equals_predict_forced_seg(tokenizer, token_ids, slots, first_cap
     hook = _hook(token_ids)
     engine = BatchedInference(model, EngineConfig(max_new_tokens=9, eos_token_id=token_ids.eos,
                                                   pad_token_id=token_ids.pad, slots_per_group=slots,
-                                                  first_capacity=first_capacity, sam_batch=3, prefix_batch=2),
+                                                  first_capacity=first_capacity, sam_batch=3, prefix_batch=2,
+                                                  column_block=column_block),
                               logits_hook=hook)
     batched = engine.run(works)
     single = _one_at_a_time(model, works, token_ids, 9, hook)
@@ -163,3 +164,89 @@ def test_batch_images_respects_budget():
     assert batches == [[3, 1], [7], [2, 2], [9], [1]]
     assert [x for b in batches for x in b] == items
     assert list(batch_images(items, lambda n: n, 100, max_images=3)) == [[3, 1, 7], [2, 2, 9], [1]]
+
+
+class _ReplayedStep:
+    """Stands in for a CUDA graph on the CPU: every replay recomputes the captured step into the same
+    output tensor, so a caller that kept an earlier output sees it overwritten, as with real graphs."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+
+def test_graph_bookkeeping_equals_predict(tokenizer, token_ids, monkeypatch):
+    """The CUDA-graph path without a GPU: outputs reused across replays, one capture per
+    (rows, slots, columns read) reused by later steps and later runs on the kept cache, captures
+    dropped when the cache grows and beyond max_graphs."""
+    def fake_capture(self, step):
+        graph = _ReplayedStep(step)
+        graph.out = step()
+        self.graph_captures += 1
+        return graph, graph.out
+
+    monkeypatch.setattr(BatchedInference, "_use_graphs", lambda self: True)
+    monkeypatch.setattr(BatchedInference, "_capture", fake_capture)
+    model = tiny_model(token_ids, len(tokenizer), seed=3)
+    works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77)], [3, 5, 2])
+    hook = _hook(token_ids)
+    single = _one_at_a_time(model, works, token_ids, 9, hook)
+    counts = {}
+    for max_graphs in (64, 2):
+        cfg = EngineConfig(max_new_tokens=9, eos_token_id=token_ids.eos, pad_token_id=token_ids.pad,
+                           slots_per_group=3, first_capacity=3, column_block=8, row_block=2, max_graphs=max_graphs)
+        engine = BatchedInference(model, cfg, logits_hook=hook)
+        _assert_same(engine.run(works), single)
+        first = engine.graph_captures
+        assert 2 <= first < 8  # steps share captures
+        assert len(engine._graphs) <= max_graphs
+        # growth dropped the captures made before it; after a second run the kept cache and captures
+        # serve a third one as they are
+        _assert_same(engine.run(works), single)
+        second = engine.graph_captures
+        _assert_same(engine.run(works), single)
+        counts[max_graphs] = (first, second - first, engine.graph_captures - second)
+    assert 0 < counts[64][1] < counts[64][0] and counts[64][2] == 0
+    assert counts[2][2] > 0  # unless they were dropped for max_graphs
+
+
+def test_engine_reused_across_runs(tokenizer, token_ids):
+    """One engine, runs of different shapes: slot counts, more groups than the kept cache has rows,
+    longer prompts than it has columns (reallocated), then a small run on the large cache."""
+    model = tiny_model(token_ids, len(tokenizer), seed=6)
+    hook = _hook(token_ids)
+    engine = BatchedInference(model, EngineConfig(max_new_tokens=7, eos_token_id=token_ids.eos,
+                                                  pad_token_id=token_ids.pad, slots_per_group=4, first_capacity=4,
+                                                  column_block=8, row_block=1), logits_hook=hook)
+    runs = [_work(model, tokenizer, [(40, 60)], [2]),
+            _work(model, tokenizer, [(30, 30), (64, 32), (23, 77), (50, 20)], [4, 1, 6, 3]),
+            _work(model, tokenizer, [(33, 41)], [1])]
+    sizes = []
+    for works in runs:
+        _assert_same(engine.run(works), _one_at_a_time(model, works, token_ids, 7, hook))
+        sizes.append((engine._cache.rows, engine._cache.columns))
+    assert sizes[1][0] > sizes[0][0] and sizes[2] == sizes[1]
+
+
+def test_compiled_sam_path_pads_to_one_shape(tokenizer, token_ids, monkeypatch):
+    """--compile_sam: the encoder sees only full batches of sam_batch images (the last chunk padded).
+    torch.compile itself is replaced by a shape recorder (compiling on the CPU takes minutes)."""
+    shapes = []
+
+    def recorder(module, **kwargs):
+        def call(x):
+            shapes.append(tuple(x.shape))
+            return module(x)
+        return call
+
+    monkeypatch.setattr(torch, "compile", recorder)
+    model = tiny_model(token_ids, len(tokenizer), seed=2)
+    works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77), (50, 50), (31, 45)], [1, 2, 1, 1, 1])
+    hook = _hook(token_ids)
+    engine = BatchedInference(model, EngineConfig(max_new_tokens=5, eos_token_id=token_ids.eos,
+                                                  pad_token_id=token_ids.pad, sam_batch=3, compile_sam=True),
+                              logits_hook=hook)
+    _assert_same(engine.run(works), _one_at_a_time(model, works, token_ids, 5, hook))
+    assert len(shapes) == 2 and {s[0] for s in shapes} == {3}

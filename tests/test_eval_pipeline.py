@@ -206,3 +206,15 @@ def test_load_model_sasp_flags():
     assert cfg is not None and cfg.num_points == 7 and cfg.t_pos == 0.8
     with pytest.raises(ValueError, match="use_sasp"):
         test_sesame.load_model(parse(base + ["--t_pos", "0.6"]))
+
+
+def test_records_follow_input_order(tmp_path, loaded):
+    """Records of several batches, saved by the background writer while later batches run, land in
+    the file in input order, with 2 loader threads too."""
+    images = _images(str(tmp_path))
+    expected = [(im.image_id, q.ref_id, q.sent_id) for im in images for q in im.queries]
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        summary = _run(loaded, images, out, "--num_workers", workers, "--queries_per_batch", "3")
+        assert summary["queries_run"] == len(expected)
+        assert [r.key for r in read_shard(shard_path(str(out), "fprefcoco", "val", 0, 1))] == expected
