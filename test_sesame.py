@@ -284,18 +284,29 @@ def run_inference(args, loaded, images, engine_hook=None, timer=None) -> dict:
         # Records (RLE, JSON, fsync) of batch k are written by one background thread while the GPU
         # runs batch k+1: in input order, at most one batch in flight, its errors raised here.
         start, done_now = time.perf_counter(), 0
+        waited = {"loader": 0.0, "records": 0.0}  # main-thread time spent waiting, for benchmarks
         saver = ThreadPoolExecutor(1, thread_name_prefix="eval-records")
         saving = None
+        batches = batch_images(loader, lambda item: len(pending[item.index][1]), args.queries_per_batch)
         try:
-            for batch in batch_images(loader, lambda item: len(pending[item.index][1]), args.queries_per_batch):
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                waited["loader"] += time.perf_counter() - t0
+                if batch is None:
+                    break
                 work = [ImageWork(item.clip_pixels, item.sam.pixels, item.sam.resized_size, item.sam.original_size,
                                   prompts[item.index]) for item in batch]
                 predictions = engine.run(work)
+                t0 = time.perf_counter()
                 if saving is not None:
                     done_now += saving.result()
+                waited["records"] += time.perf_counter() - t0
                 saving = saver.submit(save, batch, predictions)
+            t0 = time.perf_counter()
             if saving is not None:
                 done_now += saving.result()
+            waited["records"] += time.perf_counter() - t0
         finally:
             saver.shutdown(wait=True)  # a batch being written is finished, never torn
         if progress is not None:
@@ -304,7 +315,8 @@ def run_inference(args, loaded, images, engine_hook=None, timer=None) -> dict:
         writer.mark_complete(len(shard), sum(len(im.queries) for im in shard))
     return {"shard": path, "queries_run": done_now, "queries_skipped": already, "seconds": seconds,
             "queries_per_s": done_now / seconds if seconds > 0 else None,
-            "decode_graphs": {"captures": engine.graph_captures, "failed": engine.graph_failure}}
+            "decode_graphs": {"captures": engine.graph_captures, "failed": engine.graph_failure},
+            "waited_s": waited}
 
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -332,6 +332,7 @@ def main(argv=None) -> None:
     stage_total = timed["seconds"]
     breakdown = {k: timer.seconds.get(k, 0.0) for k in STAGES}
     breakdown["other (loading, records)"] = max(0.0, stage_total - sum(breakdown.values()))
+    waits = timed["waited_s"]  # the part of "other" the main thread spent waiting for loader / records
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     import transformers
     figures = {
@@ -342,7 +343,7 @@ def main(argv=None) -> None:
         "cuda_graphs": not args.no_cuda_graphs, "compile_sam": args.compile_sam,
         "engine_seconds": summary["seconds"], "engine_queries_per_s": qps, "decode_graphs": summary["decode_graphs"],
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
-        "breakdown_s": breakdown, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
+        "breakdown_s": breakdown, "waited_s": waits, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
         "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,
     }
     print("\n| what | figure |\n|---|---|")
@@ -354,7 +355,8 @@ def main(argv=None) -> None:
           f"CUDA graphs {'off' if args.no_cuda_graphs else 'on'}, SAM {'compiled' if args.compile_sam else 'eager'}) |")
     print(f"| warm-up run (first batch, cold) | {cold['queries_run']} queries in {cold['seconds']:.2f} s |")
     parts = ", ".join(f"{k} {v:.2f} s ({100 * v / stage_total:.0f}%)" for k, v in breakdown.items())
-    print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts} |")
+    print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts}; of other: waiting for the "
+          f"loader {waits['loader']:.2f} s, for records {waits['records']:.2f} s |")
     if peak_engine is not None:
         print(f"| engine peak GPU memory | {peak_engine:.1f} GiB |")
     if original:

@@ -14,10 +14,12 @@ never depend on the question.) The engine therefore
    steps, as one batch over images and slots, with a KV cache;
 4. decodes the masks of all [SEG]s of an image in one SAM mask-decoder call.
 
-The KV cache holds one row per *group* (an image and up to `slots_per_group` of its queries), and its
-columns are laid out time-major so that everything visible at a step is a contiguous prefix:
+The KV cache holds one row per *group* (an image and up to `slots_per_group` of its queries); its
+columns are
 
-    [ prefix: P columns | suffix token t of slot j at P + t*n + j | generated token s at P + (Ts+s)*n + j ]
+    [ prefix: P columns | the n slots' suffixes, one after another, S columns | token s of slot j at P + S + s*n + j ]
+
+(S: the longest sum of a group's suffix lengths; no per-query padding is computed or read).
 
 A query attends to the prefix and to its own slot's columns only (an additive mask handed to PyTorch's
 `scaled_dot_product_attention`). The prefix is read once per group and step however many queries
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
@@ -110,12 +112,12 @@ class StageTimer:
     def stage(self, name: str):
         self._wait()
         start = time.perf_counter()
-        try:
-            with torch.profiler.record_function(name):
+        with torch.profiler.record_function(name):
+            try:
                 yield
-        finally:
-            self._wait()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            finally:
+                self._wait()
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def reset(self) -> None:
         self.seconds.clear()
@@ -198,6 +200,15 @@ def _split_prompt(ids: Sequence[int], where: str) -> tuple[tuple[int, ...], list
     return tuple(ids[:k]), list(ids[k + 1:])
 
 
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (float32 inside, result in x's dtype, times the weight) as one
+    PyTorch call instead of six; other norm modules are called as they are."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or type(norm).__name__ != "LlamaRMSNorm":
+        return norm(x)
+    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # pinned host memory (the loader pins on CUDA runs) copies without blocking this thread
     return t.to(device, non_blocking=t.is_pinned())
@@ -218,6 +229,7 @@ class BatchedInference:
         self._buffers: dict[int, _StepBuffers] = {}  # per slot count n
         self._graphs: OrderedDict[tuple[int, int, int], tuple[object, torch.Tensor]] = OrderedDict()
         self._graph_pool = None
+        self._capture_stream = None
         self.graph_failure: Optional[str] = None  # why a capture failed, if one did (then: eager steps)
         self.graph_captures = 0
         self._sam_encoder = None
@@ -267,6 +279,10 @@ class BatchedInference:
         return torch.cat(clip_features), torch.cat(sam_embeddings)
 
     def _encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
+        # channels-last pixels make the patch-embedding convolution write channels-last, so the
+        # encoder's (B, H, W, C) token grid is contiguous: its layer norms, residual adds and matrix
+        # products then need no layout copies (a third of ViT-H's time on an H100 otherwise)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         if self._sam_encoder is None:
             return self.model.encode_images_sam(pixels)
         count, batch = pixels.shape[0], self.config.sam_batch
@@ -343,9 +359,11 @@ class BatchedInference:
         num_patches = clip_features.shape[1]
         text_len = len(prefix)
         P = text_len + num_patches
-        Ts = max(len(s) for _, s, _ in queries)
+        # suffix columns: each group's slots one after another, unpadded; groups padded to the longest
+        lengths = [[len(queries[local][1]) for local in slot_list] for slot_list in plan.slot_query]
+        S = max(sum(row) for row in lengths)
         capacity_steps = min(cfg.max_new_tokens, cfg.first_capacity)
-        cache = self._cache_for(groups, P + (Ts + capacity_steps) * n)
+        cache = self._cache_for(groups, P + S + capacity_steps * n)
 
         # 1) prefix: each distinct image once, copied into each of its groups' cache rows
         with self._stage("prefill_prefix"):
@@ -353,40 +371,47 @@ class BatchedInference:
             image_hidden = self._prefill_prefix(decoder, prefix, image_ids, clip_features, cache, plan)
         cache.used = P
 
-        # 2) suffixes, time-major: row t*n + j is suffix token t of slot j (left padded to Ts)
+        # 2) suffixes: slot j of group g holds columns P + offset_gj .. + len - 1
         with self._stage("prefill_suffix"):
-            ids = torch.full((groups, n, Ts), cfg.pad_token_id, dtype=torch.long)
-            real = torch.zeros((groups, n, Ts), dtype=torch.bool)
+            ids = torch.full((groups, S), cfg.pad_token_id, dtype=torch.long)
+            slot_of = torch.full((groups, S), -1, dtype=torch.long)  # -1: padding
+            index_in_slot = torch.zeros((groups, S), dtype=torch.long)
+            last = torch.zeros((groups, n), dtype=torch.long)  # column (from P) of each slot's last token
+            suffix_len = torch.zeros((groups, n), dtype=torch.long)
             slot_query = torch.full((groups, n), -1, dtype=torch.long)
             for g, slot_list in enumerate(plan.slot_query):
+                offset = 0
                 for j, local in enumerate(slot_list):
                     suffix = queries[local][1]
-                    ids[g, j, Ts - len(suffix):] = torch.tensor(suffix)
-                    real[g, j, Ts - len(suffix):] = True
-                    slot_query[g, j] = queries[local][2]
-            ids, real, slot_query = ids.to(device), real.to(device), slot_query.to(device)
-            suffix_len = real.sum(-1)  # (G, n)
-            positions = (P + real.long().cumsum(-1) - 1).clamp(min=P)  # (G, n, Ts)
-            own = torch.eye(n, dtype=torch.bool, device=device)
-            # key (t', j') visible from (t, j): same slot, t' <= t, real token; the prefix always
-            causal = torch.ones(Ts, Ts, dtype=torch.bool, device=device).tril()
-            suffix_keys = own[None, None, :, None, :] & real.transpose(1, 2)[:, None, None, :, :]  # (G,1,n,Ts,n)
-            visible = causal[None, :, None, :, None] & suffix_keys  # (G, Ts, n, Ts, n)
-            end = P + Ts * n
+                    span = slice(offset, offset + len(suffix))
+                    ids[g, span] = torch.tensor(suffix)
+                    slot_of[g, span] = j
+                    index_in_slot[g, span] = torch.arange(len(suffix))
+                    offset += len(suffix)
+                    last[g, j], suffix_len[g, j], slot_query[g, j] = offset - 1, len(suffix), queries[local][2]
+            ids, slot_of, index_in_slot, last, suffix_len, slot_query = (
+                t.to(device) for t in (ids, slot_of, index_in_slot, last, suffix_len, slot_query))
+            # key column b visible from column a: same slot, b <= a (a slot's tokens are consecutive),
+            # not padding; the prefix always
+            causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+            visible = (slot_of[:, :, None] == slot_of[:, None, :]) & causal & (slot_of >= 0)[:, None, :]
+            end = P + S
             read = min(self._round_columns(end, 1), cache.columns)  # aligned mask rows; extra columns are masked
-            mask = torch.full((groups, 1, Ts * n, read), float("-inf"), dtype=dtype, device=device)
+            mask = torch.full((groups, 1, S, read), float("-inf"), dtype=dtype, device=device)
             mask[:, 0, :, :P] = 0
-            mask[:, 0, :, P:end].masked_fill_(visible.reshape(groups, Ts * n, Ts * n), 0)
-            x = llm.get_input_embeddings()(ids.transpose(1, 2).reshape(groups, Ts * n))
-            x = self._layers(decoder, x, positions.transpose(1, 2).reshape(groups, Ts * n), cache,
-                             torch.arange(P, end, device=device), read, mask)
-            hidden = decoder.norm(x[:, (Ts - 1) * n:])  # (G, n, H): the last suffix token of every slot
+            mask[:, 0, :, P:end].masked_fill_(visible, 0)
+            x = llm.get_input_embeddings()(ids)
+            x = self._layers(decoder, x, P + index_in_slot, cache, torch.arange(P, end, device=device), read, mask)
+            rows = torch.arange(groups, device=device)[:, None]
+            hidden = _rms_norm(decoder.norm, x[rows, last])  # (G, n, H): each slot's last suffix token
             cache.used = end
+            # decode rows see their own slot's suffix columns
+            suffix_keys = slot_of[:, None, :] == torch.arange(n, device=device)[None, :, None]  # (G, n, S)
 
         # 3) greedy decoding over all slots at once
         with self._stage("decode"):
-            tokens, steps_run, seg_steps = self._decode(llm, decoder, hidden, slot_query, suffix_len,
-                                                        suffix_keys.reshape(groups, n, Ts * n), P, Ts, n)
+            tokens, steps_run, seg_steps = self._decode(llm, decoder, hidden, slot_query, suffix_len, suffix_keys,
+                                                        P, S, n)
 
         # 4) answers, [SEG] states, masks
         with self._stage("masks"):
@@ -409,22 +434,26 @@ class BatchedInference:
             positions = torch.arange(P, device=device)[None].expand(len(chunk), -1)
             # cache rows (groups) of these images, and which chunk row feeds each
             rows = [g for g, im in enumerate(plan.group_image) if im in chunk]
-            source = torch.tensor([chunk.index(plan.group_image[g]) for g in rows], device=device)
-            x = self._layers(decoder, x, positions, cache, None, P, None,
-                             prefix_rows=(torch.tensor(rows, device=device), source))
+            source = [chunk.index(plan.group_image[g]) for g in rows]
+            if source == list(range(len(chunk))) and rows == list(range(rows[0], rows[0] + len(rows))):
+                target = slice(rows[0], rows[0] + len(rows))  # one group per image, in order: a plain copy
+            else:
+                target = (torch.tensor(rows, device=device), torch.tensor(source, device=device))
+            x = self._layers(decoder, x, positions, cache, None, P, None, prefix_rows=target)
             if keep_image_hidden:
-                states = decoder.norm(x[:, text_len:text_len + num_patches])
+                states = _rms_norm(decoder.norm, x[:, text_len:text_len + num_patches])
                 for r, im in enumerate(chunk):
                     image_hidden[im] = states[r]
         return image_hidden
 
     def _layers(self, decoder, x: torch.Tensor, positions: torch.Tensor, cache: GroupKVCache,
                 columns: Optional[torch.Tensor], read: int, mask: Optional[torch.Tensor],
-                prefix_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+                prefix_rows=None):
         """Run every decoder layer over x (B, L, H).
 
         mask None (the prefix pass): plain causal attention over x itself; its keys and values go to
-        cache columns [0, L) of rows prefix_rows[0], taken from x's rows prefix_rows[1]. Otherwise x's
+        cache columns [0, L) of rows prefix_rows[0], taken from x's rows prefix_rows[1] (or of the rows
+        of slice prefix_rows, one per row of x). Otherwise x's
         B rows are cache rows [0, B), its L tokens take cache columns `columns` (L,), and they attend
         to columns [0, read) through `mask` (B, 1, L, read), additive (0 or -inf).
         """
@@ -432,7 +461,7 @@ class BatchedInference:
         batch, length = x.shape[:2]
         for i, layer in enumerate(decoder.layers[:decoder.config.num_hidden_layers]):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
+            h = _rms_norm(layer.input_layernorm, x)
             shape = (batch, length, -1, attn.head_dim)
             q = attn.q_proj(h).view(shape).transpose(1, 2)
             k = attn.k_proj(h).view(shape).transpose(1, 2)
@@ -440,9 +469,13 @@ class BatchedInference:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             gqa = q.shape[1] != k.shape[1]
             if mask is None:
-                rows, source = prefix_rows
-                cache.keys[i][rows, :, :length] = k[source]
-                cache.values[i][rows, :, :length] = v[source]
+                if isinstance(prefix_rows, slice):
+                    cache.keys[i][prefix_rows, :, :length].copy_(k)
+                    cache.values[i][prefix_rows, :, :length].copy_(v)
+                else:
+                    rows, source = prefix_rows
+                    cache.keys[i][rows, :, :length] = k[source]
+                    cache.values[i][rows, :, :length] = v[source]
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
                                                    **({"enable_gqa": True} if gqa else {}))
             else:
@@ -452,12 +485,14 @@ class BatchedInference:
                 o = F.scaled_dot_product_attention(q, keys[:, :, :read], values[:, :, :read], attn_mask=mask,
                                                    scale=attn.scaling, **({"enable_gqa": True} if gqa else {}))
             x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
         return x
 
-    def _decode(self, llm, decoder, hidden, slot_query, suffix_len, suffix_keys, P, Ts, n):
-        """Greedy steps. Returns tokens (G0, n, steps) on the device, steps run, and the [SEG] states
-        as a list of (step, group ids, seg flags (g, n), hidden (g, n, H))."""
+    def _decode(self, llm, decoder, hidden, slot_query, suffix_len, suffix_keys, P, S, n):
+        """Greedy steps; the token of slot j at step s takes cache column P + S + s*n + j.
+        suffix_keys (G, n, S): the suffix columns each slot sees. Returns tokens (G0, n, steps) on the
+        device, steps run, and the [SEG] states as a list of (step, group ids, seg flags (g, n),
+        hidden (g, n, H))."""
         cfg = self.config
         device = hidden.device
         groups0 = hidden.shape[0]
@@ -473,7 +508,7 @@ class BatchedInference:
         buf = self._buffers_for(n)
         buf.mask.fill_(float("-inf"))
         buf.mask[:, :, :, :P] = 0
-        buf.mask[:groups0, 0, :, P:P + Ts * n].masked_fill_(suffix_keys, 0)
+        buf.mask[:groups0, 0, :, P:P + S].masked_fill_(suffix_keys, 0)
         own = torch.full((n, n), float("-inf"), dtype=embed_dtype, device=device).fill_diagonal_(0)
         slot_offsets = torch.arange(n, device=device)
         seg_steps = []
@@ -499,10 +534,10 @@ class BatchedInference:
                     active[keep], finished[keep], slot_query[keep], suffix_len[keep], next_ids[keep])
                 cache.select(keep)
                 buf.mask[:keep.numel()] = buf.mask[keep]
-            column = P + (Ts + step) * n
+            column = P + S + step * n
             if column + n > cache.columns:
-                steps_now = (cache.columns - P) // n - Ts
-                wanted = P + (Ts + min(cfg.max_new_tokens, 2 * steps_now)) * n
+                steps_now = (cache.columns - P - S) // n
+                wanted = P + S + min(cfg.max_new_tokens, 2 * steps_now) * n
                 cache.grow(self._round_columns(wanted))
                 buf = self._buffers_for(n)  # a wider mask, same contents
                 self._graphs.clear()  # they read the old cache tensors
@@ -529,7 +564,7 @@ class BatchedInference:
             x = embed(buf.ids[:rows])
             x = self._layers(decoder, x, buf.positions[:rows], cache, buf.columns, read,
                              buf.mask[:rows, :, :, :read])
-            return decoder.norm(x)
+            return _rms_norm(decoder.norm, x)
 
         if not self._use_graphs():
             return step()
@@ -554,21 +589,75 @@ class BatchedInference:
         return out
 
     def _capture(self, step: Callable[[], torch.Tensor]):
-        """Warm up on a side stream (lazy library initialisation must not happen while capturing), then
-        capture. Rerunning a step is harmless: it rewrites the same cache columns with the same values."""
+        """Warm up, then capture, on one side stream kept for all captures (libraries set up their
+        per-stream state in the warm-up, never while capturing). Rerunning a step is harmless: it
+        rewrites the same cache columns with the same values. (Not `torch.cuda.graph`, which empties
+        the allocator's cache at every capture: costly with a large KV cache around.)"""
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
+            self._capture_stream = torch.cuda.Stream()
+        side = self._capture_stream
         side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             step()
+            # thread_local: the loader threads may pin host memory meanwhile, which is no capture error
+            graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+            try:
+                out = step()
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the loader threads may pin host memory meanwhile, which is no capture error
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            out = step()
         self.graph_captures += 1
         return graph, out
+
+    def _masks(self, by_image, answers, sam_embeddings, image_hidden, images) -> dict[int, torch.Tensor]:
+        """Per image, the (n, H, W) bool masks (CPU) of its [SEG]s in query order. What
+        `model.masks_for_image` (`sam.decode_masks`) computes image by image, for all images in one
+        mask-decoder call: SAM's decoder adds the dense prompt to the image embedding repeated per
+        prompt, so each prompt's own image embedding goes in as its dense prompt (plus SAM's no-mask
+        embedding, the true dense prompt) with a zero image embedding: the same sums, so the same
+        masks."""
+        model = self.model
+        sam = model.visual_model
+        owners, states, points = [], [], []
+        for image, locals_ in by_image.items():
+            seg = torch.cat([answers[q][1] for q in locals_])
+            if seg.shape[0]:
+                owners += [image] * seg.shape[0]
+                states.append(seg)
+                if model.config.sasp is not None:
+                    work = images[image]
+                    points.append(model.point_prompts(seg, image_hidden[image][None].expand(seg.shape[0], -1, -1),
+                                                      tuple(work.resized_size), tuple(work.original_size)))
+        out: dict[int, torch.Tensor] = {}
+        if states:
+            seg = torch.cat(states)
+            embeddings = model.project_seg(seg)
+            dtype, count = embeddings.dtype, embeddings.shape[0]
+            prompts = (torch.cat([c for c, _ in points]), torch.cat([lab for _, lab in points])) if points else None
+            sparse, dense = sam.prompt_encoder(points=prompts, boxes=None, masks=None)
+            sparse = torch.cat([sparse.to(dtype).expand(count, -1, -1), embeddings[:, None]], dim=1)
+            owner = torch.tensor(owners, device=seg.device)
+            own_image = sam_embeddings[owner].to(dtype) + dense.to(dtype)
+            low_res, _ = sam.mask_decoder(image_embeddings=torch.zeros_like(own_image[:1]),
+                                          image_pe=sam.prompt_encoder.get_dense_pe().to(dtype),
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=own_image,
+                                          multimask_output=False)
+            counts = Counter(owners)
+            start = 0
+            for image, n in counts.items():  # insertion order: the order of `owners`
+                work = images[image]
+                logits = sam.postprocess_masks(low_res[start:start + n].float(), input_size=tuple(work.resized_size),
+                                               original_size=tuple(work.original_size))[:, 0]
+                out[image] = (logits > 0).to("cpu", non_blocking=True)  # pinned, no wait on CUDA
+                start += n
+        if model.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        for image in by_image:
+            if image not in out:
+                out[image] = torch.zeros((0, *tuple(images[image].original_size)), dtype=torch.bool)
+        return out
 
     def _finish(self, queries, plan: _Plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden, images):
         model, cfg = self.model, self.config
@@ -590,23 +679,11 @@ class BatchedInference:
                 states = seg_states.get((g, j))
                 h = torch.stack(states) if states else sam_embeddings.new_zeros((0, width), dtype=model.dtype)
                 answers[local] = (ids, h)
-        # masks: one mask-decoder call per image over all its [SEG]s; one wait for all of them
+        # masks: one mask-decoder call for every [SEG] of the batch; one wait for all of them
         by_image: dict[int, list[int]] = {}
         for local, (image, _, _) in enumerate(queries):
             by_image.setdefault(image, []).append(local)
-        image_masks = {}
-        for image, locals_ in by_image.items():
-            work = images[image]
-            resized, original = tuple(work.resized_size), tuple(work.original_size)
-            all_seg = torch.cat([answers[q][1] for q in locals_])
-            img_h = None
-            if model.config.sasp is not None and all_seg.shape[0]:
-                img_h = image_hidden[image][None].expand(all_seg.shape[0], -1, -1)
-            logits = model.masks_for_image(sam_embeddings[image:image + 1], all_seg, img_h, resized, original)
-            # on CUDA: into pinned memory without waiting, then one synchronisation below
-            image_masks[image] = (logits > 0).to("cpu", non_blocking=True)
-        if model.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
+        image_masks = self._masks(by_image, answers, sam_embeddings, image_hidden, images)
         results: dict[int, QueryPrediction] = {}
         for image, locals_ in by_image.items():
             work = images[image]
