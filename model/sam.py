@@ -22,9 +22,11 @@ from .config import SamConfig
 class SdpaSamAttention(nn.Module):
     """segment_anything's image-encoder attention computed with `F.scaled_dot_product_attention`.
 
-    The decomposed relative-position terms become SDPA's additive bias, so softmax and the value
-    product run fused instead of over several materialised (HW x HW) maps. Same parameters (the
-    same objects), same state-dict keys, same outputs to float rounding.
+    The decomposed relative positions enter as extra query/key channels instead of an (HW x HW)
+    bias: score = scale*q.k + q.Rh[hq,hk] + q.Rw[wq,wk] = [scale*q, q.Rh[hq], q.Rw[wq]] . [k, e(hk), e(wk)]
+    with e one-hot. No bias is materialised (it was 0.5 GB per image and global layer for ViT-H), and
+    SDPA can run its flash kernels. Same parameters (the same objects), same state-dict keys, same
+    outputs to float rounding.
     """
 
     def __init__(self, attn: SamAttention):
@@ -38,14 +40,27 @@ class SdpaSamAttention(nn.Module):
         b, h, w, _ = x.shape
         heads = self.num_heads
         q, k, v = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (b, heads, hw, d)
-        bias = None
         if self.use_rel_pos:
-            r_q = q.reshape(b * heads, h, w, -1)
-            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h).to(q.dtype))
-            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w).to(q.dtype))
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, h * w, h * w)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.proj(out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+            d = q.shape[-1]
+            grid = q.unflatten(2, (h, w))
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, get_rel_pos(h, h, self.rel_pos_h).to(q.dtype))
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, get_rel_pos(w, w, self.rel_pos_w).to(q.dtype))
+            width = -(-(d + h + w) // 8) * 8  # zero channels up to a multiple of 8: fused kernels take it as is
+            q_ext = q.new_zeros((b, heads, h * w, width))
+            q_ext[..., :d] = q * self.scale
+            q_ext[..., d:d + h] = rel_h.flatten(2, 3)
+            q_ext[..., d + h:d + h + w] = rel_w.flatten(2, 3)
+            k_ext = k.new_zeros((b, heads, h * w, width))
+            k_ext[..., :d] = k
+            rows = torch.arange(h * w, device=x.device)
+            k_ext[..., rows, d + rows // w] = 1  # e(hk)
+            k_ext[..., rows, d + h + rows % w] = 1  # e(wk)
+            v_ext = v.new_zeros((b, heads, h * w, width))
+            v_ext[..., :d] = v
+            out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :d]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
 def use_sdpa_attention(encoder: ImageEncoderViT) -> ImageEncoderViT:
