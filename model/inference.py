@@ -25,11 +25,11 @@ A query attends to the prefix and to its own slot's columns only (an additive ma
 `scaled_dot_product_attention`). The prefix is read once per group and step however many queries
 share it, which is what makes large batches cheap: decode is bound by reading weights and cache.
 
-Launching a decode step op by op costs more host time (~1,700 PyTorch calls for LLaMA-7B) than the
-GPU needs to run it, so on CUDA each step is captured once as a CUDA graph and replayed. For that
-the cache, the mask and the step's inputs live at fixed addresses and are kept between batches, and
-a step reads whole blocks of `column_block` cache columns for `row_block`-rounded groups (columns
-past the last written one are masked): one capture then serves many steps and later batches.
+A decode step is ~1,700 PyTorch calls for LLaMA-7B. With `EngineConfig.cuda_graphs` each step is
+captured once as a CUDA graph and replayed: the cache, the mask and the step's inputs live at fixed
+addresses and are kept between batches, and a step reads whole blocks of `column_block` cache
+columns for `row_block`-rounded groups (columns past the last written one are masked), so one
+capture serves many steps and later batches.
 
 The decoder layers of transformers' LlamaForCausalLM (projections, rotary embedding, norms, MLP,
 LoRA-wrapped or not) are called one by one; only the attention call and the cache are ours,
@@ -76,11 +76,14 @@ class EngineConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     slots_per_group: int = 8  # queries of one image that share one cached prefix; more -> another group
-    sam_batch: int = 4  # SAM ViT-H global attention materialises 4096^2 scores per head: keep it small
+    sam_batch: int = 8  # images per SAM encoder call (its attention materialises no (HW x HW) maps)
     clip_batch: int = 32
     prefix_batch: int = 16  # images per prefix forward
     first_capacity: int = 32  # decode steps the cache is sized for at first; doubles when reached
-    cuda_graphs: bool = True  # on CUDA, replay each decode step as a captured CUDA graph
+    # On CUDA, replay each decode step as a captured CUDA graph. Off by default: at 256-query batches
+    # a LLaMA-7B step is GPU-bound (H100: same decode time with or without) and each capture costs
+    # a warm-up step; it pays where steps are launch-bound (small batches, long answers).
+    cuda_graphs: bool = False
     # Decode reads the cache in whole blocks of columns and runs groups in multiples of `row_block`,
     # so a captured step serves many steps and batches. Larger: fewer captures, more masked reads.
     column_block: int = 256

@@ -35,31 +35,50 @@ class SdpaSamAttention(nn.Module):
         self.qkv, self.proj = attn.qkv, attn.proj
         if self.use_rel_pos:
             self.rel_pos_h, self.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+        # constant index / one-hot tensors per geometry and device, made once (not parameters)
+        self._constants: dict[tuple, torch.Tensor] = {}
+
+    def _constant(self, key: tuple, make) -> torch.Tensor:
+        value = self._constants.get(key)
+        if value is None:
+            value = self._constants[key] = make()
+        return value
+
+    def _rel_table(self, size: int, rel_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """get_rel_pos(size, size, rel_pos) without its host-side index (a GPU sync per call)."""
+        if rel_pos.shape[0] != 2 * size - 1:
+            return get_rel_pos(size, size, rel_pos).to(dtype)  # tables that need resizing: the library's way
+        index = self._constant(("rel", size, rel_pos.device), lambda: (
+            torch.arange(size, device=rel_pos.device)[:, None] - torch.arange(size, device=rel_pos.device)[None, :]
+            + size - 1))
+        return rel_pos[index].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         heads = self.num_heads
         q, k, v = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (b, heads, hw, d)
-        if self.use_rel_pos:
-            d = q.shape[-1]
-            grid = q.unflatten(2, (h, w))
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, get_rel_pos(h, h, self.rel_pos_h).to(q.dtype))
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, get_rel_pos(w, w, self.rel_pos_w).to(q.dtype))
-            width = -(-(d + h + w) // 8) * 8  # zero channels up to a multiple of 8: fused kernels take it as is
-            q_ext = q.new_zeros((b, heads, h * w, width))
-            q_ext[..., :d] = q * self.scale
-            q_ext[..., d:d + h] = rel_h.flatten(2, 3)
-            q_ext[..., d + h:d + h + w] = rel_w.flatten(2, 3)
-            k_ext = k.new_zeros((b, heads, h * w, width))
-            k_ext[..., :d] = k
-            rows = torch.arange(h * w, device=x.device)
-            k_ext[..., rows, d + rows // w] = 1  # e(hk)
-            k_ext[..., rows, d + h + rows % w] = 1  # e(wk)
-            v_ext = v.new_zeros((b, heads, h * w, width))
-            v_ext[..., :d] = v
-            out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :d]
-        else:
+        if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+        d = q.shape[-1]
+        width = -(-(d + h + w) // 8) * 8  # zero channels up to a multiple of 8: fused kernels take it as is
+        grid_q, grid_k = q.unflatten(2, (h, w)), k.unflatten(2, (h, w))  # (b, heads, h, w, d)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, self._rel_table(h, self.rel_pos_h, q.dtype))
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, self._rel_table(w, self.rel_pos_w, q.dtype))
+
+        def key_channels() -> torch.Tensor:  # (h, w, width - d): e(hk), e(wk), zeros
+            rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+            e_h = (rows[:, None, None] == rows[None, None, :]).expand(h, w, h)
+            e_w = (cols[None, :, None] == cols[None, None, :]).expand(h, w, w)
+            pad = torch.zeros((h, w, width - d - h - w), dtype=torch.bool, device=x.device)
+            return torch.cat([e_h, e_w, pad], dim=-1).to(q.dtype)
+
+        extra = self._constant(("keys", h, w, width, x.device, q.dtype), key_channels)
+        zeros = q.new_zeros(())
+        q_ext = torch.cat([grid_q * self.scale, rel_h, rel_w, zeros.expand(b, heads, h, w, width - d - h - w)], dim=-1)
+        k_ext = torch.cat([grid_k, extra.expand(b, heads, h, w, width - d)], dim=-1)
+        v_ext = torch.cat([v, zeros.expand(b, heads, h * w, width - d)], dim=-1)
+        out = F.scaled_dot_product_attention(q_ext.flatten(2, 3), k_ext.flatten(2, 3), v_ext, scale=1.0)[..., :d]
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 

@@ -1,26 +1,60 @@
-"""The engine on a GPU, where decode steps are captured and replayed as CUDA graphs: same tokens and
-masks as `SesameModel.predict` (tiny model, fp32). CPU-only machines (CI) skip this file; the CPU
-tests cover the same bookkeeping with a stand-in for the graphs (test_eval_engine.py)."""
+"""The engine on a GPU, where decode steps can be captured and replayed as CUDA graphs: same tokens
+and masks as `SesameModel.predict` (tiny model, true fp32: TF32 off). CPU-only machines (CI) skip
+this file; the CPU tests cover the same bookkeeping with a stand-in for the graphs
+(test_eval_engine.py)."""
 import pytest
 import torch
 
 from model.inference import BatchedInference, EngineConfig
 from model.tiny import tiny_model
 
-from test_eval_engine import _assert_same, _hook, _one_at_a_time, _work
+from test_eval_engine import _hook, _one_at_a_time, _work
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("column_block,row_block", [(256, 4), (8, 3)])
-def test_graphs_equal_predict_on_cuda(tokenizer, token_ids, column_block, row_block):
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _differences(batched, single) -> list[str]:
+    """Every mismatch, described (a failing run on the GPU says what differs, not only that)."""
+    out = []
+    for i, (bs, ss) in enumerate(zip(batched, single)):
+        for k, (b, s) in enumerate(zip(bs, ss)):
+            where = f"image {i} query {k}"
+            if b.output_ids != s.output_ids:
+                out.append(f"{where}: ids {b.output_ids} != {s.output_ids}")
+            if b.exists != s.exists:
+                out.append(f"{where}: exists {b.exists} != {s.exists}")
+            if b.masks.shape != s.masks.shape:
+                out.append(f"{where}: mask shape {tuple(b.masks.shape)} != {tuple(s.masks.shape)}")
+            elif not torch.equal(b.masks, s.masks):
+                out.append(f"{where}: {int((b.masks != s.masks).sum())} of {b.masks.numel()} mask pixels differ")
+            if b.seg_hidden.shape != s.seg_hidden.shape:
+                out.append(f"{where}: seg_hidden shape {tuple(b.seg_hidden.shape)} != {tuple(s.seg_hidden.shape)}")
+            elif b.seg_hidden.numel() and not torch.allclose(b.seg_hidden, s.seg_hidden, atol=2e-5, rtol=1e-4):
+                diff = float((b.seg_hidden - s.seg_hidden).abs().max())
+                out.append(f"{where}: seg_hidden differs by up to {diff:.3g}")
+    return out
+
+
+@pytest.mark.parametrize("graphs,column_block,row_block", [(True, 256, 4), (True, 8, 3), (False, 256, 4)])
+def test_engine_equals_predict_on_cuda(tokenizer, token_ids, no_tf32, graphs, column_block, row_block):
     model = tiny_model(token_ids, len(tokenizer), seed=1).to("cuda")
     works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77), (50, 50)], [3, 1, 7, 2])
     hook = _hook(token_ids)
     engine = BatchedInference(model, EngineConfig(max_new_tokens=9, eos_token_id=token_ids.eos,
                                                   pad_token_id=token_ids.pad, slots_per_group=3, first_capacity=4,
-                                                  column_block=column_block, row_block=row_block), logits_hook=hook)
+                                                  cuda_graphs=graphs, column_block=column_block,
+                                                  row_block=row_block), logits_hook=hook)
     single = _one_at_a_time(model, works, token_ids, 9, hook)
-    for _ in range(2):  # the second run replays the kept captures
-        _assert_same(engine.run(works), single)
-    assert engine.graph_failure is None and engine.graph_captures >= 1
+    for run in range(2):  # with graphs, the second run replays the kept captures
+        problems = _differences(engine.run(works), single)
+        assert not problems, f"run {run}: " + "; ".join(problems[:8])
+    assert engine.graph_failure is None
+    assert (engine.graph_captures >= 1) == graphs
