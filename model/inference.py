@@ -25,10 +25,11 @@ A query attends to the prefix and to its own slot's columns only (an additive ma
 `scaled_dot_product_attention`). The prefix is read once per group and step however many queries
 share it, which is what makes large batches cheap: decode is bound by reading weights and cache.
 
-A decode step is ~1,700 PyTorch calls for LLaMA-7B. With `EngineConfig.cuda_graphs` each step is
-captured once as a CUDA graph and replayed: the cache, the mask and the step's inputs live at fixed
-addresses and are kept between batches, and a step reads whole blocks of `column_block` cache
-columns for `row_block`-rounded groups (columns past the last written one are masked), so one
+A decode step is ~1,700 PyTorch calls for LLaMA-7B, which take the host longer than the GPU needs
+for the step once prefill and masks are lean. On CUDA (`EngineConfig.cuda_graphs`) each step is
+therefore captured once as a CUDA graph and replayed: the cache, the mask and the step's inputs live
+at fixed addresses and are kept between batches, and a step reads whole blocks of `column_block`
+cache columns for `row_block`-rounded groups (columns past the last written one are masked), so one
 capture serves many steps and later batches.
 
 The decoder layers of transformers' LlamaForCausalLM (projections, rotary embedding, norms, MLP,
@@ -78,12 +79,9 @@ class EngineConfig:
     slots_per_group: int = 8  # queries of one image that share one cached prefix; more -> another group
     sam_batch: int = 8  # images per SAM encoder call (its attention materialises no (HW x HW) maps)
     clip_batch: int = 32
-    prefix_batch: int = 16  # images per prefix forward
+    prefix_batch: int = 32  # images per prefix forward
     first_capacity: int = 32  # decode steps the cache is sized for at first; doubles when reached
-    # On CUDA, replay each decode step as a captured CUDA graph. Off by default: at 256-query batches
-    # a LLaMA-7B step is GPU-bound (H100: same decode time with or without) and each capture costs
-    # a warm-up step; it pays where steps are launch-bound (small batches, long answers).
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True  # on CUDA, replay each decode step as a captured CUDA graph
     # Decode reads the cache in whole blocks of columns and runs groups in multiples of `row_block`,
     # so a captured step serves many steps and batches. Larger: fewer captures, more masked reads.
     column_block: int = 256
@@ -284,7 +282,7 @@ class BatchedInference:
     def _encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
         # channels-last pixels make the patch-embedding convolution write channels-last, so the
         # encoder's (B, H, W, C) token grid is contiguous: its layer norms, residual adds and matrix
-        # products then need no layout copies (a third of ViT-H's time on an H100 otherwise)
+        # products then need no layout copies (the largest kernel time in the profiled encoder)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         if self._sam_encoder is None:
             return self.model.encode_images_sam(pixels)
@@ -575,44 +573,45 @@ class BatchedInference:
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(step)
+                graph, out, result = self._capture(step)
             except Exception as e:  # noqa: BLE001 - any capture failure: keep going without graphs
                 self.graph_failure = f"{type(e).__name__}: {e}"
                 warnings.warn(f"CUDA graph capture of the decode step failed; decoding without graphs "
                               f"({self.graph_failure})")
                 torch.cuda.synchronize()
                 return step()
-            self._graphs[key] = entry
+            self._graphs[key] = (graph, out)
             while len(self._graphs) > self.config.max_graphs:
                 self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
+            return result  # this step ran eagerly before the capture; later steps replay
+        self._graphs.move_to_end(key)
         graph, out = entry
         graph.replay()
         return out
 
     def _capture(self, step: Callable[[], torch.Tensor]):
-        """Warm up, then capture, on one side stream kept for all captures (libraries set up their
-        per-stream state in the warm-up, never while capturing). Rerunning a step is harmless: it
-        rewrites the same cache columns with the same values. (Not `torch.cuda.graph`, which empties
-        the allocator's cache at every capture: costly with a large KV cache around.)"""
+        """Run the step eagerly on a side stream kept for all captures (which also warms up what
+        libraries set up per stream, never while capturing), then capture it there. Returns the
+        graph, its output tensor and the eager result of this step. (Not `torch.cuda.graph`, which
+        empties the allocator's cache at every capture: costly with a large KV cache around.)"""
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
             self._capture_stream = torch.cuda.Stream()
-        side = self._capture_stream
-        side.wait_stream(torch.cuda.current_stream())
+        side, main = self._capture_stream, torch.cuda.current_stream()
+        side.wait_stream(main)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
-            step()
+            result = step()
             # thread_local: the loader threads may pin host memory meanwhile, which is no capture error
             graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
             try:
-                out = step()
+                out = step()  # recorded, not run: replays rewrite the same cache columns from the inputs
             finally:
                 graph.capture_end()
-        torch.cuda.current_stream().wait_stream(side)
+        main.wait_stream(side)
+        result.record_stream(main)  # made on the side stream, read on the main one
         self.graph_captures += 1
-        return graph, out
+        return graph, out, result
 
     def _masks(self, by_image, answers, sam_embeddings, image_hidden, images) -> dict[int, torch.Tensor]:
         """Per image, the (n, H, W) bool masks (CPU) of its [SEG]s in query order. What

@@ -183,9 +183,10 @@ def test_graph_bookkeeping_equals_predict(tokenizer, token_ids, monkeypatch):
     dropped when the cache grows and beyond max_graphs."""
     def fake_capture(self, step):
         graph = _ReplayedStep(step)
+        result = step()
         graph.out = step()
         self.graph_captures += 1
-        return graph, graph.out
+        return graph, graph.out, result
 
     monkeypatch.setattr(BatchedInference, "_use_graphs", lambda self: True)
     monkeypatch.setattr(BatchedInference, "_capture", fake_capture)
