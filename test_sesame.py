@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--queries_per_batch", type=int, default=256, help="queries decoded together (KV memory grows with it)")
     p.add_argument("--slots_per_group", type=int, default=8, help="queries of one image sharing one cached prefix")
-    p.add_argument("--no_cuda_graphs", action="store_true",
-                   help="launch decode steps op by op instead of replaying captured CUDA graphs")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="replay decode steps as captured CUDA graphs (faster steps, but each new step shape "
+                        "costs a capture; measured slower overall at the default batch)")
     p.add_argument("--compile_sam", action="store_true",
                    help="torch.compile SAM's image encoder: about 2x faster per image after a one-time compile "
                         "of about a minute, so only worth it for long runs")
@@ -251,7 +252,7 @@ def run_inference(args, loaded, images, engine_hook=None, timer=None) -> dict:
 
         engine = BatchedInference(model, EngineConfig(max_new_tokens=args.max_new_tokens, eos_token_id=ids.eos,
                                                       pad_token_id=ids.pad, slots_per_group=args.slots_per_group,
-                                                      cuda_graphs=not args.no_cuda_graphs,
+                                                      cuda_graphs=args.cuda_graphs,
                                                       compile_sam=args.compile_sam),
                                   logits_hook=engine_hook, timer=timer)
         files = ImageFiles(pending, loaded.clip_transform, loaded.sam_transform, args.visualize,

@@ -3,9 +3,11 @@
 Builds the full-size architecture (LLaMA-7B, CLIP ViT-L/14-336, SAM ViT-H) with random bf16 weights on
 the GPU and runs the real evaluation loop of test_sesame.py (image files decoded and preprocessed by
 loader threads, batched engine, records written as JSONL with RLE masks) over synthetic
-FP-RefCOCO-like work: N images x Q queries, prompts in the real llava_v1 template with SESAME's
-question wording, answers capped at --max_new_tokens, [SEG] forced in half of the answers (so mask
-decoding is counted) and EOS suppressed (every answer has the full length, in both strategies).
+FP-RefCOCO-like work: N images x Q queries, prompts in the vicuna_v1 template (the evaluation's) with
+SESAME's question wording, answers capped at --max_new_tokens, [SEG] forced in half of the answers (so
+mask decoding is counted) and EOS suppressed (every answer has the full length, in both strategies).
+A warm-up run over the first batch comes first (reported as "cold"); the engine figure is the next
+run over all images, and a third, synchronised run splits the time by stage.
 
 Then it times the original's strategy on a subset (`eval_sesame.py` + `evaluate()`): chunks of 5
 queries of one image, left padded; SAM ViT-H run once per query (the image is repeated); every
@@ -13,6 +15,8 @@ decode step recomputes the whole sequence without a KV cache, with CLIP and the 
 inside each step; masks of the chunk's [SEG]s. Its queries/s is extrapolated from the subset.
 
     python benchmarks/eval_throughput.py                  # GPU, full size
+    python benchmarks/eval_throughput.py --skip_original --profile_dir DIR   # + per-stage kernel profile
+    python benchmarks/eval_throughput.py --cuda_graphs | --compile_sam       # engine options
     python benchmarks/eval_throughput.py --tiny           # CPU smoke check, tiny random model
 
 Prints a Markdown table to paste into benchmarks/RESULTS.md and one JSON line with every figure.
@@ -142,7 +146,7 @@ def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
     argv = ["--vis_save_path", out_dir, "--max_new_tokens", str(args.max_new_tokens), "--queries_per_batch",
             str(args.queries_per_batch), "--slots_per_group", str(args.slots_per_group), "--num_workers",
             str(args.num_workers), "--no_progress"]
-    argv += (["--no_cuda_graphs"] if args.no_cuda_graphs else []) + (["--compile_sam"] if args.compile_sam else [])
+    argv += (["--cuda_graphs"] if args.cuda_graphs else []) + (["--compile_sam"] if args.compile_sam else [])
     eval_args = test_sesame.build_parser().parse_args(argv)
     hook = make_hook(loaded.token_ids.seg, loaded.token_ids.eos)
     sync(args.device)
@@ -286,7 +290,7 @@ def main(argv=None) -> None:
                     help="images for the original's strategy, the first one a warm-up (default 5; tiny: 2)")
     ap.add_argument("--original_chunk", type=int, default=5)
     ap.add_argument("--skip_original", action="store_true")
-    ap.add_argument("--no_cuda_graphs", action="store_true", help="decode steps launched op by op")
+    ap.add_argument("--cuda_graphs", action="store_true", help="decode steps replayed as CUDA graphs")
     ap.add_argument("--compile_sam", action="store_true", help="torch.compile SAM's image encoder (compile counted "
                     "in the warm-up run, reported as cold_seconds)")
     ap.add_argument("--profile_dir", default=None,
@@ -340,7 +344,7 @@ def main(argv=None) -> None:
         "model": "tiny random (fp32)" if tiny else "LLaMA-7B + CLIP ViT-L/14-336 + SAM ViT-H, random bf16",
         "build_s": build_s, "images": args.images, "queries": queries, "max_new_tokens": args.max_new_tokens,
         "queries_per_batch": args.queries_per_batch, "slots_per_group": args.slots_per_group,
-        "cuda_graphs": not args.no_cuda_graphs, "compile_sam": args.compile_sam,
+        "cuda_graphs": args.cuda_graphs, "compile_sam": args.compile_sam,
         "engine_seconds": summary["seconds"], "engine_queries_per_s": qps, "decode_graphs": summary["decode_graphs"],
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
         "breakdown_s": breakdown, "waited_s": waits, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
@@ -352,7 +356,7 @@ def main(argv=None) -> None:
     print(f"| work | {args.images} images x {args.queries_per_image} queries = {queries}, answers "
           f"{args.max_new_tokens} new tokens, [SEG] in half, {args.queries_per_batch} queries per batch |")
     print(f"| engine | **{qps:.1f} queries/s** ({summary['seconds']:.2f} s, real loop incl. loading and records; "
-          f"CUDA graphs {'off' if args.no_cuda_graphs else 'on'}, SAM {'compiled' if args.compile_sam else 'eager'}) |")
+          f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, SAM {'compiled' if args.compile_sam else 'eager'}) |")
     print(f"| warm-up run (first batch, cold) | {cold['queries_run']} queries in {cold['seconds']:.2f} s |")
     parts = ", ".join(f"{k} {v:.2f} s ({100 * v / stage_total:.0f}%)" for k, v in breakdown.items())
     print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts}; of other: waiting for the "

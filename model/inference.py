@@ -25,12 +25,12 @@ A query attends to the prefix and to its own slot's columns only (an additive ma
 `scaled_dot_product_attention`). The prefix is read once per group and step however many queries
 share it, which is what makes large batches cheap: decode is bound by reading weights and cache.
 
-A decode step is ~1,700 PyTorch calls for LLaMA-7B, which take the host longer than the GPU needs
-for the step once prefill and masks are lean. On CUDA (`EngineConfig.cuda_graphs`) each step is
-therefore captured once as a CUDA graph and replayed: the cache, the mask and the step's inputs live
-at fixed addresses and are kept between batches, and a step reads whole blocks of `column_block`
-cache columns for `row_block`-rounded groups (columns past the last written one are masked), so one
-capture serves many steps and later batches.
+A decode step is ~1,700 PyTorch calls for LLaMA-7B, which can take the host longer than the GPU
+needs for the step. With `EngineConfig.cuda_graphs` (opt-in, see there) each step is captured once
+as a CUDA graph and replayed: the cache, the mask and the step's inputs live at fixed addresses and
+are kept between batches, and a step reads whole blocks of `column_block` cache columns for
+`row_block`-rounded groups (columns past the last written one are masked), so one capture serves
+many steps and later batches.
 
 The decoder layers of transformers' LlamaForCausalLM (projections, rotary embedding, norms, MLP,
 LoRA-wrapped or not) are called one by one; only the attention call and the cache are ours,
@@ -81,7 +81,10 @@ class EngineConfig:
     clip_batch: int = 32
     prefix_batch: int = 32  # images per prefix forward
     first_capacity: int = 32  # decode steps the cache is sized for at first; doubles when reached
-    cuda_graphs: bool = True  # on CUDA, replay each decode step as a captured CUDA graph
+    # On CUDA, replay each decode step as a captured CUDA graph. Off by default: on an H100 it made the
+    # decode stage faster (1.03 s vs 1.26 s for 48 steps of 256 queries) but the real loop slower
+    # (87 vs 90 queries/s), as each new step shape costs a capture (the first in a process seconds).
+    cuda_graphs: bool = False
     # Decode reads the cache in whole blocks of columns and runs groups in multiples of `row_block`,
     # so a captured step serves many steps and batches. Larger: fewer captures, more masked reads.
     column_block: int = 256
