@@ -6,8 +6,9 @@ Layout under --vis_save_path:
     {dataset}_{split}/shard_{p}_of_{w}.done.json   written when shard p has every query of its images
     {dataset}_{split}/metrics.json                 written by `--cmd metrics`
 
-A batch of records is written, flushed and fsync'ed before the next batch starts, so a killed run
-loses at most the batch in flight. On restart the keys (image_id, ref_id, sent_id) already on disk are
+A batch of records is written, flushed and fsync'ed before the next batch's are (test_sesame.py
+writes them from a background thread while the GPU runs the next batch), so a killed run loses at
+most the two batches in flight. On restart the keys (image_id, ref_id, sent_id) already on disk are
 read back and skipped; a last line cut off by the kill is dropped from the file first. Shards are
 contiguous chunks of the image list (`np.array_split`, like the original), so every query belongs to
 exactly one shard.
