@@ -4,53 +4,12 @@ import pytest
 import torch
 
 from dataset.transforms import ClipTransform, SamTransform
-from model.batch import SesameBatch
-from model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, build_prompt, tokenize_with_image
+from model.conversation import IMAGE_TOKEN_INDEX, build_prompt, tokenize_with_image
 from model.lora import apply_lora, is_trainable, set_trainable
 from model.tiny import tiny_model
-
-
-def _image(h, w, seed=0):
-    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
-
-
-def _inputs(model, images):
-    clip = ClipTransform(model.config.vision.image_size)
-    sam = SamTransform(model.config.sam.image_size)
-    sam_in = [sam(im) for im in images]
-    return (torch.stack([clip(im) for im in images]), torch.stack([s.pixels for s in sam_in]),
-            [s.resized_size for s in sam_in], [s.original_size for s in sam_in])
-
-
-def _train_batch(tokenizer, token_ids, model, answers_per_image, sizes):
-    """One conversation per answer; labels supervise the answer and </s> only."""
-    images = [_image(h, w, i) for i, (h, w) in enumerate(sizes)]
-    clip, sam, resized, original = _inputs(model, images)
-    rows, labels, offset, masks = [], [], [0], []
-    for i, answers in enumerate(answers_per_image):
-        n_seg = 0
-        for a in answers:
-            prompt_ids = tokenize_with_image(build_prompt("<image>\nWhere is the red square?"), tokenizer)
-            answer_ids = tokenizer(" " + a, add_special_tokens=False).input_ids + [token_ids.eos]
-            rows.append(prompt_ids + answer_ids)
-            labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
-            n_seg += a.count("[SEG]")
-        offset.append(len(rows))
-        h, w = sizes[i]
-        gt = torch.zeros(n_seg, h, w, dtype=torch.uint8)
-        for k in range(n_seg):
-            gt[k, h // 4: h // 2, w // 3: w // 2 + k] = 1
-        masks.append(gt)
-    length = max(map(len, rows))
-    ids = torch.full((len(rows), length), token_ids.pad)
-    lab = torch.full((len(rows), length), IGNORE_INDEX)
-    att = torch.zeros((len(rows), length), dtype=torch.bool)
-    for r, (x, y) in enumerate(zip(rows, labels)):
-        ids[r, :len(x)] = torch.tensor(x)
-        lab[r, :len(y)] = torch.tensor(y)
-        att[r, :len(x)] = True
-    return SesameBatch(images_clip=clip, images_sam=sam, input_ids=ids, labels=lab, attention_mask=att,
-                       offset=torch.tensor(offset), masks=masks, resized_sizes=resized, original_sizes=original)
+from model_inputs import encoder_inputs as _inputs
+from model_inputs import random_image as _image
+from model_inputs import train_batch as _train_batch
 
 
 def _force_seg_at(step_to_force, seg_id, eos_id):

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dataset.transforms import ClipTransform, SamTransform
 from model.batch import SesameBatch
 from model.config import SasPConfig
-from model.conversation import IGNORE_INDEX, build_prompt, tokenize_with_image
+from model.conversation import build_prompt, tokenize_with_image
 from model.lora import apply_lora, set_trainable
 from model.sam import decode_masks
 from model.sasp import (FullMapFactors, add_sasp_arguments, cell_centres, coarse_grid, crop_padding,
@@ -17,6 +16,9 @@ from model.sasp import (FullMapFactors, add_sasp_arguments, cell_centres, coarse
                         refine_points_dense, sasp_config_from_args, select_cells, similarity_as_points, to_sam_frame,
                         validate_sasp_config)
 from model.tiny import tiny_model
+from model_inputs import encoder_inputs as _inputs
+from model_inputs import random_image as _image
+from model_inputs import train_batch as _batch
 
 TINY_CLIP = 112  # tiny CLIP crop side: an 8 x 8 grid of image tokens
 
@@ -224,46 +226,6 @@ def test_command_line_flags():
 
 
 # --- the plug-in in SesameModel -------------------------------------------------------------------
-def _image(h, w, seed=0):
-    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
-
-
-def _inputs(model, images):
-    clip = ClipTransform(model.config.vision.image_size)
-    sam = SamTransform(model.config.sam.image_size)
-    sam_in = [sam(im) for im in images]
-    return (torch.stack([clip(im) for im in images]), torch.stack([s.pixels for s in sam_in]),
-            [s.resized_size for s in sam_in], [s.original_size for s in sam_in])
-
-
-def _batch(tokenizer, token_ids, model, answers_per_image, sizes):
-    """One conversation per answer, labels on the answer and </s>; one GT mask per [SEG]."""
-    clip, sam, resized, original = _inputs(model, [_image(h, w, i) for i, (h, w) in enumerate(sizes)])
-    rows, labels, offset, masks = [], [], [0], []
-    for i, answers in enumerate(answers_per_image):
-        n_seg = 0
-        for a in answers:
-            prompt = tokenize_with_image(build_prompt("<image>\nWhere is the red square?"), tokenizer)
-            answer = tokenizer(" " + a, add_special_tokens=False).input_ids + [token_ids.eos]
-            rows.append(prompt + answer)
-            labels.append([IGNORE_INDEX] * len(prompt) + answer)
-            n_seg += a.count("[SEG]")
-        offset.append(len(rows))
-        h, w = sizes[i]
-        gt = torch.zeros(n_seg, h, w, dtype=torch.uint8)
-        for k in range(n_seg):
-            gt[k, h // 4: h // 2 + k, w // 3: w // 2] = 1
-        masks.append(gt)
-    length = max(map(len, rows))
-    ids = torch.full((len(rows), length), token_ids.pad)
-    lab = torch.full((len(rows), length), IGNORE_INDEX)
-    att = torch.zeros((len(rows), length), dtype=torch.bool)
-    for r, (x, y) in enumerate(zip(rows, labels)):
-        ids[r, :len(x)], lab[r, :len(y)], att[r, :len(x)] = torch.tensor(x), torch.tensor(y), True
-    return SesameBatch(images_clip=clip, images_sam=sam, input_ids=ids, labels=lab, attention_mask=att,
-                       offset=torch.tensor(offset), masks=masks, resized_sizes=resized, original_sizes=original)
-
-
 def _teacher_forced_states(model, batch):
     """(hidden (B, L', H), spliced) from the LLM, as forward computes them."""
     from model.generation import positions_from_mask
