@@ -112,12 +112,14 @@ def check_unique_keys(images) -> None:
 
 
 def read_rgb(path: str) -> np.ndarray:
-    import cv2
+    """The dataset reader's OpenCV decode; here an unreadable image stops the run (resume loses nothing)."""
+    from dataset.image_io import SkipItem, read_image_rgb
 
-    img = cv2.imread(path, cv2.IMREAD_COLOR)  # OpenCV decode, as the original
-    if img is None:
-        raise FileNotFoundError(f"cannot read image {path}" + ("" if os.path.exists(path) else " (no such file)"))
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    try:
+        return read_image_rgb(path, "evaluation")
+    except SkipItem as e:
+        no_file = e.reason == "file not found"
+        raise FileNotFoundError(f"cannot read image {path}" + (" (no such file)" if no_file else "")) from None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataset.image_io import SkipItem
 from model.batch import SesameBatch
 from model.conversation import build_prompt, tokenize_with_image
 from utils import distributed as dist_utils
-from utils.metrics import GIOU_EPS, intersection_union
+from utils.metrics import intersection_union, mask_giou
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SegmentSums:
             i, u = intersection_union(p, g)
             self.intersection += i
             self.union += u
-            self.giou_sum += 1.0 if u == 0 else i / (u + GIOU_EPS)
+            self.giou_sum += mask_giou(i, u)
             self.num_masks += 1
 
 

@@ -47,6 +47,12 @@ def intersection_union(pred: np.ndarray, gt: np.ndarray, ignore_label: int = IGN
     return int((p & g).sum()), int((p | g).sum())
 
 
+def mask_giou(intersection: float, union: float) -> float:
+    """One mask's IoU for gIoU, LISA's rule: I / (U + 1e-5), and 1 when prediction and ground truth
+    are both empty (union 0)."""
+    return 1.0 if union == 0 else intersection / (union + GIOU_EPS)
+
+
 def normalize_text(text: str) -> str:
     text = text.lower().replace("[seg]", " ").replace("</s>", " ")
     text = _PUNCT.sub(" ", text)
@@ -115,7 +121,7 @@ def summarize(scores: Iterable[QueryScore]) -> dict:
     tn = n - tp - fp - fn
     sum_i = sum(s.intersection for s in scores)
     sum_u = sum(s.union for s in scores)
-    giou = [1.0 if s.union == 0 else s.intersection / (s.union + GIOU_EPS) for s in scores]
+    giou = [mask_giou(s.intersection, s.union) for s in scores]
     say = [s for s in scores if s.say_eligible]
     return {
         "see": _ratio(tp + tn, n),
