@@ -25,16 +25,17 @@ A query attends to the prefix and to its own slot's columns only (an additive ma
 `scaled_dot_product_attention`). The prefix is read once per group and step however many queries
 share it, which is what makes large batches cheap: decode is bound by reading weights and cache.
 
-A decode step is ~1,700 PyTorch calls for LLaMA-7B, which can take the host longer than the GPU
-needs for the step. With `EngineConfig.cuda_graphs` (opt-in, see there) each step is captured once
-as a CUDA graph and replayed: the cache, the mask and the step's inputs live at fixed addresses and
-are kept between batches, and a step reads whole blocks of `column_block` cache columns for
+A decode step is ~600 PyTorch calls for LLaMA-7B (model/llama_layers.py packs the projections and
+rotates q and k together to keep it there), which can take the host longer than the GPU needs for
+the step. With `EngineConfig.cuda_graphs` (opt-in, see there) each step is captured once as a CUDA
+graph and replayed: the cache, the mask and the step's inputs live at fixed addresses and are kept
+between batches, and a step reads whole blocks of `column_block` cache columns for
 `row_block`-rounded groups (columns past the last written one are masked), so one capture serves
 many steps and later batches.
 
-The decoder layers of transformers' LlamaForCausalLM (projections, rotary embedding, norms, MLP,
-LoRA-wrapped or not) are called one by one; only the attention call and the cache are ours,
-because transformers' caches have no notion of a prefix shared between batch rows.
+The decoder layers' own modules (projections, rotary embedding, norms, MLP, LoRA-wrapped or not)
+do the work; only the attention call and the cache are ours, because transformers' caches have no
+notion of a prefix shared between batch rows.
 
 Outputs equal `SesameModel.predict` run one query at a time (tests/test_eval_engine.py).
 """
@@ -50,9 +51,9 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .conversation import IMAGE_TOKEN_INDEX
+from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
 from .sesame import QueryPrediction, SesameModel
 
 # (step, logits (R, V) float32, query index (R,) long: position in `run`'s flat query order, -1 for
@@ -91,6 +92,9 @@ class EngineConfig:
     row_block: int = 4
     max_graphs: int = 48  # captured decode steps kept (oldest dropped first)
     compile_sam: bool = False  # torch.compile SAM's image encoder (fixed batch of sam_batch images)
+    # Pack each layer's q/k/v weights into one tensor (model/llama_layers.py): fewer kernels per step. The modules keep their values, their parameters become views of the packed
+    # tensors, so the model stays usable; turn off if something else must own those parameters.
+    pack_projections: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "slots_per_group", "sam_batch", "clip_batch", "prefix_batch", "first_capacity",
@@ -137,41 +141,45 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 class GroupKVCache:
-    """Keys and values per decoder layer, (rows, kv_heads, columns, head_dim), in the column layout
-    of the module docstring. It outlives a batch (CUDA graphs captured on it stay valid), so rows
-    and columns are capacities: a batch uses rows [0, groups) and columns [0, used). Zero-filled at
-    allocation: columns a step reads but masks out must hold finite numbers (0 * NaN is NaN)."""
+    """Keys and values per decoder layer, one (rows, columns, 2, kv_heads, head_dim) tensor each (keys
+    at [:, :, 0], values at [:, :, 1]: a layer's new keys and values are written by one copy), in the
+    column layout of the module docstring. It outlives a batch (CUDA graphs captured on it stay
+    valid), so rows and columns are capacities: a batch uses rows [0, groups) and columns [0, used).
+    Zero-filled at allocation: columns a step reads but masks out must hold finite numbers (0 * NaN
+    is NaN)."""
 
     def __init__(self, num_layers: int, groups: int, kv_heads: int, head_dim: int, columns: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (groups, kv_heads, columns, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (groups, columns, 2, kv_heads, head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.used = 0
 
     @property
     def rows(self) -> int:
-        return self.keys[0].shape[0]
+        return self.kv[0].shape[0]
 
     @property
     def columns(self) -> int:
-        return self.keys[0].shape[2]
+        return self.kv[0].shape[1]
+
+    def keys_values(self, layer: int, rows: int, read: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, kv_heads, read, head_dim) views of keys and values, as attention takes them."""
+        kv = self.kv[layer][:rows, :read]
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
     def grow(self, columns: int) -> None:
         """More columns, keeping [0, used) of every row (new tensors: captured graphs are stale)."""
         if columns <= self.columns:
             return
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                new = old.new_zeros((old.shape[0], old.shape[1], columns, old.shape[3]))
-                new[:, :, :self.used] = old[:, :, :self.used]
-                store[i] = new
+        for i, old in enumerate(self.kv):
+            new = old.new_zeros((old.shape[0], columns, *old.shape[2:]))
+            new[:, :self.used] = old[:, :self.used]
+            self.kv[i] = new
 
     def select(self, groups: torch.Tensor) -> None:
         """Move rows `groups` (ascending) to rows [0, len(groups)), in place."""
-        for store in (self.keys, self.values):
-            for t in store:
-                t[:groups.numel(), :, :self.used] = t[groups, :, :self.used]
+        for t in self.kv:
+            t[:groups.numel(), :self.used] = t[groups, :self.used]
 
 
 @dataclass
@@ -204,15 +212,6 @@ def _split_prompt(ids: Sequence[int], where: str) -> tuple[tuple[int, ...], list
     return tuple(ids[:k]), list(ids[k + 1:])
 
 
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaRMSNorm (float32 inside, result in x's dtype, times the weight) as one
-    PyTorch call instead of six; other norm modules are called as they are."""
-    eps = getattr(norm, "variance_epsilon", None)
-    if eps is None or type(norm).__name__ != "LlamaRMSNorm":
-        return norm(x)
-    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
-
-
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # pinned host memory (the loader pins on CUDA runs) copies without blocking this thread
     return t.to(device, non_blocking=t.is_pinned())
@@ -236,6 +235,7 @@ class BatchedInference:
         self._capture_stream = None
         self.graph_failure: Optional[str] = None  # why a capture failed, if one did (then: eager steps)
         self.graph_captures = 0
+        self._layers_of: Optional[LlamaLayers] = None
         self._sam_encoder = None
         if config.compile_sam:
             self._sam_encoder = torch.compile(model.visual_model.image_encoder, dynamic=False)
@@ -407,7 +407,7 @@ class BatchedInference:
             x = llm.get_input_embeddings()(ids)
             x = self._layers(decoder, x, P + index_in_slot, cache, torch.arange(P, end, device=device), read, mask)
             rows = torch.arange(groups, device=device)[:, None]
-            hidden = _rms_norm(decoder.norm, x[rows, last])  # (G, n, H): each slot's last suffix token
+            hidden = rms_norm(decoder.norm, x[rows, last])  # (G, n, H): each slot's last suffix token
             cache.used = end
             # decode rows see their own slot's suffix columns
             suffix_keys = slot_of[:, None, :] == torch.arange(n, device=device)[None, :, None]  # (G, n, S)
@@ -445,7 +445,7 @@ class BatchedInference:
                 target = (torch.tensor(rows, device=device), torch.tensor(source, device=device))
             x = self._layers(decoder, x, positions, cache, None, P, None, prefix_rows=target)
             if keep_image_hidden:
-                states = _rms_norm(decoder.norm, x[:, text_len:text_len + num_patches])
+                states = rms_norm(decoder.norm, x[:, text_len:text_len + num_patches])
                 for r, im in enumerate(chunk):
                     image_hidden[im] = states[r]
         return image_hidden
@@ -461,36 +461,38 @@ class BatchedInference:
         B rows are cache rows [0, B), its L tokens take cache columns `columns` (L,), and they attend
         to columns [0, read) through `mask` (B, 1, L, read), additive (0 or -inf).
         """
-        cos, sin = decoder.rotary_emb(x, positions)
+        layers = self._llama_layers(decoder)
+        heads, kv_heads = layers.heads, layers.kv_heads
+        cos, signed_sin = rotary_tables(decoder, x, positions)
         batch, length = x.shape[:2]
-        for i, layer in enumerate(decoder.layers[:decoder.config.num_hidden_layers]):
+        gqa = {"enable_gqa": True} if heads != kv_heads else {}
+        for i, layer in enumerate(layers.layers):
             attn = layer.self_attn
-            h = _rms_norm(layer.input_layernorm, x)
-            shape = (batch, length, -1, attn.head_dim)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            gqa = q.shape[1] != k.shape[1]
+            qkv = layers.qkv(i, rms_norm(layer.input_layernorm, x))  # (B, L, heads + 2 kv_heads, d)
+            rotate_(qkv[:, :, :heads + kv_heads], cos, signed_sin)  # q and k together
+            q = qkv[:, :, :heads].transpose(1, 2)
+            new_kv = qkv[:, :, heads:].unflatten(2, (2, kv_heads))  # (B, L, 2, kv_heads, d)
+            store = cache.kv[i]
             if mask is None:
                 if isinstance(prefix_rows, slice):
-                    cache.keys[i][prefix_rows, :, :length].copy_(k)
-                    cache.values[i][prefix_rows, :, :length].copy_(v)
+                    store[prefix_rows, :length].copy_(new_kv)
                 else:
                     rows, source = prefix_rows
-                    cache.keys[i][rows, :, :length] = k[source]
-                    cache.values[i][rows, :, :length] = v[source]
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
-                                                   **({"enable_gqa": True} if gqa else {}))
+                    store[rows, :length] = new_kv[source]
+                k, v = new_kv[:, :, 0].transpose(1, 2), new_kv[:, :, 1].transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
             else:
-                keys, values = cache.keys[i][:batch], cache.values[i][:batch]
-                keys.index_copy_(2, columns, k)
-                values.index_copy_(2, columns, v)
-                o = F.scaled_dot_product_attention(q, keys[:, :, :read], values[:, :, :read], attn_mask=mask,
-                                                   scale=attn.scaling, **({"enable_gqa": True} if gqa else {}))
+                store[:batch].index_copy_(1, columns, new_kv)
+                k, v = cache.keys_values(i, batch, read)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-            x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
+            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
         return x
+
+    def _llama_layers(self, decoder) -> LlamaLayers:
+        if self._layers_of is None or self._layers_of.decoder is not decoder:
+            self._layers_of = LlamaLayers(decoder, pack=self.config.pack_projections)
+        return self._layers_of
 
     def _decode(self, llm, decoder, hidden, slot_query, suffix_len, suffix_keys, P, S, n):
         """Greedy steps; the token of slot j at step s takes cache column P + S + s*n + j.
@@ -568,7 +570,7 @@ class BatchedInference:
             x = embed(buf.ids[:rows])
             x = self._layers(decoder, x, buf.positions[:rows], cache, buf.columns, read,
                              buf.mask[:rows, :, :, :read])
-            return _rms_norm(decoder.norm, x)
+            return rms_norm(decoder.norm, x)
 
         if not self._use_graphs():
             return step()

@@ -23,10 +23,12 @@ class SdpaSamAttention(nn.Module):
     """segment_anything's image-encoder attention computed with `F.scaled_dot_product_attention`.
 
     The decomposed relative positions enter as extra query/key channels instead of an (HW x HW)
-    bias: score = scale*q.k + q.Rh[hq,hk] + q.Rw[wq,wk] = [scale*q, q.Rh[hq], q.Rw[wq]] . [k, e(hk), e(wk)]
-    with e one-hot. No bias is materialised (it was 0.5 GB per image and global layer for ViT-H), and
-    SDPA can run its flash kernels. Same parameters (the same objects), same state-dict keys, same
-    outputs to float rounding.
+    bias: score = scale*q.k + q.Rh[hq,hk] + q.Rw[wq,wk]
+                = scale * [q, q.Rh[hq]/scale, q.Rw[wq]/scale] . [k, e(hk), e(wk)]
+    with e one-hot. No bias is materialised (it was 0.5 GB per image and global layer for ViT-H), SDPA
+    can run its fused kernels, and the values keep their own width (SDPA allows a value width other
+    than the query/key width), so neither they nor the output are copied. Same parameters (the same
+    objects), same state-dict keys, same outputs to float rounding.
     """
 
     def __init__(self, attn: SamAttention):
@@ -63,8 +65,9 @@ class SdpaSamAttention(nn.Module):
         d = q.shape[-1]
         width = -(-(d + h + w) // 8) * 8  # zero channels up to a multiple of 8: fused kernels take it as is
         grid_q, grid_k = q.unflatten(2, (h, w)), k.unflatten(2, (h, w))  # (b, heads, h, w, d)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, self._rel_table(h, self.rel_pos_h, q.dtype))
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, self._rel_table(w, self.rel_pos_w, q.dtype))
+        unscale = 1.0 / self.scale  # SDPA multiplies every channel's product by the scale
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, self._rel_table(h, self.rel_pos_h, q.dtype) * unscale)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, self._rel_table(w, self.rel_pos_w, q.dtype) * unscale)
 
         def key_channels() -> torch.Tensor:  # (h, w, width - d): e(hk), e(wk), zeros
             rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
@@ -75,10 +78,9 @@ class SdpaSamAttention(nn.Module):
 
         extra = self._constant(("keys", h, w, width, x.device, q.dtype), key_channels)
         zeros = q.new_zeros(())
-        q_ext = torch.cat([grid_q * self.scale, rel_h, rel_w, zeros.expand(b, heads, h, w, width - d - h - w)], dim=-1)
+        q_ext = torch.cat([grid_q, rel_h, rel_w, zeros.expand(b, heads, h, w, width - d - h - w)], dim=-1)
         k_ext = torch.cat([grid_k, extra.expand(b, heads, h, w, width - d)], dim=-1)
-        v_ext = torch.cat([v, zeros.expand(b, heads, h * w, width - d)], dim=-1)
-        out = F.scaled_dot_product_attention(q_ext.flatten(2, 3), k_ext.flatten(2, 3), v_ext, scale=1.0)[..., :d]
+        out = F.scaled_dot_product_attention(q_ext.flatten(2, 3), k_ext.flatten(2, 3), v, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 

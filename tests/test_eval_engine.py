@@ -114,6 +114,43 @@ def test_engine_equals_predict_free_generation(tokenizer, token_ids):
     _assert_same(engine.run(works), _one_at_a_time(model, works, token_ids, 12, None))
 
 
+def _tiny_gqa_model(token_ids, vocab_size, seed):
+    from model.config import SesameConfig
+    from model.sesame import SesameModel
+
+    cfg = SesameConfig.tiny(vocab_size=vocab_size)
+    cfg.llm.num_key_value_heads = 2  # 4 query heads share 2 key/value heads
+    cfg.llm.pad_token_id, cfg.llm.bos_token_id, cfg.llm.eos_token_id = token_ids.pad, token_ids.bos, token_ids.eos
+    torch.manual_seed(seed)
+    return SesameModel(cfg, seg_token_id=token_ids.seg).eval()
+
+
+@pytest.mark.parametrize("variant", ["gqa", "lora", "unpacked"])
+def test_engine_equals_predict_for_other_llms(tokenizer, token_ids, variant):
+    """Grouped-query attention, an LLM with unmerged LoRA layers (its q/v projections are not packed),
+    and packing turned off all give what `predict` gives."""
+    if variant == "gqa":
+        model = _tiny_gqa_model(token_ids, len(tokenizer), seed=6)
+    else:
+        model = tiny_model(token_ids, len(tokenizer), seed=6)
+    if variant == "lora":
+        from model.lora import apply_lora
+
+        apply_lora(model)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.2)
+        model.eval()
+    works = _work(model, tokenizer, [(40, 60), (52, 33)], [3, 2])
+    hook = _hook(token_ids)
+    engine = BatchedInference(model, EngineConfig(max_new_tokens=7, eos_token_id=token_ids.eos,
+                                                  pad_token_id=token_ids.pad, pack_projections=variant != "unpacked"),
+                              logits_hook=hook)
+    batched = engine.run(works)
+    assert engine._layers_of.packed == (variant == "gqa")
+    _assert_same(batched, _one_at_a_time(model, works, token_ids, 7, hook))
+
+
 def test_engine_equals_predict_with_sasp(tokenizer, token_ids):
     """READ: masks use the image-token states of the shared prefix pass."""
     model = tiny_model(token_ids, len(tokenizer), seed=2, sasp=SasPConfig(num_points=5, down_sample=1))

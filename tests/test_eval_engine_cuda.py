@@ -58,3 +58,42 @@ def test_engine_equals_predict_on_cuda(tokenizer, token_ids, no_tf32, graphs, co
         assert not problems, f"run {run}: " + "; ".join(problems[:8])
     assert engine.graph_failure is None
     assert (engine.graph_captures >= 1) == graphs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,d", [(32, 32, 128), (4, 2, 16), (40, 40, 128), (3, 1, 64)])
+def test_rotary_kernel_equals_transformers(dtype, heads, kv_heads, d):
+    """The Triton rotary kernel gives transformers' apply_rotary_pos_emb bit for bit (fp32: to
+    rounding, where the GPU may fuse a multiply-add), on the strided q/k view the engine passes."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from model import rotary_kernel
+    from model.llama_layers import rotary_tables
+
+    class Rope(torch.nn.Module):  # transformers' rotary module for head_dim d
+        def __init__(self):
+            super().__init__()
+            from transformers import LlamaConfig
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+            cfg = LlamaConfig(hidden_size=heads * d, num_attention_heads=heads, num_key_value_heads=kv_heads)
+            self.rotary_emb = LlamaRotaryEmbedding(cfg)
+
+    rope = Rope().cuda()
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 37, heads + 2 * kv_heads, d, device="cuda", dtype=dtype) * 4
+    positions = torch.randint(0, 2000, (3, 37), device="cuda")
+    q, k = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads]
+    cos, sin = rope.rotary_emb(qkv, positions)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    qk = qkv[:, :, :heads + kv_heads]
+    assert rotary_kernel.available(qk)
+    untouched = qkv[:, :, heads + kv_heads:].clone()
+    rotary_kernel.rotate_triton_(qk, *rotary_tables(rope, qkv, positions))
+    got_q, got_k = qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads:heads + kv_heads].transpose(1, 2)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(qkv[:, :, heads + kv_heads:], untouched)  # values are not rotated

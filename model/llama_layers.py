@@ -1,0 +1,117 @@
+"""transformers' LLaMA decoder layers, step by step, for the evaluation engine (`model/inference.py`).
+
+The engine owns attention and the KV cache (a prefix shared between batch rows has no place in
+transformers' caches) and calls the layers' own modules for everything else. Where that is plain
+`nn.Linear` modules it runs fewer, larger kernels, with the same arithmetic:
+
+- q/k/v projections as one matrix product (the three weights are moved into one tensor; the
+  modules' parameters become views of it: same values, same modules, no extra memory). Other
+  modules (LoRA-wrapped, quantised) are called one by one. gate/up are left apart: packed, their
+  halves of the product are strided and the SiLU and product after them run several times slower.
+- the rotary embedding of q and k together, in place: one kernel on CUDA, four elsewhere, instead
+  of ten.
+- RMSNorm as one fused normalisation plus the weight product (transformers' rounding: normalise in
+  float32, round to the input dtype, then multiply by the weight).
+
+A decode step is bound by how fast the host issues kernels as much as by the GPU, so kernel count
+is what this file is about.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import rotary_kernel
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaRMSNorm in two kernels; other norm modules are called as they are."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or type(norm).__name__ != "LlamaRMSNorm":
+        return norm(x)
+    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _plain_linears(modules: list[nn.Module]) -> bool:
+    """Exactly nn.Linear (not a subclass such as a LoRA layer), one dtype and device, all with or all
+    without bias."""
+    if not all(type(m) is nn.Linear for m in modules):
+        return False
+    w0 = modules[0].weight
+    same = all(m.weight.dtype == w0.dtype and m.weight.device == w0.device and m.in_features == modules[0].in_features
+               for m in modules)
+    return same and len({m.bias is None for m in modules}) == 1
+
+
+def _pack(modules: list[nn.Module]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One (sum of out_features, in_features) weight (and bias); each module's parameters become
+    views of it, in order."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = torch.cat([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
+    start = 0
+    for m in modules:
+        end = start + m.out_features
+        m.weight = nn.Parameter(weight[start:end], requires_grad=m.weight.requires_grad)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start:end], requires_grad=m.bias.requires_grad)
+        start = end
+    return weight, bias
+
+
+class LlamaLayers:
+    """The decoder layers of a LlamaModel with the projections packed where possible.
+
+    heads / kv_heads / head_dim: of the attention; `qkv(i, h)` returns layer i's projections as one
+    (B, L, heads + 2 * kv_heads, head_dim) tensor: query heads, then key heads, then value heads."""
+
+    def __init__(self, decoder: nn.Module, pack: bool = True):
+        self.decoder = decoder
+        self.layers = list(decoder.layers[:decoder.config.num_hidden_layers])
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.heads = decoder.config.num_attention_heads
+        self.kv_heads = decoder.config.num_key_value_heads
+        self._packed: list[Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]] = []
+        for layer in self.layers:
+            a = layer.self_attn
+            qkv = [a.q_proj, a.k_proj, a.v_proj]
+            self._packed.append(_pack(qkv) if pack and _plain_linears(qkv) else None)
+
+    @property
+    def packed(self) -> bool:
+        return all(p is not None for p in self._packed)
+
+    def qkv(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        packed = self._packed[i]
+        if packed is not None:
+            out = F.linear(h, *packed)
+        else:
+            a = self.layers[i].self_attn
+            out = torch.cat([a.q_proj(h), a.k_proj(h), a.v_proj(h)], dim=-1)
+        return out.view(*h.shape[:-1], self.heads + 2 * self.kv_heads, self.head_dim)
+
+
+def rotary_tables(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin), each (B, L, 1, head_dim), for `rotate_`: the model's own rotary embedding,
+    with the sign of rotate_half moved into the sine table."""
+    cos, sin = decoder.rotary_emb(x, positions)
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos[:, :, None], signed[:, :, None]
+
+
+def rotate_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """transformers' `x * cos + rotate_half(x) * sin`, in place on x (B, L, heads, d), bit for bit:
+    rotate_half(x) * sin = cat(-x2, x1) * sin = cat(x2, x1) * cat(-sin1, sin2), as negation is exact.
+    One Triton kernel on CUDA (model/rotary_kernel.py), four PyTorch calls elsewhere."""
+    if rotary_kernel.available(x):
+        rotary_kernel.rotate_triton_(x, cos, signed_sin)
+        return
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    swapped.mul_(signed_sin)
+    x.mul_(cos)
+    x.add_(swapped)

@@ -1,0 +1,84 @@
+"""model/llama_layers.py: the engine's step-by-step LLaMA layers compute what transformers' do."""
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from model.llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
+
+
+def _llama(kv_heads=2, bias=False, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, attention_bias=bias, mlp_bias=bias, max_position_embeddings=64)
+    model = LlamaModel(cfg).to(dtype).eval()
+    for p in model.parameters():  # nonzero biases and norm weights, so a slip in packing shows
+        nn.init.normal_(p, std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_is_bit_exact(dtype):
+    model = _llama(dtype=dtype)
+    torch.manual_seed(1)
+    q = torch.randn(3, 5, 4, 8, dtype=dtype)  # (B, L, heads, d)
+    k = torch.randn(3, 5, 2, 8, dtype=dtype)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11], [30, 2, 5, 1, 0]])
+    cos, sin = model.rotary_emb(q, positions)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    qk = torch.cat([q, k], dim=2)
+    rotate_(qk, *rotary_tables(model, q, positions))
+    assert torch.equal(qk[:, :, :4], want_q.transpose(1, 2))
+    assert torch.equal(qk[:, :, 4:], want_k.transpose(1, 2))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packing_keeps_the_model_and_its_outputs(bias):
+    model = _llama(bias=bias)
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(input_ids=ids).last_hidden_state
+    separate = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layers = LlamaLayers(model, pack=True)
+    assert layers.packed
+    # same names, same values; the projections are views of one tensor per layer and group
+    after = dict(model.named_parameters())
+    assert after.keys() == separate.keys()
+    for name, p in after.items():
+        assert torch.equal(p, separate[name]), name
+    attn = model.layers[0].self_attn
+    base = attn.q_proj.weight.untyped_storage().data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == base == attn.v_proj.weight.untyped_storage().data_ptr()
+    assert torch.equal(model(input_ids=ids).last_hidden_state, before)
+    # the packed products equal the modules' own
+    h = torch.randn(2, 7, 32)
+    qkv = layers.qkv(0, h)
+    assert qkv.shape == (2, 7, 4 + 2 * 2, 8)
+    want = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1).view(2, 7, 8, 8)
+    torch.testing.assert_close(qkv, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rms_norm(model.layers[0].input_layernorm, h), model.layers[0].input_layernorm(h))
+
+
+def test_lora_wrapped_projections_are_called_as_they_are():
+    from peft import LoraConfig, get_peft_model
+
+    model = _llama()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.3)  # a LoRA delta that changes the outputs
+    decoder = peft_model.base_model.model
+    layers = LlamaLayers(decoder, pack=True)
+    assert not layers.packed  # q/v are LoRA layers
+    attn = decoder.layers[1].self_attn
+    h = torch.randn(1, 3, 32)
+    want = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1).view(1, 3, 8, 8)
+    torch.testing.assert_close(layers.qkv(1, h), want)
+
+
+def test_no_packing_when_asked():
+    model = _llama()
+    layers = LlamaLayers(model, pack=False)
+    assert not layers.packed
+    attn = model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
