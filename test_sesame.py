@@ -159,7 +159,7 @@ class ImageFiles:
         if rgb.shape[:2] != (im.height, im.width):
             raise ValueError(f"{im.image_path}: image is {rgb.shape[0]}x{rgb.shape[1]} but the annotation says "
                              f"{im.height}x{im.width}")
-        clip, sam = self.clip(rgb), self.sam(rgb)
+        clip, sam = self.clip(rgb), self.sam.resized(rgb)  # the engine normalises SAM's input on the GPU
         if self.pin:
             clip, sam = clip.pin_memory(), replace(sam, pixels=sam.pixels.pin_memory())
         return PreparedImage(i, clip, sam, [ground_truth_rles(im, q) for q in todo], rgb if self.keep_rgb else None)
@@ -290,17 +290,23 @@ def run_inference(args, loaded, images, engine_hook=None, timer=None) -> dict:
         waited = {"loader": 0.0, "records": 0.0}  # main-thread time spent waiting, for benchmarks
         saver = ThreadPoolExecutor(1, thread_name_prefix="eval-records")
         saving = None
-        batches = batch_images(loader, lambda item: len(pending[item.index][1]), args.queries_per_batch)
-        try:
-            while True:
+        # batches are planned from the query counts, before any image is loaded, so that the engine
+        # can take each batch's images as they arrive (its encoders start on the first few)
+        plan = batch_images(range(len(pending)), lambda i: len(pending[i][1]), args.queries_per_batch)
+
+        def arriving(count: int, batch: list):
+            for _ in range(count):
                 t0 = time.perf_counter()
-                batch = next(batches, None)
+                item = next(loader)
                 waited["loader"] += time.perf_counter() - t0
-                if batch is None:
-                    break
-                work = [ImageWork(item.clip_pixels, item.sam.pixels, item.sam.resized_size, item.sam.original_size,
-                                  prompts[item.index]) for item in batch]
-                predictions = engine.run(work)
+                batch.append(item)
+                yield ImageWork(item.clip_pixels, item.sam.pixels, item.sam.resized_size, item.sam.original_size,
+                                prompts[item.index])
+
+        try:
+            for indices in plan:
+                batch: list = []
+                predictions = engine.run(arriving(len(indices), batch))
                 t0 = time.perf_counter()
                 if saving is not None:
                     done_now += saving.result()

@@ -359,8 +359,9 @@ def main(argv=None) -> None:
           f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, SAM {'compiled' if args.compile_sam else 'eager'}) |")
     print(f"| warm-up run (first batch, cold) | {cold['queries_run']} queries in {cold['seconds']:.2f} s |")
     parts = ", ".join(f"{k} {v:.2f} s ({100 * v / stage_total:.0f}%)" for k, v in breakdown.items())
-    print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts}; of other: waiting for the "
-          f"loader {waits['loader']:.2f} s, for records {waits['records']:.2f} s |")
+    print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts}; the main thread waited for the "
+          f"loader {waits['loader']:.2f} s (inside encoders: they take images as they arrive) and for records "
+          f"{waits['records']:.2f} s (in other) |")
     if peak_engine is not None:
         print(f"| engine peak GPU memory | {peak_engine:.1f} GiB |")
     if original:

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataset.transforms import normalize_and_pad
+
 from .conversation import IMAGE_TOKEN_INDEX
 from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
 from .sesame import QueryPrediction, SesameModel
@@ -66,7 +68,7 @@ class ImageWork:
     """One image and the prompts asked about it."""
 
     clip_pixels: torch.Tensor  # (3, s, s) from ClipTransform
-    sam_pixels: torch.Tensor  # (3, S, S) from SamTransform
+    sam_pixels: torch.Tensor  # (3, S, S) from SamTransform, or uint8 (h, w, 3) from SamTransform.resized
     resized_size: tuple[int, int]
     original_size: tuple[int, int]
     prompts: list[list[int]]  # token ids with exactly one IMAGE_TOKEN_INDEX each
@@ -78,8 +80,7 @@ class EngineConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     slots_per_group: int = 8  # queries of one image that share one cached prefix; more -> another group
-    sam_batch: int = 8  # images per SAM encoder call (its attention materialises no (HW x HW) maps)
-    clip_batch: int = 32
+    sam_batch: int = 8  # images per CLIP and SAM encoder call (its attention materialises no (HW x HW) maps)
     prefix_batch: int = 32  # images per prefix forward
     first_capacity: int = 32  # decode steps the cache is sized for at first; doubles when reached
     # On CUDA, replay each decode step as a captured CUDA graph. Off by default: on an H100 it made the
@@ -97,7 +98,7 @@ class EngineConfig:
     pack_projections: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "slots_per_group", "sam_batch", "clip_batch", "prefix_batch", "first_capacity",
+        for name in ("max_new_tokens", "slots_per_group", "sam_batch", "prefix_batch", "first_capacity",
                      "column_block", "row_block", "max_graphs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -248,8 +249,14 @@ class BatchedInference:
 
     # --- public -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, images: Sequence[ImageWork]) -> list[list[QueryPrediction]]:
-        """Greedy answers, masks and See decisions for every prompt of every image, in input order."""
+    def run(self, images: Iterable[ImageWork]) -> list[list[QueryPrediction]]:
+        """Greedy answers, masks and See decisions for every prompt of every image, in input order.
+
+        `images` may be a lazy iterable (e.g. images still being decoded by loader threads): the
+        encoders start on the first `sam_batch` images as soon as they are there, so the GPU works
+        while the rest of the batch loads."""
+        with self._stage("encoders"):
+            images, clip_features, sam_embeddings = self._encode(images)
         flat: list[tuple[int, int]] = [(i, k) for i, im in enumerate(images) for k in range(len(im.prompts))]
         if not flat:
             return [[] for _ in images]
@@ -257,8 +264,6 @@ class BatchedInference:
         by_prefix: dict[tuple[int, ...], list[int]] = {}
         for q, (prefix, _) in enumerate(split):
             by_prefix.setdefault(prefix, []).append(q)
-        with self._stage("encoders"):
-            clip_features, sam_embeddings = self._encode(images)
         predictions: list[Optional[QueryPrediction]] = [None] * len(flat)
         for prefix, queries in by_prefix.items():  # one template -> one prefix, the normal case
             preds = self._run_prefix(images, clip_features, sam_embeddings, prefix,
@@ -271,16 +276,36 @@ class BatchedInference:
         return out
 
     # --- stages -------------------------------------------------------------------------------
-    def _encode(self, images: Sequence[ImageWork]) -> tuple[torch.Tensor, torch.Tensor]:
-        device, cfg = self.model.device, self.config
+    def _encode(self, images: Iterable[ImageWork]) -> tuple[list[ImageWork], torch.Tensor, torch.Tensor]:
+        """Both encoders over chunks of `sam_batch` images, each chunk as soon as it has arrived (CUDA
+        work is queued, so the host goes back to waiting for the next images while the GPU runs)."""
+        device, chunk = self.model.device, self.config.sam_batch
+        seen: list[ImageWork] = []
         clip_features, sam_embeddings = [], []
-        for a in range(0, len(images), cfg.clip_batch):
-            pixels = torch.stack([_to_device(im.clip_pixels, device) for im in images[a:a + cfg.clip_batch]])
+
+        def encode(part: list[ImageWork]) -> None:
+            pixels = torch.stack([_to_device(im.clip_pixels, device) for im in part])
             clip_features.append(self.model.encode_images_clip(pixels))
-        for a in range(0, len(images), cfg.sam_batch):
-            pixels = torch.stack([_to_device(im.sam_pixels, device) for im in images[a:a + cfg.sam_batch]])
+            pixels = torch.stack([self._sam_pixels(im.sam_pixels, device) for im in part])
             sam_embeddings.append(self._encode_sam(pixels))
-        return torch.cat(clip_features), torch.cat(sam_embeddings)
+
+        start = 0
+        for im in images:
+            seen.append(im)
+            if len(seen) - start == chunk:
+                encode(seen[start:])
+                start = len(seen)
+        if start < len(seen):
+            encode(seen[start:])
+        if not seen:
+            return seen, torch.empty(0), torch.empty(0)
+        return seen, torch.cat(clip_features), torch.cat(sam_embeddings)
+
+    def _sam_pixels(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        pixels = _to_device(pixels, device)
+        if pixels.dtype == torch.uint8:  # resized only: normalise and pad here, on the device
+            return normalize_and_pad(pixels, self.model.config.sam.image_size)
+        return pixels
 
     def _encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
         # channels-last pixels make the patch-embedding convolution write channels-last, so the

@@ -288,3 +288,32 @@ def test_compiled_sam_path_pads_to_one_shape(tokenizer, token_ids, monkeypatch):
                               logits_hook=hook)
     _assert_same(engine.run(works), _one_at_a_time(model, works, token_ids, 5, hook))
     assert len(shapes) == 2 and {s[0] for s in shapes} == {3}
+
+
+def test_engine_takes_resized_uint8_sam_input_and_lazy_images(tokenizer, token_ids):
+    """What the evaluation loader hands over: SAM input only resized (uint8, normalised and padded
+    by the engine), images as a lazy iterable. Same answers and masks as normalised float input."""
+    model = tiny_model(token_ids, len(tokenizer), seed=3)
+    works = _work(model, tokenizer, [(40, 60), (52, 33), (20, 70)], [2, 3, 1])
+    sam = SamTransform(model.config.sam.image_size)
+    raw = []
+    for i, w in enumerate(works):  # the same images _work drew, resized only
+        h, wd = w.original_size
+        img = (np.random.default_rng(i).random((h, wd, 3)) * 255).astype(np.uint8)
+        r = sam.resized(img)
+        assert r.pixels.dtype == torch.uint8 and tuple(r.pixels.shape[:2]) == w.resized_size
+        assert torch.equal(sam(img).pixels, w.sam_pixels)
+        raw.append(ImageWork(w.clip_pixels, r.pixels, r.resized_size, r.original_size, w.prompts))
+    hook = _hook(token_ids)
+    cfg = EngineConfig(max_new_tokens=6, eos_token_id=token_ids.eos, pad_token_id=token_ids.pad, sam_batch=2)
+    want = BatchedInference(model, cfg, logits_hook=hook).run(works)
+    pulled = []
+
+    def lazily():
+        for w in raw:
+            pulled.append(w)
+            yield w
+
+    got = BatchedInference(model, cfg, logits_hook=hook).run(lazily())
+    assert len(pulled) == 3
+    _assert_same(got, want)
