@@ -196,15 +196,12 @@ def _record(image, query, gt_rles, pred, tokenizer, special_ids):
     from utils.records import QueryRecord
 
     ids = [t for t in pred.output_ids if t != special_ids.eos]
-    if pred.mask_rles is not None:  # the engine's, computed on the GPU
-        first_rle = pred.mask_rles[0] if pred.mask_rles else None
-    else:
-        first_rle = encode_optional(pred.masks[0].numpy() if pred.masks.shape[0] else None)
+    first = pred.masks[0].numpy() if pred.masks.shape[0] else None
     return QueryRecord(
         image_id=int(image.image_id), ref_id=int(query.ref_id), sent_id=int(query.sent_id), image_path=image.image_path,
         sentence=query.sentence, question=query.question,
         answer=tokenizer.decode(ids, skip_special_tokens=True).strip(),
-        gt_exists=bool(query.gt_exists), pred_exists=bool(pred.exists), pred_mask=first_rle,
+        gt_exists=bool(query.gt_exists), pred_exists=bool(pred.exists), pred_mask=encode_optional(first),
         gt_mask=gt_rles[0], gt_ignore=gt_rles[1], height=int(image.height), width=int(image.width),
         gt_sent=query.gt_sent, num_seg=sum(t == special_ids.seg for t in pred.output_ids), extra=dict(query.extra))
 

@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 
 from dataset.transforms import normalize_and_pad
-from utils.mask_io import rles_from_masks
 
 from .conversation import IMAGE_TOKEN_INDEX
 from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
@@ -644,9 +643,8 @@ class BatchedInference:
         self.graph_captures += 1
         return graph, out, result
 
-    def _masks(self, by_image, answers, sam_embeddings, image_hidden, images) -> dict[int, tuple[torch.Tensor, list]]:
-        """Per image, the (n, H, W) bool masks (CPU) of its [SEG]s in query order and their RLEs
-        (`utils.mask_io.rles_from_masks`: runs found on the device, the records need not encode). What
+    def _masks(self, by_image, answers, sam_embeddings, image_hidden, images) -> dict[int, torch.Tensor]:
+        """Per image, the (n, H, W) bool masks (CPU) of its [SEG]s in query order. What
         `model.masks_for_image` (`sam.decode_masks`) computes image by image, for all images in one
         mask-decoder call: SAM's decoder adds the dense prompt to the image embedding repeated per
         prompt, so each prompt's own image embedding goes in as its dense prompt (plus SAM's no-mask
@@ -684,14 +682,13 @@ class BatchedInference:
                 work = images[image]
                 logits = sam.postprocess_masks(low_res[start:start + n].float(), input_size=tuple(work.resized_size),
                                                original_size=tuple(work.original_size))[:, 0]
-                masks = logits > 0
-                out[image] = (masks.to("cpu", non_blocking=True), rles_from_masks(masks))  # pinned copy: no wait
+                out[image] = (logits > 0).to("cpu", non_blocking=True)  # pinned, no wait on CUDA
                 start += n
         if model.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         for image in by_image:
             if image not in out:
-                out[image] = (torch.zeros((0, *tuple(images[image].original_size)), dtype=torch.bool), [])
+                out[image] = torch.zeros((0, *tuple(images[image].original_size)), dtype=torch.bool)
         return out
 
     def _finish(self, queries, plan: _Plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden, images):
@@ -723,11 +720,11 @@ class BatchedInference:
         for image, locals_ in by_image.items():
             work = images[image]
             resized, original = tuple(work.resized_size), tuple(work.original_size)
-            (masks, rles), offset = image_masks[image], 0
+            masks, offset = image_masks[image], 0
             for q in locals_:
                 h = answers[q][1]
                 c = h.shape[0]
-                m, m_rles = masks[offset:offset + c], rles[offset:offset + c]
+                m = masks[offset:offset + c]
                 offset += c
                 sasp = None
                 if model.config.sasp is not None and c and hasattr(model, "sasp_points"):
@@ -735,7 +732,7 @@ class BatchedInference:
                                              original).detached_cpu()
                 extra = {"sasp": sasp} if sasp is not None else {}
                 results[q] = QueryPrediction(output_ids=answers[q][0], masks=m, exists=bool(c > 0 and m[0].any()),
-                                             seg_hidden=h, mask_rles=m_rles, **extra)
+                                             seg_hidden=h, **extra)
         return [results[q] for q in range(len(queries))]
 
 

@@ -54,9 +54,6 @@ class QueryPrediction:
     exists: bool  # See: a [SEG] was generated and its (first) mask is non-empty
     seg_hidden: torch.Tensor = field(repr=False)  # (n_seg, H) LLM states that predicted each [SEG]
     sasp: Optional[SasPResult] = field(default=None, repr=False)  # READ only: maps and points per [SEG] (CPU)
-    # the masks as `utils.mask_io.encode_optional` RLEs, when the producer computed them (the
-    # evaluation engine does, on the GPU); None: not computed
-    mask_rles: Optional[list] = field(default=None, repr=False)
 
 
 @dataclass

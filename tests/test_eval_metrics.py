@@ -178,24 +178,3 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
         f.write("{not json\n" + _record(0, g, g).to_json() + "\n")
     with pytest.raises(ValueError, match=r"shard_0_of_1.jsonl:1: corrupt record"):
         ShardWriter(path)
-
-
-def test_rles_from_masks_equal_pycocotools_encoding():
-    """Run lengths found with tensor operations (the engine does it on the GPU) give the same RLE
-    dicts as encoding each mask with pycocotools, for the edge cases of COCO's counts."""
-    import torch
-
-    from utils.mask_io import encode_optional, rles_from_masks
-
-    rng = np.random.default_rng(0)
-    masks = np.zeros((7, 37, 23), bool)
-    masks[0] = rng.random((37, 23)) > 0.5  # many short runs
-    masks[1, 0, 0] = True  # first pixel set: counts start with an empty run of zeros
-    masks[2] = True  # all set
-    masks[4, 10:20, 5:9] = True
-    masks[4, 36, 22] = True  # last pixel set
-    masks[5, :, 0] = True  # the whole first column
-    masks[6, 5, 7] = True  # one pixel; masks[3] stays empty -> None
-    got = rles_from_masks(torch.from_numpy(masks))
-    assert got == [encode_optional(m) for m in masks]
-    assert got[3] is None and rles_from_masks(torch.zeros((0, 4, 4), dtype=torch.bool)) == []

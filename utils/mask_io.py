@@ -37,34 +37,6 @@ def rle_area(rle: dict, where: str = "mask") -> int:
     return int(coco_mask.area(_coco(rle, where)))
 
 
-def rles_from_masks(masks) -> list[Optional[dict]]:
-    """(n, H, W) bool torch masks on any device -> `encode_optional` of each, with the run lengths
-    found where the masks are (one pass over the pixels on the GPU; only the run boundaries come
-    to the host, where pycocotools compresses them). Same dicts as `encode_optional`."""
-    import torch
-
-    n, h, w = masks.shape
-    if n == 0:
-        return []
-    flat = masks.transpose(1, 2).reshape(masks.shape[0], h * w)  # column-major, as COCO counts run
-    starts = (flat[:, 1:] != flat[:, :-1]).nonzero()  # (k, 2): mask, pixel before which a run ends
-    first = flat[:, 0].cpu().tolist()
-    ends = starts.cpu().numpy()
-    out: list[Optional[dict]] = []
-    for m in range(flat.shape[0]):
-        cuts = ends[ends[:, 0] == m, 1] + 1
-        if not len(cuts) and not first[m]:
-            out.append(None)  # empty
-            continue
-        bounds = np.concatenate([[0], cuts, [h * w]])
-        counts = np.diff(bounds).tolist()
-        if first[m]:
-            counts = [0] + counts  # COCO counts start with a run of zeros
-        rle = coco_mask.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-        out.append({"size": [h, w], "counts": rle["counts"].decode("ascii")})
-    return out
-
-
 def encode_optional(mask: Optional[np.ndarray]) -> Optional[dict]:
     """RLE of a mask with any pixel set, else None (keeps records small for the common empty case)."""
     if mask is None or not np.asarray(mask).any():
