@@ -218,3 +218,14 @@ def test_records_follow_input_order(tmp_path, loaded):
         summary = _run(loaded, images, out, "--num_workers", workers, "--queries_per_batch", "3")
         assert summary["queries_run"] == len(expected)
         assert [r.key for r in read_shard(shard_path(str(out), "fprefcoco", "val", 0, 1))] == expected
+
+
+def test_gil_handoff_is_scoped():
+    import sys
+
+    import test_sesame
+
+    before = sys.getswitchinterval()
+    with test_sesame.quick_gil_handoff(0.0005):
+        assert sys.getswitchinterval() == min(before, 0.0005)
+    assert sys.getswitchinterval() == before
