@@ -6,6 +6,7 @@ is SAM's `no_mask_embed`; one mask per prompt (`multimask_output=False`).
 """
 from __future__ import annotations
 
+import copy
 from functools import partial
 from typing import Optional
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.modeling.image_encoder import Attention as SamAttention
-from segment_anything.modeling.image_encoder import get_rel_pos
+from segment_anything.modeling.image_encoder import get_rel_pos, window_unpartition
 
 from .config import SamConfig
 
@@ -84,12 +85,101 @@ class SdpaSamAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
+def _regions(size: int, window: int) -> list[tuple[int, int, int, int]]:
+    """Split one axis into (first window, window count, first pixel, pixels per window): the whole
+    windows, then the part-filled last one (padding), if any."""
+    full = size // window
+    out = [(0, full, 0, window)] if full else []
+    if size % window:
+        out.append((full, 1, full * window, size % window))
+    return out
+
+
+def partition_windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """segment_anything's window_partition, (B, H, W, C) -> (B * nH * nW, window, window, C) zero
+    padded, written by one strided copy per region (whole windows, bottom and right strips) instead
+    of a padded copy and then a permuted one."""
+    b, h, w, c = x.shape
+    nh, nw = -(-h // window), -(-w // window)
+    padded = nh * window != h or nw * window != w
+    out = (x.new_zeros if padded else x.new_empty)((b, nh, nw, window, window, c))
+    for i, rows, y, sy in _regions(h, window):
+        for j, cols, x0, sx in _regions(w, window):
+            src = x[:, y:y + rows * sy, x0:x0 + cols * sx].view(b, rows, sy, cols, sx, c).permute(0, 1, 3, 2, 4, 5)
+            out[:, i:i + rows, j:j + cols, :sy, :sx].copy_(src)
+    return out.view(b * nh * nw, window, window, c)
+
+
+def add_unpartitioned(shortcut: torch.Tensor, windows: torch.Tensor, window: int) -> torch.Tensor:
+    """shortcut + window_unpartition(windows) cropped to shortcut's (B, H, W, C): the sum is written
+    straight from the window layout, region by region (no unpartitioned or cropped copies)."""
+    b, h, w, c = shortcut.shape
+    nh, nw = -(-h // window), -(-w // window)
+    if torch.is_grad_enabled() and (shortcut.requires_grad or windows.requires_grad):  # out= has no autograd
+        return shortcut + window_unpartition(windows, window, (nh * window, nw * window), (h, w))
+    windows = windows.view(b, nh, nw, window, window, c)
+    out = torch.empty_like(shortcut)
+    for i, rows, y, sy in _regions(h, window):
+        for j, cols, x0, sx in _regions(w, window):
+            def grid(t: torch.Tensor) -> torch.Tensor:
+                return t[:, y:y + rows * sy, x0:x0 + cols * sx].view(b, rows, sy, cols, sx, c)
+
+            part = windows[:, i:i + rows, j:j + cols, :sy, :sx].permute(0, 1, 3, 2, 4, 5)
+            torch.add(grid(shortcut), part, out=grid(out))
+    return out
+
+
+class WindowedBlock(nn.Module):
+    """segment_anything's image-encoder Block (the same submodules, so the same parameters and
+    state-dict keys) with its window partition and reverse partition done by `partition_windows`
+    and `add_unpartitioned`: the same numbers, three fewer full-size copies per windowed block."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+        self.window_size = block.window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.window_size > 0:
+            x = add_unpartitioned(x, self.attn(partition_windows(self.norm1(x), self.window_size)), self.window_size)
+        else:
+            x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
 def use_sdpa_attention(encoder: ImageEncoderViT) -> ImageEncoderViT:
-    """Swap every block's attention for SdpaSamAttention (in place; parameters are shared)."""
-    for block in encoder.blocks:
+    """Swap every block's attention for SdpaSamAttention and its window handling for WindowedBlock's
+    (in place; parameters are shared)."""
+    for k, block in enumerate(encoder.blocks):
         if isinstance(block.attn, SamAttention):
             block.attn = SdpaSamAttention(block.attn)
+        if not isinstance(block, WindowedBlock):
+            encoder.blocks[k] = WindowedBlock(block)
     return encoder
+
+
+def library_encoder(encoder: ImageEncoderViT) -> ImageEncoderViT:
+    """A copy of `encoder` made of segment_anything's own Block and Attention modules, sharing
+    `encoder`'s parameters: the reference the tests and benchmarks compare with."""
+    from segment_anything.modeling.image_encoder import Block
+
+    reference = copy.copy(encoder)
+    reference._modules = dict(encoder._modules)  # its own module table: replacing blocks leaves encoder's
+    reference.blocks = nn.ModuleList()
+    for block in encoder.blocks:
+        attn = block.attn
+        if isinstance(attn, SdpaSamAttention):
+            lib = SamAttention(attn.qkv.in_features, attn.num_heads, use_rel_pos=attn.use_rel_pos, input_size=(1, 1))
+            lib.qkv, lib.proj = attn.qkv, attn.proj
+            if attn.use_rel_pos:
+                lib.rel_pos_h, lib.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+            attn = lib
+        plain = Block.__new__(Block)
+        nn.Module.__init__(plain)
+        plain.norm1, plain.attn, plain.norm2, plain.mlp = block.norm1, attn, block.norm2, block.mlp
+        plain.window_size = block.window_size
+        reference.blocks.append(plain)
+    return reference
 
 
 def build_sam(cfg: SamConfig) -> Sam:

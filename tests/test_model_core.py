@@ -250,22 +250,56 @@ def test_preprocessing_matches_independent_pil():
 
 
 def test_sdpa_sam_attention_equals_library_attention():
-    """The SDPA image-encoder attention gives the library's outputs (windowed and global blocks)."""
-    import copy
-    from segment_anything.modeling.image_encoder import Attention as SamAttention
+    """The SDPA image-encoder attention and the window handling of WindowedBlock give the library's
+    outputs (windowed and global blocks)."""
     from model.config import SAM_PRESETS
-    from model.sam import SdpaSamAttention, build_sam
+    from model.sam import SdpaSamAttention, WindowedBlock, build_sam, library_encoder
     torch.manual_seed(0)
     sam = build_sam(SAM_PRESETS["tiny"])
     encoder = sam.image_encoder
-    assert all(isinstance(b.attn, SdpaSamAttention) for b in encoder.blocks)
+    assert all(isinstance(b, WindowedBlock) and isinstance(b.attn, SdpaSamAttention) for b in encoder.blocks)
     for p in encoder.parameters():  # rel-pos tables start at zero: make them matter
         torch.nn.init.normal_(p, std=0.1)
-    reference = copy.deepcopy(encoder)
-    for block in reference.blocks:
-        library = SamAttention(block.attn.qkv.in_features, block.attn.num_heads, use_rel_pos=True, input_size=(1, 1))
-        library.qkv, library.proj = block.attn.qkv, block.attn.proj  # same weights as the SDPA version
-        library.rel_pos_h, library.rel_pos_w = block.attn.rel_pos_h, block.attn.rel_pos_w
-        block.attn = library
+    reference = library_encoder(encoder)
+    assert reference.state_dict().keys() == encoder.state_dict().keys()
+    assert all(isinstance(b, WindowedBlock) for b in encoder.blocks)
+    assert not any(isinstance(b, WindowedBlock) or isinstance(b.attn, SdpaSamAttention) for b in reference.blocks)
     x = torch.randn(2, 3, 128, 128)
     torch.testing.assert_close(encoder(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("h,w,window", [(10, 9, 7), (14, 14, 7), (5, 12, 4), (3, 3, 8)])
+def test_window_partition_and_reverse_equal_the_library(h, w, window):
+    """WindowedBlock's window handling: the same windows (zero padded) and the same residual sum as
+    segment_anything's window_partition / window_unpartition, bit for bit."""
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    from model.sam import add_unpartitioned, partition_windows
+
+    torch.manual_seed(0)
+    x = torch.randn(2, h, w, 6)
+    want, pad_hw = window_partition(x, window)
+    got = partition_windows(x, window)
+    assert torch.equal(got, want)
+    windows = torch.randn_like(want)
+    shortcut = torch.randn_like(x)
+    want_sum = shortcut + window_unpartition(windows, window, pad_hw, (h, w))
+    assert torch.equal(add_unpartitioned(shortcut, windows, window), want_sum)
+    with_grad = add_unpartitioned(shortcut.requires_grad_(), windows, window)  # the autograd path
+    assert torch.equal(with_grad.detach(), want_sum)
+    with_grad.sum().backward()
+    assert torch.equal(shortcut.grad, torch.ones_like(shortcut))
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (1, 3), (3, 7), (2, 2)])
+def test_clip_transform_reads_tiny_images_as_channels_last(shape):
+    """A 3-pixel-high image is (3, W, 3): the CLIP processor must not take its rows for channels."""
+    from dataset.transforms import CLIP_MEAN, CLIP_STD, ClipTransform
+
+    image = np.zeros((*shape, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 100, 200
+    out = ClipTransform(32)(image)
+    assert out.shape == (3, 32, 32)
+    for c, value in enumerate((10, 100, 200)):
+        want = (value / 255 - CLIP_MEAN[c]) / CLIP_STD[c]
+        torch.testing.assert_close(out[c], torch.full((32, 32), want), atol=1e-4, rtol=0)
