@@ -7,6 +7,7 @@ SAM: longest side to 1024 (bilinear, new side int(old*scale+0.5)), ImageNet mean
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,11 +75,18 @@ class SamTransform:
                         (int(image_rgb.shape[0]), int(image_rgb.shape[1])))
 
 
+@functools.lru_cache(maxsize=None)
+def _sam_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) float32 mean and std on `device`, made once per device: building them from Python
+    lists on a GPU is a blocking copy, which would stall the engine at every image."""
+    return (torch.tensor(SAM_PIXEL_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(SAM_PIXEL_STD, device=device).view(3, 1, 1))
+
+
 def normalize_and_pad(resized: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 (h, w, 3) resized image, on any device -> float32 (3, S, S): SAM's mean/std on the
     0-255 scale, zeros to the bottom and right. The same float operations wherever it runs."""
     h, w = resized.shape[:2]
-    mean = torch.tensor(SAM_PIXEL_MEAN, device=resized.device).view(3, 1, 1)
-    std = torch.tensor(SAM_PIXEL_STD, device=resized.device).view(3, 1, 1)
+    mean, std = _sam_mean_std(resized.device)
     x = (resized.permute(2, 0, 1).float() - mean) / std
     return F.pad(x, (0, image_size - w, 0, image_size - h))

@@ -93,8 +93,9 @@ class EngineConfig:
     row_block: int = 4
     max_graphs: int = 48  # captured decode steps kept (oldest dropped first)
     compile_sam: bool = False  # torch.compile SAM's image encoder (fixed batch of sam_batch images)
-    # Pack each layer's q/k/v weights into one tensor (model/llama_layers.py): fewer kernels per step. The modules keep their values, their parameters become views of the packed
-    # tensors, so the model stays usable; turn off if something else must own those parameters.
+    # Pack each layer's q/k/v weights into one tensor (model/llama_layers.py): fewer kernels per
+    # step. The modules keep their values, their parameters become views of the packed tensors, so
+    # the model stays usable; turn off if something else must own those parameters.
     pack_projections: bool = True
 
     def __post_init__(self) -> None:
