@@ -26,3 +26,11 @@ def tokenizer(tiny_tok):
 @pytest.fixture(scope="session")
 def token_ids(tiny_tok):
     return tiny_tok[1]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A LLaMA-sized sentencepiece model trained on the fly (the released tokenizer's stand-in)."""
+    from model.tiny import llama_sized_sentencepiece
+
+    return llama_sized_sentencepiece(str(tmp_path_factory.mktemp("sp")))

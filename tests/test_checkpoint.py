@@ -19,8 +19,7 @@ from model.config import SAM_PRESETS, SasPConfig, SesameConfig
 from model.conversation import build_prompt, tokenize_with_image
 from model.lora import apply_lora, merge_lora
 from model.sesame import SesameModel
-from model.tiny import (llama_sized_sentencepiece, tiny_model, write_clip_checkpoint, write_tiny_llava_base,
-                        write_tiny_sam)
+from model.tiny import tiny_model, write_clip_checkpoint, write_tiny_llava_base, write_tiny_sam
 from model.tokenizer import add_sesame_tokens, load_tokenizer
 from test_checkpoint_tokenizer import SESAME_TOKENS, write_431_tokenizer
 
@@ -100,11 +99,6 @@ def write_release(directory, tensors, config, sp_model, fmt="bin", shards=3):
 
 
 # --- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    return llama_sized_sentencepiece(str(tmp_path_factory.mktemp("sp")))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, sp_model):
     """The eager tiny model a release is made from, its tokenizer, and its CLIP directory."""

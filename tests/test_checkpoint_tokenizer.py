@@ -8,7 +8,6 @@ import pytest
 import sentencepiece as spm
 
 from model.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_prompt, tokenize_with_image
-from model.tiny import llama_sized_sentencepiece
 from model.tokenizer import add_sesame_tokens, load_tokenizer, save_slow_tokenizer
 
 SESAME_TOKENS = {"[SEG]": 32000, "<im_start>": 32001, "<im_end>": 32002}
@@ -67,11 +66,6 @@ def slow_431_ids(sp, text, added):
         elif value:
             ids.extend(sp.encode(value))
     return ids
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    return llama_sized_sentencepiece(str(tmp_path_factory.mktemp("sp")))
 
 
 @pytest.fixture(scope="module")
