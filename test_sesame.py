@@ -127,7 +127,7 @@ def read_rgb(path: str) -> np.ndarray:
 class PreparedImage:
     index: int
     clip_pixels: torch.Tensor
-    sam: object  # dataset.transforms.SamInput
+    sam: object  # model.transforms.SamInput
     gt_rles: list  # per pending query: (gt_mask RLE or None, gt_ignore RLE or None)
     rgb: Optional[np.ndarray]
 

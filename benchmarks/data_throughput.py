@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.collate import collate_fn  # noqa: E402
 from dataset.hybrid import HybridDataset, split_names  # noqa: E402
-from dataset.transforms import ClipTransform, SamTransform  # noqa: E402
+from model.transforms import ClipTransform, SamTransform  # noqa: E402
 
 
 def load_tokenizer(path: str | None):

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import test_sesame  # noqa: E402
 from dataset.eval_sets import EvalImage, EvalQuery  # noqa: E402
-from dataset.transforms import ClipTransform, SamTransform  # noqa: E402
+from model.transforms import ClipTransform, SamTransform  # noqa: E402
 from model.builder import LoadedSesame  # noqa: E402
 from model.config import SesameConfig  # noqa: E402
 from model.conversation import build_prompt, tokenize_with_image  # noqa: E402

@@ -36,7 +36,7 @@ from .reason_seg import load_reason_seg_annotation, reason_question, reason_seg_
 from .refer import FALSE_PREMISE_DATASETS, REFER_DATASETS, ReferData, ann_ids_of, decode_segmentation, sentence_exists
 from .sample import RawSample, Sample, choice, to_sample
 from .templates import LISA_EVAL, Templates, resolve_templates
-from .transforms import SamInput
+from model.transforms import SamInput
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from .refer_seg import ReferSegSource
 from .sample import Sample, to_sample
 from .sem_seg import SemSegSource
 from .templates import SEG, Templates, resolve_templates
-from .transforms import SamInput
+from model.transforms import SamInput
 from .vqa import VqaSource
 
 HYBRID_SOURCES = ("sem_seg", "refer_seg", "neg_refer_seg", "correct_refer_seg", "vqa", "reason_seg")

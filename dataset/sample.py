@@ -15,7 +15,7 @@ from model.conversation import IMAGE_TOKEN, Conversation
 
 from .image_io import SkipItem
 from .templates import SEG
-from .transforms import SamInput
+from model.transforms import SamInput
 
 IGNORE_LABEL = 255
 

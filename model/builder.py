@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from dataset.transforms import ClipTransform, SamTransform
+from .transforms import ClipTransform, SamTransform
 
 from . import checkpoint as ckpt
 from .config import SAM_PRESETS, LLMConfig, SamConfig, SasPConfig, SesameConfig, VisionTowerConfig

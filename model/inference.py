@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset.transforms import normalize_and_pad
+from model.transforms import normalize_and_pad
 
 from .conversation import IMAGE_TOKEN_INDEX
 from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from dataset.transforms import ClipTransform, SamTransform
+from model.transforms import ClipTransform, SamTransform
 from model.batch import SesameBatch
 from model.conversation import IGNORE_INDEX, build_prompt, tokenize_with_image
 

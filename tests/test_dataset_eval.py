@@ -14,7 +14,7 @@ from dataset.eval_sets import EVAL_DATASETS, EvalImage, EvalQuery, build_eval_da
 from dataset.image_io import SkipLog
 from dataset.refer import ReferData, sentence_exists
 from dataset.templates import DEFAULT_TEMPLATES, LISA_EVAL
-from dataset.transforms import ClipTransform, SamTransform
+from model.transforms import ClipTransform, SamTransform
 
 
 @pytest.mark.parametrize("name", [n for n in EVAL_DATASETS if n != "ReasonSeg"])

@@ -11,7 +11,7 @@ from conftest_data import synthetic_root  # noqa: F401
 from dataset.collate import collate_fn, encode_conversation, truncation_point
 from dataset.hybrid import HYBRID_SOURCES, HybridDataset
 from dataset.sample import Sample
-from dataset.transforms import ClipTransform, SamTransform
+from model.transforms import ClipTransform, SamTransform
 from model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation
 
 ALL = "sem_seg||refer_seg||correct_refer_seg||vqa||neg_refer_seg||reason_seg"

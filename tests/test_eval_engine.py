@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.transforms import ClipTransform, SamTransform
+from model.transforms import ClipTransform, SamTransform
 from model.config import SasPConfig
 from model.conversation import build_prompt, tokenize_with_image
 from model.inference import BatchedInference, EngineConfig, GroupKVCache, ImageWork, StageTimer, batch_images

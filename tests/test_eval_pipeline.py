@@ -8,7 +8,7 @@ import pytest
 
 import test_sesame
 from dataset.eval_sets import EvalImage, EvalQuery
-from dataset.transforms import ClipTransform, SamTransform
+from model.transforms import ClipTransform, SamTransform
 from model.builder import LoadedSesame
 from model.tiny import tiny_model
 from utils.metrics import evaluate_records

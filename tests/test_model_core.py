@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.transforms import ClipTransform, SamTransform
+from model.transforms import ClipTransform, SamTransform
 from model.conversation import IMAGE_TOKEN_INDEX, build_prompt, tokenize_with_image
 from model.lora import apply_lora, is_trainable, set_trainable
 from model.tiny import tiny_model
@@ -294,7 +294,7 @@ def test_window_partition_and_reverse_equal_the_library(h, w, window):
 @pytest.mark.parametrize("shape", [(3, 3), (1, 3), (3, 7), (2, 2)])
 def test_clip_transform_reads_tiny_images_as_channels_last(shape):
     """A 3-pixel-high image is (3, W, 3): the CLIP processor must not take its rows for channels."""
-    from dataset.transforms import CLIP_MEAN, CLIP_STD, ClipTransform
+    from model.transforms import CLIP_MEAN, CLIP_STD, ClipTransform
 
     image = np.zeros((*shape, 3), np.uint8)
     image[..., 0], image[..., 1], image[..., 2] = 10, 100, 200

@@ -77,7 +77,7 @@ def test_save_one_png_per_seg_and_errors(tmp_path):
 
 
 def test_predict_output_can_be_visualised(tmp_path, tokenizer, token_ids):
-    from dataset.transforms import ClipTransform, SamTransform
+    from model.transforms import ClipTransform, SamTransform
     from model.conversation import build_prompt, tokenize_with_image
     from model.tiny import tiny_model
     model = tiny_model(token_ids, len(tokenizer), sasp=SasPConfig(num_points=5))

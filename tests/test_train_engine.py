@@ -11,7 +11,7 @@ import torch
 
 from dataset.collate import collate_fn
 from dataset.sample import Sample
-from dataset.transforms import ClipTransform, SamTransform
+from model.transforms import ClipTransform, SamTransform
 from model.conversation import Conversation
 from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable
 from model.tiny import tiny_model
