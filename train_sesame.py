@@ -47,8 +47,7 @@ def main(argv=None) -> TrainState:
 
     run_dir = os.path.join(args.log_base_dir, args.exp_name)
     checkpoints = RunCheckpoints(run_dir, functools.partial(
-        write_model_recipe, config_dict=model.config.to_dict(), tokenizer=loaded.tokenizer,
-        seg_token_id=model.seg_token_id))
+        write_model_recipe, config_dict=model.config.to_dict(), tokenizer=loaded.tokenizer))
     state = TrainState()
     if args.resume:
         state = load_engine_checkpoint(engine, args.resume)

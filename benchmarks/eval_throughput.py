@@ -2,7 +2,7 @@
 
 Builds the full-size architecture (LLaMA-7B, CLIP ViT-L/14-336, SAM ViT-H) with random bf16 weights on
 the GPU and runs the real evaluation loop of test_sesame.py (image files decoded and preprocessed by
-loader threads, batched engine, records written as JSONL with RLE masks) over synthetic
+loader threads, batched engine, records written as JSONL with RLE masks; evaluation/runner.py) over synthetic
 FP-RefCOCO-like work: N images x Q queries, prompts in the vicuna_v1 template (the evaluation's) with
 SESAME's question wording, answers capped at --max_new_tokens, [SEG] forced in half of the answers (so
 mask decoding is counted) and EOS suppressed (every answer has the full length, in both strategies).
@@ -41,13 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import test_sesame  # noqa: E402
 from dataset.eval_sets import EvalImage, EvalQuery  # noqa: E402
-from model.transforms import ClipTransform, SamTransform  # noqa: E402
+from engine import StageTimer, build_predictor  # noqa: E402
+from evaluation.runner import run_shard  # noqa: E402
 from model.builder import LoadedSesame  # noqa: E402
 from model.config import SesameConfig  # noqa: E402
 from model.conversation import build_prompt, tokenize_with_image  # noqa: E402
-from model.inference import StageTimer  # noqa: E402
 from model.sesame import SesameModel  # noqa: E402
-from model.tokenizer import SpecialTokenIds  # noqa: E402
+from model.transforms import ClipTransform, SamTransform  # noqa: E402
 
 # SESAME's first short question template (sesame.md §5) and RefCOCO-like expressions of varied length.
 QUESTION = ("Can you confirm if {e} is present in this image? If it is, kindly provide the segmentation map. "
@@ -85,11 +85,10 @@ def build_full_model(device: str) -> LoadedSesame:
     cfg = SesameConfig.preset("llama-7b", "clip-l-336", "vit_h")
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
-        model = SesameModel(cfg, seg_token_id=32000)
+        model = SesameModel(cfg)  # [SEG] 32000, pad 0, bos 1, eos 2: SyntheticTokenizer's ids
     torch.set_default_dtype(torch.float32)
     model = model.to(dtype=torch.bfloat16).eval()  # .to() keeps SAM's positional encoding float32
-    ids = SpecialTokenIds(seg=32000, im_start=32001, im_end=32002, pad=0, bos=1, eos=2)
-    return LoadedSesame(model, SyntheticTokenizer(), ids, ClipTransform(cfg.vision.image_size),
+    return LoadedSesame(model, SyntheticTokenizer(), ClipTransform(cfg.vision.image_size),
                         SamTransform(cfg.sam.image_size))
 
 
@@ -99,7 +98,7 @@ def build_tiny_model() -> LoadedSesame:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tok, ids = tiny_tokenizer(os.path.join(root, "assets", "tiny_tokenizer"))
     model = tiny_model(ids, len(tok))
-    return LoadedSesame(model, tok, ids, ClipTransform(model.config.vision.image_size),
+    return LoadedSesame(model, tok, ClipTransform(model.config.vision.image_size),
                         SamTransform(model.config.sam.image_size))
 
 
@@ -148,9 +147,12 @@ def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
             str(args.num_workers), "--no_progress"]
     argv += (["--cuda_graphs"] if args.cuda_graphs else []) + (["--compile_sam"] if args.compile_sam else [])
     eval_args = test_sesame.build_parser().parse_args(argv)
-    hook = make_hook(loaded.token_ids.seg, loaded.token_ids.eos)
+    cfg = loaded.model.config
+    predictor = build_predictor(loaded, conv_type=eval_args.conv_type, max_new_tokens=eval_args.max_new_tokens,
+                                max_text_tokens=eval_args.model_max_length, config=test_sesame.engine_config(eval_args),
+                                logits_hook=make_hook(cfg.seg_token_id, cfg.llm.eos_token_id), timer=timer)
     sync(args.device)
-    summary = test_sesame.run_inference(eval_args, loaded, images, engine_hook=hook, timer=timer)
+    summary = run_shard(test_sesame.eval_run(eval_args), predictor, images, test_sesame.read_rgb)
     sync(args.device)
     return summary
 
@@ -158,10 +160,10 @@ def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
 @torch.inference_mode()
 def run_original(loaded, images, args) -> tuple[int, float]:
     """The original's evaluation strategy (module docstring). Returns (queries, seconds)."""
-    model, tok, ids = loaded.model, loaded.tokenizer, loaded.token_ids
+    model, tok, cfg = loaded.model, loaded.tokenizer, loaded.model.config
     llm = model.language_model
     device = model.device
-    hook = make_hook(ids.seg, ids.eos)
+    hook = make_hook(cfg.seg_token_id, cfg.llm.eos_token_id)
     n, start = 0, None
     for idx, im in enumerate(images):
         rgb = test_sesame.read_rgb(im.image_path)
@@ -178,7 +180,7 @@ def run_original(loaded, images, args) -> tuple[int, float]:
             sam = sam_in.pixels[None].repeat(b, 1, 1, 1).to(device)
             sam_emb = torch.cat([model.encode_images_sam(sam[r:r + 1]) for r in range(b)])  # once per query
             length = max(len(p) for p in chunk)
-            input_ids = torch.full((b, length), ids.pad, dtype=torch.long, device=device)
+            input_ids = torch.full((b, length), cfg.llm.pad_token_id, dtype=torch.long, device=device)
             for r, p in enumerate(chunk):
                 input_ids[r, length - len(p):] = torch.tensor(p, device=device)
             query = torch.arange(a, a + b, device=device)
@@ -188,12 +190,13 @@ def run_original(loaded, images, args) -> tuple[int, float]:
                 hidden = llm.model(inputs_embeds=spliced.embeds, use_cache=False).last_hidden_state
                 logits = hook(step, llm.lm_head(hidden[:, -1]).float(), query)
                 input_ids = torch.cat([input_ids, logits.argmax(-1, keepdim=True)], dim=1)
-            predicts_seg = spliced.token_ids[:, 1:] == ids.seg
+            predicts_seg = spliced.token_ids[:, 1:] == cfg.seg_token_id
             for r in range(b):
                 seg_h = hidden[r, :-1][predicts_seg[r]]
                 if seg_h.shape[0]:
-                    (model.masks_for_image(sam_emb[r:r + 1], seg_h, None, sam_in.resized_size,
-                                           sam_in.original_size) > 0).cpu()
+                    masks = model.seg_masks(sam_emb[r:r + 1], seg_h, [0] * seg_h.shape[0], [sam_in.resized_size],
+                                            [sam_in.original_size])
+                    (masks[0].logits > 0).cpu()
             if not warmup:
                 n += b
     sync(args.device)
@@ -345,7 +348,7 @@ def main(argv=None) -> None:
         "build_s": build_s, "images": args.images, "queries": queries, "max_new_tokens": args.max_new_tokens,
         "queries_per_batch": args.queries_per_batch, "slots_per_group": args.slots_per_group,
         "cuda_graphs": args.cuda_graphs, "compile_sam": args.compile_sam,
-        "engine_seconds": summary["seconds"], "engine_queries_per_s": qps, "decode_graphs": summary["decode_graphs"],
+        "engine_seconds": summary["seconds"], "engine_queries_per_s": qps, "decode_graphs": summary.get("decode_graphs"),
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
         "breakdown_s": breakdown, "waited_s": waits, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
         "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,

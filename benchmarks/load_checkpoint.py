@@ -83,8 +83,9 @@ def write_synthetic(out_dir: str, layers: int) -> None:
     tokenizer, ids = tiny_tokenizer(tok_dir)
     cfg = SesameConfig.preset("llama-7b", "tiny", "vit_b")
     cfg.llm.num_hidden_layers = layers
+    cfg.use_token_ids(ids)
     torch.set_default_dtype(torch.bfloat16)  # keep the writer small; the files are float32
-    model = SesameModel(cfg, seg_token_id=ids.seg)
+    model = SesameModel(cfg)
     torch.set_default_dtype(torch.float32)
     clip_dir = os.path.join(out_dir, "vision_tower")
     write_clip_checkpoint(model.vision_tower.float(), clip_dir)

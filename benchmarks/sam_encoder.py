@@ -10,10 +10,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the library reference encoder
 
 from model.config import SAM_PRESETS  # noqa: E402
-from model.sam import SdpaSamAttention, build_sam, library_encoder  # noqa: E402
+from model.sam import SdpaSamAttention, build_sam  # noqa: E402
+from sam_reference import library_encoder  # noqa: E402
 
 
 def timeit(fn, x, iters):

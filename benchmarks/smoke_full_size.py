@@ -31,7 +31,7 @@ def main():
     t0 = time.time()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
-        model = SesameModel(cfg, seg_token_id=seg)
+        model = SesameModel(cfg)
     torch.set_default_dtype(torch.float32)
     model._apply(lambda t: t)  # keep SAM's PE float32
     torch.cuda.synchronize()
@@ -52,8 +52,7 @@ def main():
         return logits
     for _ in range(2):
         torch.cuda.synchronize(); t0 = time.time()
-        preds = model.predict(clip, sam, [(768, 1024)] * 2, [(480, 640)] * 2, prompts, [0, 0, 1, 1], max_new_tokens=24,
-                              eos_token_id=eos, logits_hook=hook)
+        preds = model.predict(clip, sam, [(768, 1024)] * 2, [(480, 640)] * 2, prompts, [0, 0, 1, 1], max_new_tokens=24, logits_hook=hook)
         torch.cuda.synchronize()
     print(f"predict 4 queries: {time.time() - t0:.2f}s  segs={[p.output_ids.count(seg) for p in preds]} "
           f"mask shapes={[tuple(p.masks.shape) for p in preds]}")

@@ -52,11 +52,6 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "H800": 989.0, "B200
 BOS, EOS = 1, 2
 
 
-def seg_id(cfg: SesameConfig) -> int:
-    """[SEG] is the first of the three added tokens (32000 on LLaMA's vocabulary)."""
-    return cfg.llm.vocab_size - 3
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -87,7 +82,7 @@ def build_model(cfg: SesameConfig, device: torch.device, dtype: torch.dtype) -> 
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = SesameModel(cfg, seg_token_id=seg_id(cfg))
+            model = SesameModel(cfg)
     finally:
         torch.set_default_dtype(previous)
     model._apply(lambda t: t)  # re-runs SesameModel's float32 rule for SAM's positional encoding
@@ -99,7 +94,7 @@ def make_batch(cfg: SesameConfig, args, seed: int) -> SesameBatch:
     answer holds one [SEG]; a GT mask per [SEG] at the original image size."""
     g = torch.Generator().manual_seed(seed)
     b, k = args.batch_size, args.convs_per_image
-    vocab_text, seg = seg_id(cfg), seg_id(cfg)
+    vocab_text, seg = cfg.seg_token_id, cfg.seg_token_id  # text ids below the three added tokens
     rows, labels = [], []
     for _ in range(b * k):
         before = torch.randint(3, vocab_text, (args.prompt_tokens,), generator=g).tolist()
@@ -169,6 +164,7 @@ def main(argv=None) -> dict:
     world, main_rank = dist_utils.world_size(), dist_utils.is_main()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cfg = SesameConfig.tiny(vocab_size=515) if args.tiny else SesameConfig.preset("llama-7b", "clip-l-336", "vit_h")
+    cfg.seg_token_id = cfg.llm.vocab_size - 3  # [SEG] is the first of the three added tokens
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -22,14 +22,12 @@ import torch
 from .transforms import ClipTransform, SamTransform
 
 from . import checkpoint as ckpt
-from .config import SAM_PRESETS, LLMConfig, SamConfig, SasPConfig, SesameConfig, VisionTowerConfig
+from .config import (LLAVA_BASE_ARCHITECTURES, RELEASED_ARCHITECTURES, SAM_PRESETS, LLMConfig, SamConfig, SasPConfig,
+                     SesameConfig, VisionTowerConfig)
 from .sesame import SesameModel
-from .tokenizer import SpecialTokenIds, add_sesame_tokens, load_tokenizer
+from .tokenizer import add_sesame_tokens, load_tokenizer
 
 TINY_RANDOM = "tiny-random"
-# architecture -> does it use READ's SasP by default
-RELEASED_ARCHITECTURES = {"SESAMEForCausalLM": False, "READForCausalLM": True, "LISAForCausalLM": False}
-LLAVA_BASE_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 _HUB_PATTERNS = ["*.json", "*.bin", "*.safetensors", "tokenizer.model"]  # what a cached snapshot may hold
 
@@ -38,7 +36,6 @@ _HUB_PATTERNS = ["*.json", "*.bin", "*.safetensors", "tokenizer.model"]  # what 
 class LoadedSesame:
     model: SesameModel
     tokenizer: Any
-    token_ids: SpecialTokenIds
     clip_transform: ClipTransform
     sam_transform: SamTransform
 
@@ -227,8 +224,8 @@ def _check_vision_fields(config: dict, tower_cfg: VisionTowerConfig, directory: 
 
 
 # --- assembling --------------------------------------------------------------------------------
-def _loaded(model: SesameModel, tokenizer, token_ids: SpecialTokenIds, clip_name: Optional[str]) -> LoadedSesame:
-    return LoadedSesame(model=model, tokenizer=tokenizer, token_ids=token_ids,
+def _loaded(model: SesameModel, tokenizer, clip_name: Optional[str]) -> LoadedSesame:
+    return LoadedSesame(model=model, tokenizer=tokenizer,
                         clip_transform=ClipTransform(model.config.vision.image_size, clip_name),
                         sam_transform=SamTransform(model.config.sam.image_size))
 
@@ -238,7 +235,7 @@ def _tiny_random(dtype: torch.dtype, device: str, sasp: Optional[SasPConfig]) ->
 
     tokenizer, ids = tiny_tokenizer(TINY_TOKENIZER_DIR)
     model = tiny_model(ids, len(tokenizer), seed=0, sasp=sasp, dtype=dtype, device=device)
-    return _loaded(model, tokenizer, ids, None)
+    return _loaded(model, tokenizer, None)
 
 
 def _tokenizer_for(directory: str, use_mm_start_end: bool):
@@ -270,13 +267,14 @@ def _load_released(directory: str, config: dict, architecture: str, *, vision_to
                        train_mask_decoder=bool(config.get("train_mask_decoder", True)),
                        use_mm_start_end=use_start_end, mm_projector_type=projector_type(config, shapes, directory),
                        architecture=architecture)
-    model = ckpt.build_on_meta(lambda: SesameModel(cfg, seg_token_id=ids.seg, vision_tower=tower))
+    cfg.use_token_ids(ids)
+    model = ckpt.build_on_meta(lambda: SesameModel(cfg, vision_tower=tower))
     plan = ckpt.plan_loading(model, shapes, f"checkpoint {directory}", to_internal=ckpt.released_to_internal,
                              provides=("llm.", "mm_projector.", "visual_model.", "text_hidden_fcs."))
     ckpt.load_planned(model, ckpt.iter_shards(weights, _shard_device(weights, device)), plan, device=device,
                       dtype=dtype)
     ckpt.finish_loading(model, device, f"checkpoint {directory}")
-    return _loaded(model, tokenizer, ids, clip_name)
+    return _loaded(model, tokenizer, clip_name)
 
 
 def _shard_device(weights: ckpt.WeightFiles, device: str) -> str:
@@ -383,7 +381,8 @@ def _from_llava_base(directory: str, config: dict, *, vision_pretrained: Optiona
                        sasp=sasp, out_dim=out_dim, use_mm_start_end=use_mm_start_end,
                        mm_projector_type=projector_type(config, shapes, directory),
                        architecture="READForCausalLM" if sasp is not None else "SESAMEForCausalLM")
-    model = ckpt.build_on_meta(lambda: SesameModel(cfg, seg_token_id=ids.seg, vision_tower=tower))
+    cfg.use_token_ids(ids)
+    model = ckpt.build_on_meta(lambda: SesameModel(cfg, vision_tower=tower))
 
     plan = ckpt.plan_loading(model, shapes, f"LLaVA base {directory}", to_internal=ckpt.released_to_internal,
                              provides=("llm.", "mm_projector."),
@@ -397,7 +396,7 @@ def _from_llava_base(directory: str, config: dict, *, vision_pretrained: Optiona
     del sam_state
     _init_fresh(model.text_hidden_fcs, device=device, dtype=dtype)
     ckpt.finish_loading(model, device, f"LLaVA base {directory} + {vision_pretrained}")
-    return _loaded(model, tokenizer, ids, clip_name)
+    return _loaded(model, tokenizer, clip_name)
 
 
 def _init_fresh(module: torch.nn.Module, *, device: str, dtype: torch.dtype, seed: int = 0) -> None:

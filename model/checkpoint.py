@@ -23,9 +23,9 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from .config import RELEASED_ARCHITECTURES
 from .sesame import SesameModel
 
-KNOWN_ARCHITECTURES = ("SESAMEForCausalLM", "READForCausalLM", "LISAForCausalLM")
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -400,8 +400,8 @@ def save_released(model: SesameModel, tokenizer, out_dir: str, *, safe_serializa
     _check_mergeable(model)
     if architecture is None:
         architecture = "READForCausalLM" if model.config.sasp is not None else model.config.architecture
-    if architecture not in KNOWN_ARCHITECTURES:
-        raise CheckpointError(f"unknown architecture {architecture!r}; known: {', '.join(KNOWN_ARCHITECTURES)}")
+    if architecture not in RELEASED_ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture {architecture!r}; known: {', '.join(RELEASED_ARCHITECTURES)}")
     dtype = dtype or model.dtype
     if dtype not in _DTYPE_NAMES:
         raise CheckpointError(f"cannot save in {dtype}; use one of {list(_DTYPE_NAMES)}")

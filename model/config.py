@@ -9,6 +9,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
+# --precision names, used by every script
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# `architectures[0]` of a released config.json -> whether that model uses READ's SasP by default
+RELEASED_ARCHITECTURES: dict[str, bool] = {"SESAMEForCausalLM": False, "READForCausalLM": True,
+                                           "LISAForCausalLM": False}
+# LLaVA bases a training run can start from
+LLAVA_BASE_ARCHITECTURES: tuple[str, ...] = ("LlavaLlamaForCausalLM",)
+
 
 @dataclass
 class LLMConfig:
@@ -142,9 +153,9 @@ class SesameConfig:
     use_mm_start_end: bool = True
     mm_projector_type: str = "mlp2x_gelu"  # LLaVA-1.5; "linear" for LLaVA-v1 bases (LISA)
     attn_implementation: str = "sdpa"
-    seg_token: str = "[SEG]"
-    im_start_token: str = "<im_start>"
-    im_end_token: str = "<im_end>"
+    # [SEG]'s id, set from the tokenizer when a model is built or loaded (32000 in every release);
+    # pad / bos / eos ids are in `llm`
+    seg_token_id: int = 32000
     architecture: str = "SESAMEForCausalLM"
 
     def __post_init__(self) -> None:
@@ -169,6 +180,12 @@ class SesameConfig:
         cfg.llm.vocab_size = vocab_size
         return cfg
 
+    def use_token_ids(self, ids) -> None:
+        """Take the ids the model generates and stops on from its tokenizer (`model.tokenizer.SpecialTokenIds`):
+        the config is the one place the model, the engine and the predictor read them from."""
+        self.seg_token_id = ids.seg
+        self.llm.pad_token_id, self.llm.bos_token_id, self.llm.eos_token_id = ids.pad, ids.bos, ids.eos
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -180,6 +197,8 @@ class SesameConfig:
         lora = dict(d.pop("lora"))
         lora["target_modules"] = tuple(lora["target_modules"])
         sasp = d.pop("sasp", None)
+        for retired in ("seg_token", "im_start_token", "im_end_token"):  # token strings of older run configs
+            d.pop(retired, None)
         return cls(llm=LLMConfig(**d.pop("llm")), vision=VisionTowerConfig(**d.pop("vision")), sam=SamConfig(**sam),
                    loss=LossConfig(**d.pop("loss")), lora=LoraConfig(**lora),
                    sasp=SasPConfig(**sasp) if sasp else None, **d)

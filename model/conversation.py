@@ -25,7 +25,6 @@ SYSTEM_PROMPTS = {
 ROLES = ("USER", "ASSISTANT")
 SEP = " "
 SEP2 = "</s>"
-ANSWER_SEP = SEP + ROLES[1] + ": "  # " ASSISTANT: ", where the supervised part of a round starts
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,16 @@ step that *emits* [SEG]: the final-norm hidden state of the position whose next-
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from transformers import LlamaModel
+
+# transformers renamed LlamaModel.forward's `past_key_values` (and the output field) to `cache`; the
+# old name is deprecated and goes in 5.40. Use whichever the installed version has.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 # (step, logits (B, V) float32) -> logits. Used by tests and benchmarks to force tokens.
 LogitsHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -39,20 +45,15 @@ def greedy_generate(
     seg_token_id: int,
     logits_hook: Optional[LogitsHook] = None,
     keep_prefill_hidden: bool = False,
-    past_key_values=None,
-    position_ids: Optional[torch.Tensor] = None,
 ) -> GreedyOutput:
-    """Greedy decoding of a LlamaForCausalLM from (left-padded) input embeddings.
-
-    `attention_mask` covers the cached prefix (if `past_key_values` is given) plus `inputs_embeds`.
-    """
+    """Greedy decoding of a LlamaForCausalLM from (left-padded) input embeddings (B, L, H) and their
+    attention mask (B, L)."""
     batch = inputs_embeds.shape[0]
     decoder, lm_head, embed = llm.model, llm.lm_head, llm.get_input_embeddings()
-    if position_ids is None:
-        position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1]:]
+    position_ids = positions_from_mask(attention_mask)
     out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=past_key_values, use_cache=True)
-    cache = out.past_key_values
+                  use_cache=True)
+    cache = getattr(out, CACHE_ARG)
     prefill_hidden = out.last_hidden_state if keep_prefill_hidden else None
     hidden = out.last_hidden_state[:, -1]
     next_pos = position_ids[:, -1:] + 1
@@ -77,8 +78,8 @@ def greedy_generate(
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         out = decoder(inputs_embeds=embed(next_ids[:, None]), attention_mask=attention_mask, position_ids=next_pos,
-                      past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                      use_cache=True, **{CACHE_ARG: cache})
+        cache = getattr(out, CACHE_ARG)
         hidden = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
 

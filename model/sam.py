@@ -6,7 +6,6 @@ is SAM's `no_mask_embed`; one mask per prompt (`multimask_output=False`).
 """
 from __future__ import annotations
 
-import copy
 from functools import partial
 from typing import Optional
 
@@ -158,30 +157,6 @@ def use_sdpa_attention(encoder: ImageEncoderViT) -> ImageEncoderViT:
     return encoder
 
 
-def library_encoder(encoder: ImageEncoderViT) -> ImageEncoderViT:
-    """A copy of `encoder` made of segment_anything's own Block and Attention modules, sharing
-    `encoder`'s parameters: the reference the tests and benchmarks compare with."""
-    from segment_anything.modeling.image_encoder import Block
-
-    reference = copy.copy(encoder)
-    reference._modules = dict(encoder._modules)  # its own module table: replacing blocks leaves encoder's
-    reference.blocks = nn.ModuleList()
-    for block in encoder.blocks:
-        attn = block.attn
-        if isinstance(attn, SdpaSamAttention):
-            lib = SamAttention(attn.qkv.in_features, attn.num_heads, use_rel_pos=attn.use_rel_pos, input_size=(1, 1))
-            lib.qkv, lib.proj = attn.qkv, attn.proj
-            if attn.use_rel_pos:
-                lib.rel_pos_h, lib.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
-            attn = lib
-        plain = Block.__new__(Block)
-        nn.Module.__init__(plain)
-        plain.norm1, plain.attn, plain.norm2, plain.mlp = block.norm1, attn, block.norm2, block.mlp
-        plain.window_size = block.window_size
-        reference.blocks.append(plain)
-    return reference
-
-
 def build_sam(cfg: SamConfig) -> Sam:
     """Same wiring as `segment_anything.build_sam._build_sam`, for any geometry (ViT-H .. tiny);
     the image encoder's attention runs through PyTorch SDPA (`SdpaSamAttention`)."""
@@ -208,32 +183,43 @@ def build_sam(cfg: SamConfig) -> Sam:
 
 def decode_masks(
     sam: Sam,
-    image_embedding: torch.Tensor,
+    image_embeddings: torch.Tensor,
     seg_embeddings: torch.Tensor,
-    resized_size: tuple[int, int],
-    original_size: tuple[int, int],
     points: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Mask logits at the original image size for n prompts on one image.
+    """Low-resolution mask logits for n prompts, each on its own image, in one mask-decoder call.
 
-    image_embedding: (1, C, h, w) SAM image embedding.
-    seg_embeddings:  (n, C) projected [SEG] states.
-    points:          optional ((n, P, 2) xy in SAM's input frame, (n, P) labels) for SasP.
-    Returns (n, H, W) logits; threshold at 0 for the mask.
+    image_embeddings: (n, C, h, w), row k the SAM embedding of prompt k's image (an expanded view
+                      when all prompts share one image).
+    seg_embeddings:   (n, C) projected [SEG] states: the last sparse prompt token of each prompt.
+    points:           optional ((n, K, 2) xy in SAM's input frame, (n, K) labels), READ's SasP points,
+                      placed before the [SEG] token.
+    Returns (n, 1, 4h, 4w) logits in SAM's padded input frame (see `masks_at_original_size`).
+
+    SAM's decoder repeats one image embedding per prompt and adds the dense prompt to it. Each
+    prompt's own image embedding therefore goes in as part of its dense prompt (plus SAM's no-mask
+    embedding, the true dense prompt) with a zero image embedding: the same sums, so the same logits
+    as a call per image, for prompts on any number of images.
     """
     n = seg_embeddings.shape[0]
     dtype = seg_embeddings.dtype
     sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
     # segment_anything computes positional encodings in float32; bring them to the working dtype.
-    sparse = sparse.to(dtype).expand(n, -1, -1)
-    sparse = torch.cat([sparse, seg_embeddings.unsqueeze(1)], dim=1)
-    dense = dense.to(dtype).expand(n, -1, -1, -1)
+    sparse = torch.cat([sparse.to(dtype).expand(n, -1, -1), seg_embeddings.unsqueeze(1)], dim=1)
+    own_image = image_embeddings.to(dtype) + dense.to(dtype)
     low_res, _ = sam.mask_decoder(
-        image_embeddings=image_embedding.to(dtype),
+        image_embeddings=torch.zeros_like(own_image[:1]),
         image_pe=sam.prompt_encoder.get_dense_pe().to(dtype),
         sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
+        dense_prompt_embeddings=own_image,
         multimask_output=False,
     )
+    return low_res
+
+
+def masks_at_original_size(sam: Sam, low_res: torch.Tensor, resized_size: tuple[int, int],
+                           original_size: tuple[int, int]) -> torch.Tensor:
+    """(k, 1, 4h, 4w) low-resolution logits of one image -> (k, H, W) float32 logits at its original
+    size (SAM's postprocessing: upscale to the input frame, crop the padding, resize); threshold at 0."""
     masks = sam.postprocess_masks(low_res.float(), input_size=tuple(resized_size), original_size=tuple(original_size))
     return masks[:, 0]

@@ -28,10 +28,11 @@ from .config import SesameConfig
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .generation import LogitsHook, greedy_generate, positions_from_mask
 from .losses import bce_loss_sum, dice_loss_sum
-from .sam import build_sam, decode_masks
+from .sam import build_sam, decode_masks, masks_at_original_size
 from .sasp import SasPResult, similarity_as_points
 
 SAM_IGNORE_LABEL = 255
+MASK_THRESHOLD = 0.0  # mask = logits > 0, as SAM's `mask_threshold`
 
 
 @dataclass
@@ -51,9 +52,24 @@ class QueryPrediction:
 
     output_ids: list[int]
     masks: torch.Tensor
-    exists: bool  # See: a [SEG] was generated and its (first) mask is non-empty
+    exists: bool  # See: the rule of `sees_object`
     seg_hidden: torch.Tensor = field(repr=False)  # (n_seg, H) LLM states that predicted each [SEG]
     sasp: Optional[SasPResult] = field(default=None, repr=False)  # READ only: maps and points per [SEG] (CPU)
+
+
+def sees_object(masks: torch.Tensor) -> bool:
+    """See, the original's rule: the answer holds a [SEG] and the mask of the first one is not empty.
+    masks: (n_seg, H, W) bool."""
+    return bool(masks.shape[0] > 0 and masks[0].any())
+
+
+@dataclass
+class SegMasks:
+    """The masks of one group's [SEG]s (an image's in training, one answer's at inference), in the
+    order the [SEG]s were given."""
+
+    logits: torch.Tensor  # (n, H, W) float32 at the image's original size; mask = logits > MASK_THRESHOLD
+    sasp: Optional[SasPResult] = None  # READ: the SasP work behind them
 
 
 @dataclass
@@ -98,10 +114,9 @@ def build_projector(kind: str, vision_hidden: int, hidden: int) -> nn.Module:
 
 
 class SesameModel(nn.Module):
-    def __init__(self, config: SesameConfig, seg_token_id: int, vision_tower: Optional[CLIPVisionModel] = None):
+    def __init__(self, config: SesameConfig, vision_tower: Optional[CLIPVisionModel] = None):
         super().__init__()
         self.config = config
-        self.seg_token_id = seg_token_id
         h = config.llm.hidden_size
         self.vision_tower = vision_tower if vision_tower is not None else CLIPVisionModel(clip_config(config))
         self.mm_projector = build_projector(config.mm_projector_type, config.vision.hidden_size, h)
@@ -115,6 +130,10 @@ class SesameModel(nn.Module):
     def language_model(self) -> LlamaForCausalLM:
         """The LlamaForCausalLM, whether or not LoRA (peft) wraps it."""
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    @property
+    def seg_token_id(self) -> int:
+        return self.config.seg_token_id
 
     @property
     def dtype(self) -> torch.dtype:
@@ -179,14 +198,6 @@ class SesameModel(nn.Module):
         """LLM hidden states that predicted [SEG] (n, hidden) -> SAM prompt embeddings (n, out_dim)."""
         return self.text_hidden_fcs[0](seg_hidden)
 
-    def point_prompts(self, seg_hidden: torch.Tensor, image_hidden: Optional[torch.Tensor],
-                      resized_size: tuple[int, int], original_size: tuple[int, int]):
-        """SAM point prompts per [SEG]: None for plain SESAME; with `config.sasp` (READ), SasP's
-        (coords (n, K, 2) in SAM's frame, labels (n, K)), placed before the [SEG] token."""
-        if self.config.sasp is None:
-            return None
-        return self.sasp_points(seg_hidden, image_hidden, resized_size, original_size).sam_prompts()
-
     def sasp_points(self, seg_hidden: torch.Tensor, image_hidden: Optional[torch.Tensor],
                     resized_size: tuple[int, int], original_size: tuple[int, int]) -> SasPResult:
         """READ's Similarity-as-Points for the n [SEG]s of one image (see `model/sasp.py`)."""
@@ -195,14 +206,47 @@ class SesameModel(nn.Module):
         return similarity_as_points(seg_hidden, image_hidden, original_size, resized_size, self.config.sasp,
                                     self.config.vision.image_size)
 
-    def masks_for_image(self, image_embedding: torch.Tensor, seg_hidden: torch.Tensor, image_hidden: Optional[torch.Tensor],
-                        resized_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
-        """(n, hidden) [SEG] states of one image -> (n, H, W) mask logits."""
-        if seg_hidden.shape[0] == 0:
-            return seg_hidden.new_zeros((0, *original_size), dtype=torch.float32)
-        points = self.point_prompts(seg_hidden, image_hidden, resized_size, original_size)
-        return decode_masks(self.visual_model, image_embedding, self.project_seg(seg_hidden), resized_size,
-                            original_size, points=points)
+    def seg_masks(self, sam_embeddings: torch.Tensor, seg_hidden: torch.Tensor, seg_group: Sequence[int],
+                  resized_sizes: Sequence[tuple[int, int]], original_sizes: Sequence[tuple[int, int]],
+                  image_hidden: Optional[torch.Tensor] = None) -> list[SegMasks]:
+        """Masks of n [SEG]s in G groups, with one SAM mask-decoder call. A group is the [SEG]s of one
+        image (training: they are compared with that image's ground truth) or of one answer.
+
+        sam_embeddings: (G, C, h, w) SAM embedding of each group's image.
+        seg_hidden:     (n, hidden) LLM states that predicted each [SEG].
+        seg_group:      n group indices, the group of each [SEG].
+        resized_sizes / original_sizes: G sizes, of each group's image.
+        image_hidden:   (n, P, hidden) image-token states of each [SEG]'s conversation (READ's SasP only).
+        Returns one SegMasks per group; a group without [SEG] gets (0, H, W) logits.
+        """
+        sam = self.visual_model
+        seg_group = torch.as_tensor(list(seg_group), dtype=torch.long)
+        rows_of = [(seg_group == g).nonzero()[:, 0].to(seg_hidden.device) for g in range(sam_embeddings.shape[0])]
+        sasp: list[Optional[SasPResult]] = [None] * len(rows_of)
+        if self.config.sasp is not None and seg_hidden.shape[0]:
+            if image_hidden is None:
+                raise ValueError("config.sasp is set but no image-token hidden states were passed (image_hidden)")
+            for g, rows in enumerate(rows_of):
+                if rows.numel():
+                    sasp[g] = self.sasp_points(seg_hidden[rows], image_hidden[rows], resized_sizes[g],
+                                               original_sizes[g])
+        out: list[SegMasks] = []
+        if seg_hidden.shape[0]:
+            order = torch.cat(rows_of)  # [SEG]s grouped by group
+            owner = seg_group[order.cpu()].to(sam_embeddings.device)
+            done = [r for r in sasp if r is not None]
+            points = (torch.cat([r.sam_points for r in done]), torch.cat([r.labels for r in done])) if done else None
+            low_res = decode_masks(sam, sam_embeddings[owner], self.project_seg(seg_hidden[order]), points)
+        start = 0
+        for g, rows in enumerate(rows_of):
+            k = rows.numel()
+            if k:
+                logits = masks_at_original_size(sam, low_res[start:start + k], resized_sizes[g], original_sizes[g])
+            else:
+                logits = seg_hidden.new_zeros((0, *original_sizes[g]), dtype=torch.float32)
+            out.append(SegMasks(logits=logits, sasp=sasp[g]))
+            start += k
+        return out
 
     # --- training / teacher-forced forward ---------------------------------------------------
     def forward(self, batch: SesameBatch) -> SesameOutput:
@@ -234,15 +278,16 @@ class SesameModel(nn.Module):
         seg_hidden_all = hidden[:, :-1][predicts_seg]
         seg_rows = predicts_seg.nonzero()[:, 0]
 
+        image_hidden = None
+        if self.config.sasp is not None:
+            image_hidden = self._image_hidden_rows(hidden, spliced, seg_rows, clip_features.shape[1])
+        per_image = self.seg_masks(sam_embeddings, seg_hidden_all, conv_to_image[seg_rows].tolist(), batch.resized_sizes,
+                                   batch.original_sizes, image_hidden)
+
         pred_masks, bce_sum, dice_sum, num_masks = [], hidden.new_zeros((), dtype=torch.float32), \
             hidden.new_zeros((), dtype=torch.float32), 0
         for i in range(num_images):
-            rows = (seg_rows >= offset[i]) & (seg_rows < offset[i + 1])
-            image_hidden = None
-            if self.config.sasp is not None:
-                image_hidden = self._image_hidden_rows(hidden, spliced, seg_rows[rows], clip_features.shape[1])
-            logits = self.masks_for_image(sam_embeddings[i:i + 1], seg_hidden_all[rows], image_hidden,
-                                          batch.resized_sizes[i], batch.original_sizes[i])
+            logits = per_image[i].logits
             pred_masks.append(logits)
             gt = batch.masks[i]
             if logits.shape[0] != gt.shape[0]:
@@ -274,9 +319,8 @@ class SesameModel(nn.Module):
         gradients for the same parameters, and calls the same modules, on every rank whatever the
         micro-batch holds: ZeRO reduces gradients and ZeRO-3 gathers parameters collectively."""
         zero_state = hidden.new_zeros((1, hidden.shape[-1]))
-        logits = decode_masks(self.visual_model, image_embedding, self.project_seg(zero_state), resized_size,
-                              original_size)
-        return logits.sum()
+        low_res = decode_masks(self.visual_model, image_embedding, self.project_seg(zero_state))
+        return masks_at_original_size(self.visual_model, low_res, resized_size, original_size).sum()
 
     def _image_hidden_rows(self, hidden: torch.Tensor, spliced: SplicedInputs, rows: torch.Tensor,
                            num_patches: int) -> torch.Tensor:
@@ -297,21 +341,20 @@ class SesameModel(nn.Module):
         image_index: Sequence[int],
         *,
         max_new_tokens: int = 512,
-        eos_token_id: int = 2,
-        pad_token_id: int = 0,
         logits_hook: Optional[LogitsHook] = None,
     ) -> list[QueryPrediction]:
-        """Greedy answers and masks for several prompts over N images, as one batch.
+        """Greedy answers and masks for several prompts over N images, as one batch: the reference
+        inference path (the batched engine of `engine/` gives the same outputs, faster).
 
         Each image is encoded once (CLIP and SAM) whatever the number of its prompts. Prompts are
         token-id lists with one IMAGE_TOKEN_INDEX (see `conversation.tokenize_with_image`);
         `image_index[k]` names the image of prompt k. Rows are left padded; padding is masked.
         """
-        device = self.device
+        device, llm = self.device, self.config.llm
         clip_features = self.encode_images_clip(images_clip.to(device))
         sam_embeddings = self.encode_images_sam(images_sam.to(device))
         length = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long, device=device)
+        input_ids = torch.full((len(prompts), length), llm.pad_token_id, dtype=torch.long, device=device)
         attention_mask = torch.zeros_like(input_ids)
         for k, p in enumerate(prompts):
             input_ids[k, length - len(p):] = torch.tensor(p, device=device)
@@ -319,27 +362,24 @@ class SesameModel(nn.Module):
         index = torch.as_tensor(list(image_index), device=device)
         spliced = self.splice_image_features(input_ids, attention_mask, clip_features[index])
         gen = greedy_generate(self.language_model, spliced.embeds, spliced.attention_mask,
-                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                              max_new_tokens=max_new_tokens, eos_token_id=llm.eos_token_id,
                               seg_token_id=self.seg_token_id, logits_hook=logits_hook,
                               keep_prefill_hidden=self.config.sasp is not None)
+        # one mask group per answer
+        seg_query = [k for k, h in enumerate(gen.seg_hidden) for _ in range(h.shape[0])]
+        seg_hidden = torch.cat(gen.seg_hidden)
+        image_hidden = None
+        if gen.prefill_hidden is not None:
+            rows = torch.as_tensor(seg_query, dtype=torch.long, device=device)
+            positions = spliced.image_start[rows][:, None] + torch.arange(clip_features.shape[1], device=device)
+            image_hidden = gen.prefill_hidden[rows[:, None], positions]
+        per_answer = self.seg_masks(sam_embeddings[index], seg_hidden, seg_query,
+                                    [tuple(resized_sizes[i]) for i in image_index],
+                                    [tuple(original_sizes[i]) for i in image_index], image_hidden)
         results = []
-        num_patches = clip_features.shape[1]
-        for k in range(len(prompts)):
-            i = int(image_index[k])
-            seg_hidden = gen.seg_hidden[k]
-            image_hidden = None
-            if gen.prefill_hidden is not None and seg_hidden.shape[0]:
-                start = int(spliced.image_start[k])
-                image_hidden = gen.prefill_hidden[k, start:start + num_patches][None].expand(seg_hidden.shape[0], -1, -1)
-            logits = self.masks_for_image(sam_embeddings[i:i + 1], seg_hidden, image_hidden,
-                                          tuple(resized_sizes[i]), tuple(original_sizes[i]))
-            masks = logits > 0
-            exists = bool(masks.shape[0] > 0 and masks[0].any())
-            sasp = None
-            if self.config.sasp is not None and image_hidden is not None:
-                # for visualisation; recomputing is cheap (no LLM work) and gives the same points
-                sasp = self.sasp_points(seg_hidden, image_hidden, tuple(resized_sizes[i]),
-                                        tuple(original_sizes[i])).detached_cpu()
-            results.append(QueryPrediction(output_ids=gen.tokens[k], masks=masks.cpu(), exists=exists,
-                                           seg_hidden=seg_hidden, sasp=sasp))
+        for k, masks in enumerate(per_answer):
+            binary = (masks.logits > MASK_THRESHOLD).cpu()
+            results.append(QueryPrediction(output_ids=gen.tokens[k], masks=binary, exists=sees_object(binary),
+                                           seg_hidden=gen.seg_hidden[k],
+                                           sasp=masks.sasp.detached_cpu() if masks.sasp is not None else None))
         return results

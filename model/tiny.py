@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .config import SAM_PRESETS, SesameConfig
+from .config import RELEASED_ARCHITECTURES, SAM_PRESETS, SesameConfig
 from .sesame import SesameModel
 from .tokenizer import SpecialTokenIds, add_sesame_tokens, load_tokenizer
 
@@ -92,9 +92,9 @@ def tiny_model(tokens: SpecialTokenIds, vocab_size: int, seed: int = 0, sasp=Non
     from .checkpoint import cast_parameters
 
     cfg = SesameConfig.tiny(vocab_size=vocab_size, sasp=sasp)
-    cfg.llm.pad_token_id, cfg.llm.bos_token_id, cfg.llm.eos_token_id = tokens.pad, tokens.bos, tokens.eos
+    cfg.use_token_ids(tokens)
     torch.manual_seed(seed)
-    model = SesameModel(cfg, seg_token_id=tokens.seg)
+    model = SesameModel(cfg)
     return cast_parameters(model.to(device=device or "cpu"), dtype).eval()
 
 
@@ -207,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--architecture", default="SESAMEForCausalLM",
-                        choices=["SESAMEForCausalLM", "READForCausalLM", "LISAForCausalLM"])
+                        choices=list(RELEASED_ARCHITECTURES))
     parser.add_argument("--safetensors", action="store_true", help="model*.safetensors instead of pytorch_model*.bin")
     parser.add_argument("--max_shard_size", default="4MB", help="shard size limit (default 4MB: several shards)")
     parser.add_argument("--small_vocab", action="store_true",

@@ -20,7 +20,7 @@ from model.conversation import build_prompt, tokenize_with_image
 from model.lora import apply_lora, merge_lora
 from model.sesame import SesameModel
 from model.tiny import tiny_model, write_clip_checkpoint, write_tiny_llava_base, write_tiny_sam
-from model.tokenizer import add_sesame_tokens, load_tokenizer
+from model.tokenizer import SpecialTokenIds, add_sesame_tokens, load_tokenizer
 from test_checkpoint_tokenizer import SESAME_TOKENS, write_431_tokenizer
 
 VOCAB = 32003
@@ -30,6 +30,13 @@ RELEASED_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_
 
 
 # --- the released layout, by hand ---------------------------------------------------------------
+
+def config_ids(loaded) -> SpecialTokenIds:
+    """The token ids a loaded model generates with (its config) and the tokenizer's image delimiters."""
+    cfg, vocab = loaded.model.config, loaded.tokenizer.get_vocab()
+    return SpecialTokenIds(seg=cfg.seg_token_id, im_start=vocab.get("<im_start>", -1), im_end=vocab.get("<im_end>", -1),
+                           pad=cfg.llm.pad_token_id, bos=cfg.llm.bos_token_id, eos=cfg.llm.eos_token_id)
+
 def released_tensors(model, dtype=None):
     """Keys as the reference table lists them; inv_freq filled with junk (it must be ignored)."""
     out = {}
@@ -173,7 +180,7 @@ def predict_once(model, tokenizer, ids, clip_transform, sam_transform):
         logits[:, ids.seg if step == 1 else ids.eos] += 1e4 if step in (1, 3) else 0.0
         return logits
     return model.predict(clip_transform(img)[None], sam_in.pixels[None], [sam_in.resized_size],
-                         [sam_in.original_size], [prompt], [0], max_new_tokens=5, eos_token_id=ids.eos,
+                         [sam_in.original_size], [prompt], [0], max_new_tokens=5,
                          logits_hook=hook)[0]
 
 
@@ -186,12 +193,12 @@ def assert_same_prediction(p, q):
 def test_sharded_bin_release_loads_every_tensor_exactly(source, loaded):
     model, tok, ids, clip_dir = source
     assert_same_model(loaded.model, model)
-    assert loaded.token_ids == ids and len(loaded.tokenizer) == VOCAB
+    assert config_ids(loaded) == ids and len(loaded.tokenizer) == VOCAB
     cfg = loaded.model.config
     assert cfg.sasp is None and cfg.architecture == "SESAMEForCausalLM"
     assert cfg.sam == SAM_PRESETS["tiny"] and cfg.vision.image_size == 112 and cfg.vision.name_or_path == clip_dir
     assert not loaded.model.training
-    assert_same_prediction(predict_once(loaded.model, loaded.tokenizer, loaded.token_ids, loaded.clip_transform,
+    assert_same_prediction(predict_once(loaded.model, loaded.tokenizer, config_ids(loaded), loaded.clip_transform,
                                         loaded.sam_transform),
                            predict_once(model, tok, ids, loaded.clip_transform, loaded.sam_transform))
 
@@ -209,7 +216,7 @@ def test_bf16_safetensors_release_equals_eager_bf16_model(source, sp_model, tmp_
     assert_same_model(got.model, eager)
     assert got.model.visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
     assert got.model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
-    assert_same_prediction(predict_once(got.model, got.tokenizer, got.token_ids, got.clip_transform, got.sam_transform),
+    assert_same_prediction(predict_once(got.model, got.tokenizer, config_ids(got), got.clip_transform, got.sam_transform),
                            predict_once(eager, tok, ids, got.clip_transform, got.sam_transform))
 
 
@@ -237,9 +244,9 @@ def test_read_and_lisa_architectures(source, sp_model, tmp_path):
     assert read.model.config.sasp == SasPConfig() and read.model.config.architecture == "READForCausalLM"
 
     # LISA: LLaVA-v1 single-Linear projector, no mm_projector_type in config.json
-    cfg = SesameConfig.tiny(vocab_size=VOCAB, mm_projector_type="linear")
+    cfg = SesameConfig.tiny(vocab_size=VOCAB, mm_projector_type="linear", seg_token_id=ids.seg)
     torch.manual_seed(5)
-    lisa = SesameModel(cfg, seg_token_id=ids.seg, vision_tower=model.vision_tower).eval()
+    lisa = SesameModel(cfg, vision_tower=model.vision_tower).eval()
     tensors = released_tensors(lisa)
     assert "model.mm_projector.weight" in tensors and "model.mm_projector.0.weight" not in tensors
     config = released_config(lisa, "LISAForCausalLM", clip_dir)
@@ -304,9 +311,9 @@ def test_save_released_writes_the_released_layout_and_round_trips(loaded, releas
         assert json.load(f) == SESAME_TOKENS
     again = load_pretrained(out, device="cpu", dtype=torch.float32)
     assert_same_model(again.model, loaded.model)
-    assert_same_prediction(predict_once(again.model, again.tokenizer, again.token_ids, again.clip_transform,
+    assert_same_prediction(predict_once(again.model, again.tokenizer, config_ids(again), again.clip_transform,
                                         again.sam_transform),
-                           predict_once(loaded.model, loaded.tokenizer, loaded.token_ids, loaded.clip_transform,
+                           predict_once(loaded.model, loaded.tokenizer, config_ids(loaded), loaded.clip_transform,
                                         loaded.sam_transform))
 
 
@@ -463,7 +470,7 @@ def test_build_for_training_from_llava_base(llava_base, tmp_path):
     got = build_for_training(d, vision_pretrained=sam_path, device="cpu", dtype=torch.float32, out_dim=32)
     m = got.model
     assert m.training and not m.vision_tower.training
-    assert len(got.tokenizer) == VOCAB and (got.token_ids.seg, got.token_ids.im_start) == (32000, 32001)
+    assert len(got.tokenizer) == VOCAB and (config_ids(got).seg, config_ids(got).im_start) == (32000, 32001)
     assert m.config.llm.vocab_size == VOCAB and m.config.sasp is None and m.config.use_mm_start_end
     emb, head = m.language_model.get_input_embeddings().weight, m.language_model.lm_head.weight
     assert torch.equal(emb[:32000], base.language_model.get_input_embeddings().weight)
@@ -517,7 +524,7 @@ def test_tiny_random_is_the_seeded_tiny_model():
     from model.tiny import TINY_TOKENIZER_DIR, tiny_tokenizer
     got = load_pretrained("tiny-random", device="cpu", dtype=torch.float32)
     tok, ids = tiny_tokenizer(TINY_TOKENIZER_DIR)
-    assert got.token_ids == ids and not got.model.training
+    assert config_ids(got) == ids and not got.model.training
     assert_same_model(got.model, tiny_model(ids, len(tok), seed=0))
 
 
@@ -532,7 +539,7 @@ def test_cli_writes_loadable_release_and_llava_base(tmp_path):
     assert cfg["vision_tower"] == os.path.join(out, "vision_tower")
     got = load_pretrained(out, device="cpu", dtype=torch.float32)
     assert got.model.config.sasp == SasPConfig()
-    pred = predict_once(got.model, got.tokenizer, got.token_ids, got.clip_transform, got.sam_transform)
+    pred = predict_once(got.model, got.tokenizer, config_ids(got), got.clip_transform, got.sam_transform)
     assert pred.masks.shape == (1, 45, 70)
 
     base = str(tmp_path / "tiny_base")

@@ -14,7 +14,13 @@ import torch
 from PIL import Image
 
 import demo
+from app.query import QuerySettings, run_query
+from engine.build import build_predictor
+from model.builder import load_pretrained
+from model.predictor import PromptError, say_text
+from utils.errors import InputError
 from utils.image_io import load_image
+from utils.text import printable
 from utils.visualize import overlay_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,13 +31,23 @@ SCRIPT_TIMEOUT_S = 240  # model load + a few tokens; generous for a loaded 2-cor
 
 @pytest.fixture(scope="module")
 def loaded():
-    return demo.load_model(demo.parse_args(["--pretrained_model_path", "tiny-random", "--precision", "fp32",
-                                            "--device", "cpu"]))
+    return load_pretrained("tiny-random", device="cpu", dtype=torch.float32)
+
+
+def _predictor(loaded, hook=None, max_new_tokens=int(FEW_TOKENS), conv_type="vicuna_v1"):
+    """The demo's predictor; `hook(step, logits)` forces tokens of the one query."""
+    row_hook = None if hook is None else (lambda step, logits, rows: hook(step, logits))
+    return build_predictor(loaded, conv_type=conv_type, max_new_tokens=max_new_tokens, logits_hook=row_hook)
+
+
+def _load(argv):
+    from engine.build import load_predictor
+
+    return load_predictor(demo.parse_args(argv))
 
 
 def _settings(tmp_path, **kw):
-    kw.setdefault("max_new_tokens", int(FEW_TOKENS))
-    return demo.DemoSettings(vis_save_dir=str(tmp_path / "vis"), **kw)
+    return QuerySettings(vis_save_dir=str(tmp_path / "vis"), **kw)
 
 
 def _script_env():
@@ -55,29 +71,30 @@ def _answer_with_seg(tokenizer, seg_id, eos_id):
 
 
 def test_say_text_drops_the_marker():
-    assert demo.say_text("Sure, it is [SEG] .") == "Sure, it is."
-    assert demo.say_text("Sure, it is [SEG].") == "Sure, it is."
-    assert demo.say_text("[SEG]") == ""
-    assert demo.say_text("Here: [SEG] and [SEG], done") == "Here: and, done"
-    assert demo.say_text("No, there is no dog, but a cat.") == "No, there is no dog, but a cat."
-    assert demo.printable("a\x1bb\nc") == "a\\x1bb\nc"
+    assert say_text("Sure, it is [SEG] .") == "Sure, it is."
+    assert say_text("Sure, it is [SEG].") == "Sure, it is."
+    assert say_text("[SEG]") == ""
+    assert say_text("Here: [SEG] and [SEG], done") == "Here: and, done"
+    assert say_text("No, there is no dog, but a cat.") == "No, there is no dog, but a cat."
+    assert printable("a\x1bb\nc") == "a\\x1bb\nc"
 
 
 def test_argument_errors():
-    for argv in (["--image", "x.jpg"], ["--query", "q"], ["--json"], ["--image", "x", "--query", "q", "--max_new_tokens", "0"],
-                 ["--conv_type", "chatml"], ["--precision", "fp8"]):
+    for argv in (["--image", "x.jpg"], ["--query", "q"], ["--json"], ["--conv_type", "chatml"], ["--precision", "fp8"]):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
+    for argv, what in ((["--max_new_tokens", "0"], "max_new_tokens"), (["--device", "tpu7"], "not a torch device")):
+        with pytest.raises(InputError, match=what):
+            _load(["--pretrained_model_path", "tiny-random", "--precision", "fp32", *argv])
     args = demo.parse_args([])
     assert args.conv_type == "vicuna_v1" and args.max_new_tokens == 512 and args.precision == "bf16"
     assert args.vis_save_dir == "./demo_directory"
 
 
 def test_one_query_writes_mask_overlay_answer(loaded, tmp_path):
-    ids = loaded.token_ids
-    hook = _answer_with_seg(loaded.tokenizer, ids.seg, ids.eos)
-    result = demo.run_query(loaded, _settings(tmp_path, max_new_tokens=32), SHAPES, "  Is there a red square? ",
-                            logits_hook=hook)
+    cfg = loaded.model.config
+    predictor = _predictor(loaded, _answer_with_seg(loaded.tokenizer, cfg.seg_token_id, cfg.llm.eos_token_id), 32)
+    result = run_query(predictor, _settings(tmp_path), SHAPES, "  Is there a red square? ")
     assert result.question == "Is there a red square?"
     assert "[SEG]" in result.raw_answer and result.say == "Sure, it is."
     assert result.num_seg == 1 and result.image_size == (320, 480)
@@ -92,43 +109,45 @@ def test_one_query_writes_mask_overlay_answer(loaded, tmp_path):
     saved = json.load(open(os.path.join(result.output_dir, "result.json")))
     assert saved["raw_answer"] == result.raw_answer and saved["see"] == result.see
     assert result.output_dir == str(tmp_path / "vis" / "shapes" / "000_is-there-a-red-square")
-    again = demo.run_query(loaded, _settings(tmp_path, max_new_tokens=32), SHAPES, "Is there a red square?",
-                           logits_hook=hook)
+    again = run_query(predictor, _settings(tmp_path), SHAPES, "Is there a red square?")
     assert again.output_dir.endswith("001_is-there-a-red-square")  # never overwrites
     assert again.raw_answer == result.raw_answer and again.mask_pixels == result.mask_pixels  # greedy: repeatable
 
 
 def test_no_seg_means_see_false_and_blank_mask(loaded, tmp_path):
-    eos = loaded.token_ids.eos
+    eos = loaded.model.config.llm.eos_token_id
     words = loaded.tokenizer(" No, there is none.", add_special_tokens=False).input_ids + [eos]
 
     def no_seg(step, logits):
         logits = logits.clone()
         logits[:, words[min(step, len(words) - 1)]] += 1e4
         return logits
-    result = demo.run_query(loaded, _settings(tmp_path, max_new_tokens=32), SHAPES, "Is there a cat?",
-                            logits_hook=no_seg)
+    result = run_query(_predictor(loaded, no_seg, 32), _settings(tmp_path), SHAPES, "Is there a cat?")
     assert not result.see and result.num_seg == 0 and result.say == "No, there is none."
     assert np.asarray(Image.open(result.mask_path)).max() == 0
 
 
 def test_conv_type_is_honoured(loaded, monkeypatch, tmp_path):
+    import model.predictor
+
     seen = []
-    real = demo.tokenize_with_image
-    monkeypatch.setattr(demo, "tokenize_with_image", lambda prompt, tok: seen.append(prompt) or real(prompt, tok))
+    real = model.predictor.tokenize_with_image
+    monkeypatch.setattr(model.predictor, "tokenize_with_image",
+                        lambda prompt, tok: seen.append(prompt) or real(prompt, tok))
     for conv in ("vicuna_v1", "llava_v1"):
-        demo.run_query(loaded, _settings(tmp_path, conv_type=conv), SHAPES, "Is there a red square?")
+        run_query(_predictor(loaded, conv_type=conv), _settings(tmp_path), SHAPES, "Is there a red square?")
     assert "curious user" in seen[0] and "curious human" in seen[1]
     assert seen[0].endswith("USER: <im_start><image><im_end>\nIs there a red square? ASSISTANT:")
 
 
 def test_bad_questions(loaded, tmp_path):
-    with pytest.raises(demo.QueryError, match="empty question"):
-        demo.run_query(loaded, _settings(tmp_path), SHAPES, "   ")
-    with pytest.raises(demo.QueryError, match="must not contain"):
-        demo.run_query(loaded, _settings(tmp_path), SHAPES, "<image> what?")
-    with pytest.raises(demo.QueryError, match="question too long"):
-        demo.run_query(loaded, _settings(tmp_path), SHAPES, "word " * 2000)
+    predictor = _predictor(loaded)
+    with pytest.raises(PromptError, match="empty question"):
+        run_query(predictor, _settings(tmp_path), SHAPES, "   ")
+    with pytest.raises(PromptError, match="must not contain"):
+        run_query(predictor, _settings(tmp_path), SHAPES, "<image> what?")
+    with pytest.raises(PromptError, match="question too long"):
+        run_query(predictor, _settings(tmp_path), SHAPES, "word " * 2000)
     assert not os.path.exists(tmp_path / "vis")  # nothing written for refused queries
 
 
@@ -174,7 +193,7 @@ def test_interactive_loop_survives_bad_input(loaded, tmp_path):
         prompts.append(prompt)
         return typed.pop(0)
     out = io.StringIO()
-    demo.interactive(loaded, _settings(tmp_path, max_image_pixels=500_000), read=read, out=out)
+    demo.interactive(_predictor(loaded), _settings(tmp_path, max_image_pixels=500_000), read=read, out=out)
     text = out.getvalue()
     assert not typed, "the loop stopped early"
     errors = [line for line in text.splitlines() if line.startswith("error:")]
@@ -183,20 +202,24 @@ def test_interactive_loop_survives_bad_input(loaded, tmp_path):
     assert "notes.jpg: not an image file" in errors[2] and "is a directory" in errors[3]
     assert "must not contain" in errors[4]
     assert text.count("* Object Existence (See):") == len(good)
-    assert "note: image downscaled from 1200x800" in text
+    assert "note: image downscaled from 1200x800" in text and "masks are saved at the original size" in text
     assert prompts[:3] == ["Human Prompts: ", "Human Prompts: ", "Image path: "]
     folders = sorted(os.listdir(tmp_path / "vis"))
     assert folders == sorted(["gray", "rgba", "palette", "sixteen", "exif", "large"])
     exif_mask = np.asarray(Image.open(tmp_path / "vis" / "exif" / "000_where-is-the-exif-thing" / "seg_mask.png"))
     assert exif_mask.shape == (60, 40)  # upright: EXIF orientation 6 swaps the sides
-    large = json.load(open(tmp_path / "vis" / "large" / "000_where-is-the-large-thing" / "result.json"))
-    assert large["image_size"][0] * large["image_size"][1] <= 500_000
+    large_dir = tmp_path / "vis" / "large" / "000_where-is-the-large-thing"
+    large = json.load(open(large_dir / "result.json"))
+    assert large["image_size"] == [800, 1200]  # masks at the file's size, though the model saw a smaller copy
+    assert np.asarray(Image.open(large_dir / "seg_mask.png")).shape == (800, 1200)
+    overlay = np.asarray(Image.open(large_dir / "seg_overlay.jpg"))
+    assert overlay.shape[0] * overlay.shape[1] <= 500_000  # drawn on the copy the model saw
 
 
 def test_interactive_loop_ends_on_eof(loaded, tmp_path):
     def read(prompt):
         raise EOFError
-    demo.interactive(loaded, _settings(tmp_path), read=read, out=io.StringIO())
+    demo.interactive(_predictor(loaded), _settings(tmp_path), read=read, out=io.StringIO())
 
 
 def test_one_shot_script_json(tmp_path):
@@ -265,39 +288,43 @@ def test_interactive_script_through_a_pseudo_terminal(tmp_path):
 
 
 def test_sasp_flags_and_visualize(loaded, tmp_path):
-    with pytest.raises(SystemExit, match="SasP is off"):  # a knob with nothing to tune
-        demo.load_model(demo.parse_args(["--pretrained_model_path", "tiny-random", "--precision", "fp32",
-                                         "--device", "cpu", "--num_points", "5"]))
-    plain = demo.run_query(loaded, _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?")
+    with pytest.raises(InputError, match="SasP is off"):  # a knob with nothing to tune
+        _load(["--pretrained_model_path", "tiny-random", "--precision", "fp32", "--device", "cpu", "--num_points", "5"])
+    plain = run_query(_predictor(loaded), _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?")
     assert plain.sasp_paths == [] and any("does not use SasP" in n for n in plain.notes)
 
-    read = demo.load_model(demo.parse_args(["--pretrained_model_path", "tiny-random", "--precision", "fp32",
-                                            "--device", "cpu", "--use_sasp", "--num_points", "5", "--t_pos", "0.7"]))
-    assert read.model.config.sasp.num_points == 5 and read.model.config.sasp.t_pos == 0.7
-    hook = _answer_with_seg(read.tokenizer, read.token_ids.seg, read.token_ids.eos)
-    result = demo.run_query(read, _settings(tmp_path, visualize=True, max_new_tokens=32), SHAPES,
-                            "Is there a red square?", logits_hook=hook)
+    read = _load(["--pretrained_model_path", "tiny-random", "--precision", "fp32", "--device", "cpu", "--use_sasp",
+                  "--num_points", "5", "--t_pos", "0.7"])
+    cfg = read.model.config
+    assert cfg.sasp.num_points == 5 and cfg.sasp.t_pos == 0.7
+    loaded_read = type(loaded)(read.model, read.tokenizer, read.clip_transform, read.sam_transform)
+    hook = _answer_with_seg(read.tokenizer, cfg.seg_token_id, cfg.llm.eos_token_id)
+    result = run_query(_predictor(loaded_read, hook, 32), _settings(tmp_path, visualize=True), SHAPES,
+                            "Is there a red square?")
     assert [os.path.basename(p) for p in result.sasp_paths] == ["sasp.png"]
     assert os.path.dirname(result.sasp_paths[0]) == result.output_dir
     assert np.asarray(Image.open(result.sasp_paths[0])).ndim == 3
-    no_seg = demo.run_query(read, _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?",
-                            logits_hook=lambda step, logits: logits.index_fill(1, torch.tensor([read.token_ids.seg]), -1e4))
+    no_seg = run_query(_predictor(loaded_read, lambda step, logits: logits.index_fill(
+        1, torch.tensor([cfg.seg_token_id]), -1e4)), _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?")
     assert no_seg.num_seg == 0 and no_seg.sasp_paths == [] and any("no [SEG]" in n for n in no_seg.notes)
 
 
 def test_released_read_checkpoint_directory(tmp_path):
     """A checkpoint directory in the released layout: READ turns SasP on by itself, flags tune it."""
+    from model.builder import LoadedSesame
     from model.tiny import write_tiny_released
 
     ckpt = str(tmp_path / "read_ckpt")
     write_tiny_released(ckpt, architecture="READForCausalLM", llama_vocab=False)
-    read = demo.load_model(demo.parse_args(["--pretrained_model_path", ckpt, "--precision", "fp32", "--device", "cpu",
-                                            "--num_points", "7", "--vision_tower", os.path.join(ckpt, "vision_tower")]))
-    assert read.model.config.sasp.num_points == 7 and read.model.config.architecture == "READForCausalLM"
-    hook = _answer_with_seg(read.tokenizer, read.token_ids.seg, read.token_ids.eos)
-    result = demo.run_query(read, _settings(tmp_path, visualize=True, max_new_tokens=32), SHAPES,
-                            "Is there a red square?", logits_hook=hook)
+    read = _load(["--pretrained_model_path", ckpt, "--precision", "fp32", "--device", "cpu", "--num_points", "7",
+                  "--vision_tower", os.path.join(ckpt, "vision_tower")])
+    cfg = read.model.config
+    assert cfg.sasp.num_points == 7 and cfg.architecture == "READForCausalLM"
+    hook = _answer_with_seg(read.tokenizer, cfg.seg_token_id, cfg.llm.eos_token_id)
+    loaded_read = LoadedSesame(read.model, read.tokenizer, read.clip_transform, read.sam_transform)
+    result = run_query(_predictor(loaded_read, hook, 32), _settings(tmp_path, visualize=True), SHAPES,
+                            "Is there a red square?")
     assert result.say == "Sure, it is." and result.num_seg == 1
     assert [os.path.basename(p) for p in result.sasp_paths] == ["sasp.png"]
-    with pytest.raises(SystemExit, match="error: .*missing_ckpt"):
-        demo.load_model(demo.parse_args(["--pretrained_model_path", str(tmp_path / "missing_ckpt"), "--device", "cpu"]))
+    with pytest.raises(FileNotFoundError, match="missing_ckpt"):
+        _load(["--pretrained_model_path", str(tmp_path / "missing_ckpt"), "--device", "cpu"])

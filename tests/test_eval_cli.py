@@ -9,7 +9,7 @@ import time
 
 from dataset.eval_sets import build_eval_dataset
 from dataset.synthetic import generate
-from utils.records import merge_shards, read_shard, shard_dir, shard_path
+from evaluation.records import merge_shards, read_shard, shard_dir, shard_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

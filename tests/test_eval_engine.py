@@ -1,14 +1,20 @@
-"""The batched, prefix-sharing engine (model/inference.py) gives what `SesameModel.predict` gives
+"""The batched, prefix-sharing engine (engine/) gives what `SesameModel.predict` gives
 one query at a time: the same tokens, the same masks, [SEG] states allclose (fp32, tiny model)."""
 import numpy as np
 import pytest
 import torch
 
-from model.transforms import ClipTransform, SamTransform
+from engine.batched import BatchedInference
+from engine.cache import GroupKVCache
+from engine.config import EngineConfig
+from engine.llama_layers import pack_qkv
+from engine.plan import batch_images
+from engine.timing import StageTimer
 from model.config import SasPConfig
 from model.conversation import build_prompt, tokenize_with_image
-from model.inference import BatchedInference, EngineConfig, GroupKVCache, ImageWork, StageTimer, batch_images
+from model.predictor import ImageWork
 from model.tiny import tiny_model
+from model.transforms import ClipTransform, SamTransform
 
 QUESTIONS = [
     "Can you confirm if the man in red is present in this image?",
@@ -60,8 +66,7 @@ def _one_at_a_time(model, works, token_ids, max_new, hook):
                 index = torch.tensor([q])
                 h = (lambda idx: (lambda step, logits: hook(step, logits, idx.expand(logits.shape[0]))))(index)
             preds.append(model.predict(w.clip_pixels[None], w.sam_pixels[None], [w.resized_size], [w.original_size],
-                                       [prompt], [0], max_new_tokens=max_new, eos_token_id=token_ids.eos,
-                                       pad_token_id=token_ids.pad, logits_hook=h)[0])
+                                       [prompt], [0], max_new_tokens=max_new, logits_hook=h)[0])
             q += 1
         out.append(preds)
     return out
@@ -89,12 +94,11 @@ def test_engine_equals_predict_forced_seg(tokenizer, token_ids, slots, first_cap
     model = tiny_model(token_ids, len(tokenizer), seed=1)
     works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77), (50, 50)], [3, 1, 7, 2])
     hook = _hook(token_ids)
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=9, eos_token_id=token_ids.eos,
-                                                  pad_token_id=token_ids.pad, slots_per_group=slots,
+    engine = BatchedInference(model, EngineConfig(slots_per_group=slots,
                                                   first_capacity=first_capacity, sam_batch=3, prefix_batch=2,
                                                   column_block=column_block),
                               logits_hook=hook)
-    batched = engine.run(works)
+    batched = engine.run(works, 9)
     single = _one_at_a_time(model, works, token_ids, 9, hook)
     _assert_same(batched, single)
     n_seg = sum(len(p.seg_hidden) for ps in batched for p in ps)
@@ -109,9 +113,8 @@ def test_engine_equals_predict_free_generation(tokenizer, token_ids):
     """No forcing: whatever the random model says, up to 12 tokens (runs past the first capacity)."""
     model = tiny_model(token_ids, len(tokenizer), seed=5)
     works = _work(model, tokenizer, [(31, 45), (60, 20)], [4, 2], template="vicuna_v1")
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=12, eos_token_id=token_ids.eos,
-                                                  pad_token_id=token_ids.pad, first_capacity=4))
-    _assert_same(engine.run(works), _one_at_a_time(model, works, token_ids, 12, None))
+    engine = BatchedInference(model, EngineConfig(first_capacity=4))
+    _assert_same(engine.run(works, 12), _one_at_a_time(model, works, token_ids, 12, None))
 
 
 def _tiny_gqa_model(token_ids, vocab_size, seed):
@@ -120,9 +123,9 @@ def _tiny_gqa_model(token_ids, vocab_size, seed):
 
     cfg = SesameConfig.tiny(vocab_size=vocab_size)
     cfg.llm.num_key_value_heads = 2  # 4 query heads share 2 key/value heads
-    cfg.llm.pad_token_id, cfg.llm.bos_token_id, cfg.llm.eos_token_id = token_ids.pad, token_ids.bos, token_ids.eos
+    cfg.use_token_ids(token_ids)
     torch.manual_seed(seed)
-    return SesameModel(cfg, seg_token_id=token_ids.seg).eval()
+    return SesameModel(cfg).eval()
 
 
 @pytest.mark.parametrize("variant", ["gqa", "lora", "unpacked"])
@@ -143,10 +146,11 @@ def test_engine_equals_predict_for_other_llms(tokenizer, token_ids, variant):
         model.eval()
     works = _work(model, tokenizer, [(40, 60), (52, 33)], [3, 2])
     hook = _hook(token_ids)
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=7, eos_token_id=token_ids.eos,
-                                                  pad_token_id=token_ids.pad, pack_projections=variant != "unpacked"),
+    if variant != "unpacked":
+        pack_qkv(model.language_model.model)
+    engine = BatchedInference(model, EngineConfig(),
                               logits_hook=hook)
-    batched = engine.run(works)
+    batched = engine.run(works, 7)
     assert engine._layers_of.packed == (variant == "gqa")
     _assert_same(batched, _one_at_a_time(model, works, token_ids, 7, hook))
 
@@ -156,9 +160,8 @@ def test_engine_equals_predict_with_sasp(tokenizer, token_ids):
     model = tiny_model(token_ids, len(tokenizer), seed=2, sasp=SasPConfig(num_points=5, down_sample=1))
     works = _work(model, tokenizer, [(40, 60), (52, 33)], [3, 2])
     hook = _hook(token_ids, seg_every=1)
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=6, eos_token_id=token_ids.eos,
-                                                  pad_token_id=token_ids.pad), logits_hook=hook)
-    batched = engine.run(works)
+    engine = BatchedInference(model, EngineConfig(), logits_hook=hook)
+    batched = engine.run(works, 6)
     single = _one_at_a_time(model, works, token_ids, 6, hook)
     _assert_same(batched, single)
     with_seg = [(b, s) for bs, ss in zip(batched, single) for b, s in zip(bs, ss) if len(b.seg_hidden)]
@@ -176,10 +179,9 @@ def test_engine_mixed_templates_and_bf16(tokenizer, token_ids):
     b = _work(model, tokenizer, [(30, 40)], [1], template="vicuna_v1")[0]
     a.prompts = a.prompts + b.prompts
     timer = StageTimer()
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=4, eos_token_id=token_ids.eos,
-                                                  pad_token_id=token_ids.pad), logits_hook=_hook(token_ids, 1),
+    engine = BatchedInference(model, EngineConfig(), logits_hook=_hook(token_ids, 1),
                               timer=timer)
-    out = engine.run([a])
+    out = engine.run([a], 4)
     assert len(out[0]) == 3 and all(p.masks.shape[1:] == (30, 40) for p in out[0])
     assert set(timer.seconds) == {"encoders", "prefill_prefix", "prefill_suffix", "decode", "masks"}
 
@@ -187,12 +189,12 @@ def test_engine_mixed_templates_and_bf16(tokenizer, token_ids):
 def test_bad_prompts_are_named(tokenizer, token_ids):
     model = tiny_model(token_ids, len(tokenizer))
     w = _work(model, tokenizer, [(20, 20)], [1])[0]
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=2))
+    engine = BatchedInference(model, EngineConfig())
     w.prompts = [[1, 2, 3]]
     with pytest.raises(ValueError, match="image 0 prompt 0.*exactly one image placeholder"):
-        engine.run([w])
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        EngineConfig(max_new_tokens=0)
+        engine.run([w], 2)
+    with pytest.raises(ValueError, match="queries_per_batch"):
+        EngineConfig(queries_per_batch=0)
 
 
 def test_batch_images_respects_budget():
@@ -233,18 +235,17 @@ def test_graph_bookkeeping_equals_predict(tokenizer, token_ids, monkeypatch):
     single = _one_at_a_time(model, works, token_ids, 9, hook)
     counts = {}
     for max_graphs in (64, 2):
-        cfg = EngineConfig(max_new_tokens=9, eos_token_id=token_ids.eos, pad_token_id=token_ids.pad,
-                           slots_per_group=3, first_capacity=3, column_block=8, row_block=2, max_graphs=max_graphs)
+        cfg = EngineConfig(slots_per_group=3, first_capacity=3, column_block=8, row_block=2, max_graphs=max_graphs)
         engine = BatchedInference(model, cfg, logits_hook=hook)
-        _assert_same(engine.run(works), single)
+        _assert_same(engine.run(works, 9), single)
         first = engine.graph_captures
         assert 2 <= first < 8  # steps share captures
         assert len(engine._graphs) <= max_graphs
         # growth dropped the captures made before it; after a second run the kept cache and captures
         # serve a third one as they are
-        _assert_same(engine.run(works), single)
+        _assert_same(engine.run(works, 9), single)
         second = engine.graph_captures
-        _assert_same(engine.run(works), single)
+        _assert_same(engine.run(works, 9), single)
         counts[max_graphs] = (first, second - first, engine.graph_captures - second)
     assert 0 < counts[64][1] < counts[64][0] and counts[64][2] == 0
     assert counts[2][2] > 0  # unless they were dropped for max_graphs
@@ -255,15 +256,14 @@ def test_engine_reused_across_runs(tokenizer, token_ids):
     longer prompts than it has columns (reallocated), then a small run on the large cache."""
     model = tiny_model(token_ids, len(tokenizer), seed=6)
     hook = _hook(token_ids)
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=7, eos_token_id=token_ids.eos,
-                                                  pad_token_id=token_ids.pad, slots_per_group=4, first_capacity=4,
+    engine = BatchedInference(model, EngineConfig(slots_per_group=4, first_capacity=4,
                                                   column_block=8, row_block=1), logits_hook=hook)
     runs = [_work(model, tokenizer, [(40, 60)], [2]),
             _work(model, tokenizer, [(30, 30), (64, 32), (23, 77), (50, 20)], [4, 1, 6, 3]),
             _work(model, tokenizer, [(33, 41)], [1])]
     sizes = []
     for works in runs:
-        _assert_same(engine.run(works), _one_at_a_time(model, works, token_ids, 7, hook))
+        _assert_same(engine.run(works, 7), _one_at_a_time(model, works, token_ids, 7, hook))
         sizes.append((engine._cache.rows, engine._cache.columns))
     assert sizes[1][0] > sizes[0][0] and sizes[2] == sizes[1]
 
@@ -283,10 +283,9 @@ def test_compiled_sam_path_pads_to_one_shape(tokenizer, token_ids, monkeypatch):
     model = tiny_model(token_ids, len(tokenizer), seed=2)
     works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77), (50, 50), (31, 45)], [1, 2, 1, 1, 1])
     hook = _hook(token_ids)
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=5, eos_token_id=token_ids.eos,
-                                                  pad_token_id=token_ids.pad, sam_batch=3, compile_sam=True),
+    engine = BatchedInference(model, EngineConfig(sam_batch=3, compile_sam=True),
                               logits_hook=hook)
-    _assert_same(engine.run(works), _one_at_a_time(model, works, token_ids, 5, hook))
+    _assert_same(engine.run(works, 5), _one_at_a_time(model, works, token_ids, 5, hook))
     assert len(shapes) == 2 and {s[0] for s in shapes} == {3}
 
 
@@ -305,8 +304,8 @@ def test_engine_takes_resized_uint8_sam_input_and_lazy_images(tokenizer, token_i
         assert torch.equal(sam(img).pixels, w.sam_pixels)
         raw.append(ImageWork(w.clip_pixels, r.pixels, r.resized_size, r.original_size, w.prompts))
     hook = _hook(token_ids)
-    cfg = EngineConfig(max_new_tokens=6, eos_token_id=token_ids.eos, pad_token_id=token_ids.pad, sam_batch=2)
-    want = BatchedInference(model, cfg, logits_hook=hook).run(works)
+    cfg = EngineConfig(sam_batch=2)
+    want = BatchedInference(model, cfg, logits_hook=hook).run(works, 6)
     pulled = []
 
     def lazily():
@@ -314,6 +313,6 @@ def test_engine_takes_resized_uint8_sam_input_and_lazy_images(tokenizer, token_i
             pulled.append(w)
             yield w
 
-    got = BatchedInference(model, cfg, logits_hook=hook).run(lazily())
+    got = BatchedInference(model, cfg, logits_hook=hook).run(lazily(), 6)
     assert len(pulled) == 3
     _assert_same(got, want)

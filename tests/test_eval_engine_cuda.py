@@ -5,7 +5,9 @@ this file; the CPU tests cover the same bookkeeping with a stand-in for the grap
 import pytest
 import torch
 
-from model.inference import BatchedInference, EngineConfig
+from engine.batched import BatchedInference
+from engine.config import EngineConfig
+from engine.llama_layers import pack_qkv
 from model.tiny import tiny_model
 
 from test_eval_engine import _hook, _one_at_a_time, _work
@@ -48,13 +50,13 @@ def test_engine_equals_predict_on_cuda(tokenizer, token_ids, no_tf32, graphs, co
     model = tiny_model(token_ids, len(tokenizer), seed=1).to("cuda")
     works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77), (50, 50)], [3, 1, 7, 2])
     hook = _hook(token_ids)
-    engine = BatchedInference(model, EngineConfig(max_new_tokens=9, eos_token_id=token_ids.eos,
-                                                  pad_token_id=token_ids.pad, slots_per_group=3, first_capacity=4,
+    pack_qkv(model.language_model.model)
+    engine = BatchedInference(model, EngineConfig(slots_per_group=3, first_capacity=4,
                                                   cuda_graphs=graphs, column_block=column_block,
                                                   row_block=row_block), logits_hook=hook)
     single = _one_at_a_time(model, works, token_ids, 9, hook)
     for run in range(2):  # with graphs, the second run replays the kept captures
-        problems = _differences(engine.run(works), single)
+        problems = _differences(engine.run(works, 9), single)
         assert not problems, f"run {run}: " + "; ".join(problems[:8])
     assert engine.graph_failure is None
     assert (engine.graph_captures >= 1) == graphs
@@ -67,8 +69,8 @@ def test_rotary_kernel_equals_transformers(heads, kv_heads, d):
     dtype = torch.bfloat16
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from model import rotary_kernel
-    from model.llama_layers import rotary_tables
+    from engine import rotary_kernel
+    from engine.llama_layers import rotary_tables
 
     class Rope(torch.nn.Module):  # transformers' rotary module for head_dim d
         def __init__(self):

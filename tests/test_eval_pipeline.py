@@ -1,4 +1,5 @@
-"""test_sesame.py's inference loop on a tiny model and generated images: records, resume, shards, metrics."""
+"""The evaluation runner (evaluation/) as test_sesame.py drives it, on a tiny model and generated images:
+records, resume, shards, metrics."""
 import json
 import os
 
@@ -8,11 +9,14 @@ import pytest
 
 import test_sesame
 from dataset.eval_sets import EvalImage, EvalQuery
-from model.transforms import ClipTransform, SamTransform
+from engine.build import build_predictor, load_predictor
+from evaluation.metrics import evaluate_records
+from evaluation.records import merge_shards, read_shard, shard_dir, shard_path
+from evaluation.runner import quick_gil_handoff, run_shard
 from model.builder import LoadedSesame
 from model.tiny import tiny_model
-from utils.metrics import evaluate_records
-from utils.records import merge_shards, read_shard, shard_dir, shard_path
+from model.transforms import ClipTransform, SamTransform
+from utils.errors import InputError
 
 SIZES = [(40, 60), (64, 32), (23, 77), (50, 50), (33, 41)]
 QUERIES = [3, 1, 5, 2, 4]
@@ -57,7 +61,7 @@ def content_hook(seg_id, eos_id):
 @pytest.fixture(scope="module")
 def loaded(tokenizer, token_ids):
     model = tiny_model(token_ids, len(tokenizer), seed=1)
-    return LoadedSesame(model, tokenizer, token_ids, ClipTransform(model.config.vision.image_size),
+    return LoadedSesame(model, tokenizer, ClipTransform(model.config.vision.image_size),
                         SamTransform(model.config.sam.image_size))
 
 
@@ -67,10 +71,13 @@ def _args(out, *extra):
          "--no_progress", "--queries_per_batch", "4", *extra])
 
 
-def _run(loaded, images, out, *extra):
+def _run(loaded, images, out, *extra, hook=None):
     args = _args(out, *extra)
-    hook = content_hook(loaded.token_ids.seg, loaded.token_ids.eos)
-    return test_sesame.run_inference(args, loaded, images, engine_hook=hook)
+    cfg = loaded.model.config
+    predictor = build_predictor(loaded, conv_type=args.conv_type, max_new_tokens=args.max_new_tokens,
+                                max_text_tokens=args.model_max_length, config=test_sesame.engine_config(args),
+                                logits_hook=hook or content_hook(cfg.seg_token_id, cfg.llm.eos_token_id))
+    return run_shard(test_sesame.eval_run(args), predictor, images, test_sesame.read_rgb)
 
 
 def _by_key(records):
@@ -109,7 +116,7 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path, loaded, monkeypatch)
     _run(loaded, images, tmp_path / "full")
     full = read_shard(shard_path(str(tmp_path / "full"), "fprefcoco", "val", 0, 1))
 
-    from utils import records as records_mod
+    from evaluation import records as records_mod
     original_write = records_mod.ShardWriter.write
     calls = {"n": 0}
 
@@ -138,6 +145,37 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path, loaded, monkeypatch)
     assert _by_key(resumed) == _by_key(full)
 
 
+def test_resume_answers_a_partly_recorded_image_whole(tmp_path, loaded, monkeypatch):
+    """A kill can leave some of an image's records on disk. The resumed run decodes all of that image's
+    queries together again (as an uninterrupted run did) and writes only the missing records."""
+    from engine.batched import BatchedInference
+
+    images = _images(str(tmp_path))
+    _run(loaded, images, tmp_path / "full")
+    full = shard_path(str(tmp_path / "full"), "fprefcoco", "val", 0, 1)
+    with open(full) as f:
+        lines = f.readlines()
+    image_of = [json.loads(line)["image_id"] for line in lines]
+    keep = [line for line, i in zip(lines, image_of) if i == 0] + [lines[image_of.index(2)]]  # image 2: 1 of 5
+    part = shard_path(str(tmp_path / "part"), "fprefcoco", "val", 0, 1)
+    os.makedirs(os.path.dirname(part))
+    with open(part, "w") as f:
+        f.writelines(keep)
+    prompts_per_image = []
+    original_run = BatchedInference.run
+
+    def spy(self, works, max_new_tokens):
+        works = list(works)
+        prompts_per_image.extend(len(w.prompts) for w in works)
+        return original_run(self, works, max_new_tokens)
+
+    monkeypatch.setattr(BatchedInference, "run", spy)
+    summary = _run(loaded, images, tmp_path / "part")
+    assert summary["queries_run"] == sum(QUERIES) - len(keep) and summary["queries_skipped"] == len(keep)
+    assert prompts_per_image == QUERIES[1:]  # image 2 with all of its 5 queries
+    assert _by_key(read_shard(part)) == _by_key(read_shard(full))
+
+
 def test_two_shards_cover_every_query_once(tmp_path, loaded):
     images = _images(str(tmp_path))
     _run(loaded, images, tmp_path / "one")
@@ -162,7 +200,7 @@ def test_bad_input_is_named(tmp_path, loaded):
     with pytest.raises(ValueError, match="occurs twice"):
         _run(loaded, images, tmp_path / "b")
     images = _images(str(tmp_path))
-    with pytest.raises(ValueError, match="model_max_length"):
+    with pytest.raises(ValueError, match="question too long.*limit is 10"):
         _run(loaded, images, tmp_path / "c", "--model_max_length", "10")
     with pytest.raises(SystemExit):
         test_sesame.build_parser().parse_args(["--val_dataset", "coco"])
@@ -182,7 +220,7 @@ def test_visualize_sasp_maps(tmp_path, tokenizer, token_ids):
     from model.config import SasPConfig
 
     model = tiny_model(token_ids, len(tokenizer), seed=1, sasp=SasPConfig(num_points=5))
-    loaded = LoadedSesame(model, tokenizer, token_ids, ClipTransform(model.config.vision.image_size),
+    loaded = LoadedSesame(model, tokenizer, ClipTransform(model.config.vision.image_size),
                           SamTransform(model.config.sam.image_size))
     images = _images(str(tmp_path))[:1]
 
@@ -190,22 +228,21 @@ def test_visualize_sasp_maps(tmp_path, tokenizer, token_ids):
         logits = logits.clone()
         logits[:, token_ids.seg if step == 0 else token_ids.eos] += 1e4
         return logits
-    args = _args(tmp_path / "read", "--visualize")
-    test_sesame.run_inference(args, loaded, images, engine_hook=always_seg)
+    _run(loaded, images, tmp_path / "read", "--visualize", hook=always_seg)
     vis = os.path.join(shard_dir(str(tmp_path / "read"), "fprefcoco", "val"), "vis")
     for folder in os.listdir(vis):
         assert {"sasp.png", "seg_mask.png", "seg_overlay.jpg"} <= set(os.listdir(os.path.join(vis, folder)))
     assert len(os.listdir(vis)) == QUERIES[0]
 
 
-def test_load_model_sasp_flags():
+def test_load_predictor_sasp_flags():
     parse = test_sesame.build_parser().parse_args
     base = ["--pretrained_model_path", "tiny-random", "--device", "cpu", "--precision", "fp32"]
-    assert test_sesame.load_model(parse(base)).model.config.sasp is None
-    cfg = test_sesame.load_model(parse(base + ["--use_sasp", "--num_points", "7"])).model.config.sasp
+    assert load_predictor(parse(base)).model.config.sasp is None
+    cfg = load_predictor(parse(base + ["--use_sasp", "--num_points", "7"])).model.config.sasp
     assert cfg is not None and cfg.num_points == 7 and cfg.t_pos == 0.8
-    with pytest.raises(ValueError, match="use_sasp"):
-        test_sesame.load_model(parse(base + ["--t_pos", "0.6"]))
+    with pytest.raises(InputError, match="use_sasp"):
+        load_predictor(parse(base + ["--t_pos", "0.6"]))
 
 
 def test_records_follow_input_order(tmp_path, loaded):
@@ -223,9 +260,7 @@ def test_records_follow_input_order(tmp_path, loaded):
 def test_gil_handoff_is_scoped():
     import sys
 
-    import test_sesame
-
     before = sys.getswitchinterval()
-    with test_sesame.quick_gil_handoff(0.0005):
+    with quick_gil_handoff(0.0005):
         assert sys.getswitchinterval() == min(before, 0.0005)
     assert sys.getswitchinterval() == before

@@ -1,11 +1,11 @@
-"""model/llama_layers.py: the engine's step-by-step LLaMA layers compute what transformers' do."""
+"""engine/llama_layers.py: the engine's step-by-step LLaMA layers compute what transformers' do."""
 import pytest
 import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from model.llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
+from engine.llama_layers import LlamaLayers, pack_qkv, rms_norm, rotary_tables, rotate_
 
 
 def _llama(kv_heads=2, bias=False, seed=0, dtype=torch.float32):
@@ -39,7 +39,9 @@ def test_packing_keeps_the_model_and_its_outputs(bias):
     ids = torch.randint(0, 50, (2, 7))
     before = model(input_ids=ids).last_hidden_state
     separate = {n: p.detach().clone() for n, p in model.named_parameters()}
-    layers = LlamaLayers(model, pack=True)
+    assert pack_qkv(model) == 2
+    assert pack_qkv(model) == 0  # once
+    layers = LlamaLayers(model)
     assert layers.packed
     # same names, same values; the projections are views of one tensor per layer and group
     after = dict(model.named_parameters())
@@ -68,17 +70,26 @@ def test_lora_wrapped_projections_are_called_as_they_are():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.3)  # a LoRA delta that changes the outputs
     decoder = peft_model.base_model.model
-    layers = LlamaLayers(decoder, pack=True)
-    assert not layers.packed  # q/v are LoRA layers
+    assert pack_qkv(decoder) == 0  # q/v are LoRA layers
+    layers = LlamaLayers(decoder)
+    assert not layers.packed
     attn = decoder.layers[1].self_attn
     h = torch.randn(1, 3, 32)
     want = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1).view(1, 3, 8, 8)
     torch.testing.assert_close(layers.qkv(1, h), want)
 
 
-def test_no_packing_when_asked():
+def test_no_packing_unless_asked_and_none_after_a_move():
     model = _llama()
-    layers = LlamaLayers(model, pack=False)
+    layers = LlamaLayers(model)
     assert not layers.packed
     attn = model.layers[0].self_attn
     assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
+    # moving a packed model gives its modules new tensors: the layers then run unpacked, correctly
+    pack_qkv(model)
+    model.to(torch.float64)
+    layers = LlamaLayers(model)
+    assert not layers.packed
+    h = torch.randn(1, 3, 32, dtype=torch.float64)
+    want = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1).view(1, 3, 8, 8)
+    torch.testing.assert_close(layers.qkv(0, h), want)

@@ -112,7 +112,7 @@ def test_seg_embedding_kv_cache_equals_teacher_forced(tokenizer, token_ids):
     clip, sam, resized, original = _inputs(model, [img])
     prompt = tokenize_with_image(build_prompt("<image>\nWhere is the red square?", template="vicuna_v1"), tokenizer)
     hook = _force_seg_at(3, token_ids.seg, token_ids.eos)
-    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=10, eos_token_id=token_ids.eos,
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=10,
                          logits_hook=hook)[0]
     assert pred.output_ids.count(token_ids.seg) == 1 and pred.output_ids[-1] == token_ids.eos
     # teacher-forced forward over prompt + generated answer
@@ -135,15 +135,13 @@ def test_batched_left_padded_generation_equals_single(tokenizer, token_ids):
     assert len({len(p) for p in prompts}) == 3
     image_index = [0, 1, 1]
     hook = _force_seg_at(2, token_ids.seg, token_ids.eos)
-    batched = model.predict(clip, sam, resized, original, prompts, image_index, max_new_tokens=6,
-                            eos_token_id=token_ids.eos)
+    batched = model.predict(clip, sam, resized, original, prompts, image_index, max_new_tokens=6)
     alone = [model.predict(clip[i:i + 1], sam[i:i + 1], resized[i:i + 1], original[i:i + 1], [p], [0],
-                           max_new_tokens=6, eos_token_id=token_ids.eos)[0] for p, i in zip(prompts, image_index)]
+                           max_new_tokens=6)[0] for p, i in zip(prompts, image_index)]
     assert [b.output_ids for b in batched] == [a.output_ids for a in alone]
-    seg_b = model.predict(clip, sam, resized, original, prompts, image_index, max_new_tokens=6,
-                          eos_token_id=token_ids.eos, logits_hook=hook)
+    seg_b = model.predict(clip, sam, resized, original, prompts, image_index, max_new_tokens=6, logits_hook=hook)
     seg_a = [model.predict(clip[i:i + 1], sam[i:i + 1], resized[i:i + 1], original[i:i + 1], [p], [0],
-                           max_new_tokens=6, eos_token_id=token_ids.eos, logits_hook=hook)[0]
+                           max_new_tokens=6, logits_hook=hook)[0]
              for p, i in zip(prompts, image_index)]
     for b, a in zip(seg_b, seg_a):
         torch.testing.assert_close(b.seg_hidden, a.seg_hidden, atol=1e-5, rtol=1e-4)
@@ -159,8 +157,7 @@ def test_no_seg_gives_empty_mask_and_see_false(tokenizer, token_ids):
         logits = logits.clone()
         logits[:, token_ids.seg] = -1e9
         return logits
-    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=5, logits_hook=never_seg,
-                         eos_token_id=token_ids.eos)[0]
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=5, logits_hook=never_seg)[0]
     assert token_ids.seg not in pred.output_ids
     assert pred.masks.shape == (0, 33, 51) and pred.exists is False
 
@@ -170,7 +167,7 @@ def test_masks_come_back_at_original_size(tokenizer, token_ids, size):
     model = tiny_model(token_ids, len(tokenizer))
     clip, sam, resized, original = _inputs(model, [_image(*size)])
     prompt = tokenize_with_image(build_prompt("<image>\nthe square"), tokenizer)
-    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=4, eos_token_id=token_ids.eos,
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=4,
                          logits_hook=_force_seg_at(0, token_ids.seg, token_ids.eos))[0]
     assert pred.masks.shape == (1, *size) and pred.masks.dtype == torch.bool
     assert pred.exists == bool(pred.masks[0].any())
@@ -183,7 +180,7 @@ def test_empty_predicted_mask_means_not_present(tokenizer, token_ids):
         model.visual_model.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias.zero_()
     clip, sam, resized, original = _inputs(model, [_image(20, 30)])
     prompt = tokenize_with_image(build_prompt("<image>\nthe square"), tokenizer)
-    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=3, eos_token_id=token_ids.eos,
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=3,
                          logits_hook=_force_seg_at(0, token_ids.seg, token_ids.eos))[0]
     assert token_ids.seg in pred.output_ids and not pred.masks.any() and pred.exists is False
 
@@ -196,7 +193,7 @@ def test_bf16_forward_and_predict(tokenizer, token_ids):
     assert torch.isfinite(out.loss)
     clip, sam, resized, original = _inputs(model, [_image(20, 30)])
     prompt = tokenize_with_image(build_prompt("<image>\nthe square"), tokenizer)
-    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=3, eos_token_id=token_ids.eos,
+    pred = model.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=3,
                          logits_hook=_force_seg_at(0, token_ids.seg, token_ids.eos))[0]
     assert pred.masks.shape == (1, 20, 30)
 
@@ -253,7 +250,8 @@ def test_sdpa_sam_attention_equals_library_attention():
     """The SDPA image-encoder attention and the window handling of WindowedBlock give the library's
     outputs (windowed and global blocks)."""
     from model.config import SAM_PRESETS
-    from model.sam import SdpaSamAttention, WindowedBlock, build_sam, library_encoder
+    from model.sam import SdpaSamAttention, WindowedBlock, build_sam
+    from sam_reference import library_encoder
     torch.manual_seed(0)
     sam = build_sam(SAM_PRESETS["tiny"])
     encoder = sam.image_encoder

@@ -91,7 +91,7 @@ def test_predict_output_can_be_visualised(tmp_path, tokenizer, token_ids):
         return logits
     prompt = tokenize_with_image(build_prompt("<image>\nthe square"), tokenizer)
     pred = model.predict(clip[None], sam_in.pixels[None], [sam_in.resized_size], [sam_in.original_size], [prompt], [0],
-                         max_new_tokens=4, eos_token_id=token_ids.eos, logits_hook=two_segs)[0]
+                         max_new_tokens=4, logits_hook=two_segs)[0]
     paths = save_sasp_pngs(str(tmp_path), image, pred.sasp, pred.masks.numpy())
     assert len(paths) == 2 and all(Image.open(p).size == (2 * 47 * 6 + PANEL_GAP, 33 * 6 + LEGEND_HEIGHT)
                                    for p in paths)

@@ -128,8 +128,7 @@ def run_loop(tmp_path, tokenizer, token_ids, *, epochs=2, steps=2, accum=2, cras
             seen.append((k, b.meta["image_paths"]))
             yield b
 
-    ckpts = RunCheckpoints(str(tmp_path), lambda d: write_model_recipe(d, model.config.to_dict(), tokenizer,
-                                                                       model.seg_token_id))
+    ckpts = RunCheckpoints(str(tmp_path), lambda d: write_model_recipe(d, model.config.to_dict(), tokenizer))
     state = (ckpts.resume(engine) if resume else None) or TrainState()
     cfg = LoopConfig(epochs=epochs, steps_per_epoch=steps, grad_accumulation_steps=accum, print_freq=1,
                      save_steps=save_steps, no_eval=validate is None)
@@ -204,8 +203,7 @@ def test_merged_checkpoint_gives_the_engine_outputs(tmp_path):
         engine.step()
     lora_b = [p for n, p in engine.module.named_parameters() if "lora_B" in n]
     assert lora_b and all(float(p.detach().abs().sum()) > 0 for p in lora_b)  # the merge has something to fold in
-    ckpts = RunCheckpoints(str(tmp_path / "run"), lambda d: write_model_recipe(d, model.config.to_dict(), tok,
-                                                                                model.seg_token_id))
+    ckpts = RunCheckpoints(str(tmp_path / "run"), lambda d: write_model_recipe(d, model.config.to_dict(), tok))
     ckpts.save(engine, TrainState(global_step=5))
     merge_checkpoint(ckpts.path(LATEST), str(tmp_path / "merged"), dtype=torch.float32)
     merged = load_pretrained(str(tmp_path / "merged"), dtype=torch.float32, device="cpu").model
@@ -222,7 +220,7 @@ def test_merged_checkpoint_gives_the_engine_outputs(tmp_path):
     prompt = tokenize_with_image(build_prompt("<image>\nWhere is the red square?"), tok)
     args = (batch.images_clip[:1], batch.images_sam[:1], batch.resized_sizes[:1], batch.original_sizes[:1],
             [prompt], [0])
-    kw = dict(max_new_tokens=8, eos_token_id=loaded.token_ids.eos)
+    kw = dict(max_new_tokens=8)
     assert engine.module.predict(*args, **kw)[0].output_ids == merged.predict(*args, **kw)[0].output_ids
 
 

@@ -118,6 +118,7 @@ def validation_from_args(args: argparse.Namespace, loaded, engine) -> Optional[C
 
     from dataset.eval_sets import build_eval_dataset, teacher_forced_samples
     from dataset.image_io import DatasetFileError, read_image_rgb
+    from model.predictor import SesamePredictor
 
     rank, world = dist_utils.rank(), dist_utils.world_size()
     equal = args.zero_stage == 3
@@ -149,21 +150,18 @@ def validation_from_args(args: argparse.Namespace, loaded, engine) -> Optional[C
                             collate_fn=collate_from_args(args, loaded.tokenizer), num_workers=min(args.workers, 2),
                             generator=private_generator())
     to_device = engine_io(engine)
+    # the reference backend: the engine's packing would replace parameters the optimizer holds
+    predictor = SesamePredictor(loaded, conv_type=args.conv_type, max_new_tokens=args.val_max_new_tokens)
 
-    def load_inputs(image):
-        rgb = read_image_rgb(image.image_path, image.dataset or "validation")
-        sam = loaded.sam_transform(rgb)
-        return loaded.clip_transform(rgb)[None], sam.pixels[None], sam.resized_size, sam.original_size
-
-    tok_ids = loaded.token_ids
+    def read_rgb(image):
+        return read_image_rgb(image.image_path, image.dataset or "validation")
 
     def validate() -> dict:
         was_training = engine.module.training
         engine.eval()
         try:
             seg = segment_metrics(engine, seg_loader, to_device)
-            see = see_metrics(engine.module, see_items, load_inputs, loaded.tokenizer, args.conv_type,
-                              args.val_max_new_tokens, tok_ids.eos, tok_ids.pad) if see_items else None
+            see = see_metrics(predictor, see_items, read_rgb) if see_items else None
         finally:
             if was_training:
                 engine.train()

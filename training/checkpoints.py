@@ -147,11 +147,11 @@ def load_engine_checkpoint(engine, ckpt_dir: str, tag: Optional[str] = None, loa
     return state
 
 
-def write_model_recipe(ckpt_dir: str, config_dict: dict, tokenizer, seg_token_id: int) -> None:
+def write_model_recipe(ckpt_dir: str, config_dict: dict, tokenizer) -> None:
     """The model config and tokenizer (released slow-tokenizer files) a merge rebuilds the network from."""
     from model.tokenizer import save_slow_tokenizer
 
     os.makedirs(ckpt_dir, exist_ok=True)
     with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
-        json.dump({"sesame_config": config_dict, "seg_token_id": seg_token_id}, f, indent=2)
+        json.dump({"sesame_config": config_dict}, f, indent=2)
     save_slow_tokenizer(tokenizer, os.path.join(ckpt_dir, TOKENIZER_DIR))

@@ -48,7 +48,7 @@ def training_state_dict(ckpt_dir: str, tag: Optional[str] = None) -> dict[str, t
 
 
 def read_model_recipe(ckpt_dir: str):
-    """(SesameConfig, seg_token_id, tokenizer) stored by the training run."""
+    """(SesameConfig, tokenizer) stored by the training run."""
     from model.tokenizer import load_tokenizer
 
     if not os.path.isdir(ckpt_dir):
@@ -64,15 +64,17 @@ def read_model_recipe(ckpt_dir: str):
     with open(path, encoding="utf-8") as f:
         recipe = json.load(f)
     cfg = SesameConfig.from_dict(recipe["sesame_config"])
-    return cfg, int(recipe["seg_token_id"]), load_tokenizer(os.path.join(ckpt_dir, TOKENIZER_DIR))
+    if "seg_token_id" in recipe:  # runs that kept the id beside the config
+        cfg.seg_token_id = int(recipe["seg_token_id"])
+    return cfg, load_tokenizer(os.path.join(ckpt_dir, TOKENIZER_DIR))
 
 
-def rebuild_training_model(cfg: SesameConfig, seg_token_id: int, state: dict[str, torch.Tensor]) -> SesameModel:
+def rebuild_training_model(cfg: SesameConfig, state: dict[str, torch.Tensor]) -> SesameModel:
     """The LoRA-wrapped training model with `state` assigned (strict: every key must match)."""
     from model.checkpoint import build_on_meta
 
     def build() -> SesameModel:
-        m = SesameModel(cfg, seg_token_id=seg_token_id)
+        m = SesameModel(cfg)
         apply_lora(m)
         return m
     model = build_on_meta(build)
@@ -94,8 +96,8 @@ def merge_checkpoint(ckpt_dir: str, out_dir: str, *, tag: Optional[str] = None, 
     """Write the merged, released-layout model of `ckpt_dir` to `out_dir`; returns `out_dir`."""
     from model.checkpoint import cast_parameters, save_released
 
-    cfg, seg_token_id, tokenizer = read_model_recipe(ckpt_dir)
-    model = rebuild_training_model(cfg, seg_token_id, training_state_dict(ckpt_dir, tag))
+    cfg, tokenizer = read_model_recipe(ckpt_dir)
+    model = rebuild_training_model(cfg, training_state_dict(ckpt_dir, tag))
     merge_lora(model)  # in fp32
     cast_parameters(model, dtype)
     save_released(model, tokenizer, out_dir, safe_serialization=safe_serialization, dtype=dtype,

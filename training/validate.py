@@ -19,7 +19,6 @@ import torch
 from dataset.eval_sets import EvalImage
 from dataset.image_io import SkipItem
 from model.batch import SesameBatch
-from model.conversation import build_prompt, tokenize_with_image
 from utils import distributed as dist_utils
 from utils.metrics import intersection_union, mask_giou
 
@@ -82,23 +81,17 @@ def segment_metrics(engine, batches: Iterable[SesameBatch],
 
 
 @torch.no_grad()
-def see_metrics(model, images: Iterable[EvalImage], load_inputs, tokenizer, conv_template: str,
-                max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> SeeSums:
-    """Greedy answers to each query; See = predicted existence equals the truth.
-
-    load_inputs(image) -> (clip (1,3,s,s), sam (1,3,S,S), resized_size, original_size).
-    """
+def see_metrics(predictor, images: Iterable[EvalImage], read_rgb: Callable[[EvalImage], "np.ndarray"]) -> SeeSums:
+    """Greedy answers to each query (model.predictor.SesamePredictor: the prompt the model was trained
+    with); See = predicted existence equals the truth. read_rgb(image) -> uint8 (H, W, 3)."""
     sums = SeeSums()
     for image in images:
         try:
-            clip, sam, resized, original = load_inputs(image)
+            rgb = read_rgb(image)
         except SkipItem:  # an unreadable image: left out of See (counted by the dataset's skip log)
             continue
-        prompts = [tokenize_with_image(build_prompt(q.question, template=conv_template), tokenizer)
-                   for q in image.queries]
-        preds = model.predict(clip, sam, [resized], [original], prompts, [0] * len(prompts),
-                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        for q, pred in zip(image.queries, preds):
+        work = predictor.prepare(rgb, [predictor.prompt_ids(q.question) for q in image.queries])
+        for q, pred in zip(image.queries, predictor.run([work])[0]):
             sums.correct += int(pred.exists == q.gt_exists)
             sums.total += 1
     return sums

@@ -42,3 +42,15 @@ def encode_optional(mask: Optional[np.ndarray]) -> Optional[dict]:
     if mask is None or not np.asarray(mask).any():
         return None
     return encode_rle(mask)
+
+
+def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(n, h, w) bool masks -> (n, H, W) by nearest-neighbour sampling: the masks of an image that was
+    downscaled for the model, brought back to the image's own size."""
+    import cv2
+
+    height, width = int(size[0]), int(size[1])
+    out = np.zeros((masks.shape[0], height, width), dtype=bool)
+    for k, mask in enumerate(masks):
+        out[k] = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return out

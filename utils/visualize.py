@@ -9,6 +9,7 @@ import os
 import re
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -77,21 +78,27 @@ def new_query_dir(root: str, image_source: str, question: str) -> str:
             index += 1
 
 
-def write_query_outputs(directory: str, image_rgb: np.ndarray, masks: np.ndarray, answer: str) -> QueryFiles:
+def write_query_outputs(directory: str, image_rgb: np.ndarray, masks: np.ndarray, answer: str,
+                        saved_masks: Optional[np.ndarray] = None) -> QueryFiles:
     """Save masks (n, H, W) bool (n may be 0: a blank mask is written), the overlay of the first
-    mask, and the answer text into an existing `directory`."""
+    mask on `image_rgb`, and the answer text into an existing `directory`. `saved_masks`: the masks
+    the PNGs hold when they differ from the overlay's, e.g. at the original size of an image that
+    was downscaled for the model (default: `masks`)."""
     height, width = image_rgb.shape[:2]
     if masks.ndim != 3 or masks.shape[1:] != (height, width):
         raise ValueError(f"masks must be (n, {height}, {width}), got {tuple(masks.shape)}")
+    saved = masks if saved_masks is None else saved_masks
+    if saved.ndim != 3 or saved.shape[0] != masks.shape[0]:
+        raise ValueError(f"saved_masks must be (n={masks.shape[0]}, H, W), got {tuple(saved.shape)}")
     first = masks[0] if masks.shape[0] else np.zeros((height, width), dtype=bool)
     files = QueryFiles(directory=directory, mask=os.path.join(directory, "seg_mask.png"),
                        overlay=os.path.join(directory, "seg_overlay.jpg"),
                        answer=os.path.join(directory, "answer.txt"))
-    save_mask_png(files.mask, first)
+    save_mask_png(files.mask, saved[0] if saved.shape[0] else np.zeros(saved.shape[1:], dtype=bool))
     Image.fromarray(overlay_mask(image_rgb, first)).save(files.overlay, quality=95)
-    for k in range(1, masks.shape[0]):
+    for k in range(1, saved.shape[0]):
         path = os.path.join(directory, f"seg_mask_{k}.png")
-        save_mask_png(path, masks[k])
+        save_mask_png(path, saved[k])
         files.extra_masks.append(path)
     with open(files.answer, "w", encoding="utf-8") as f:
         f.write(answer + "\n")

@@ -1,13 +1,13 @@
-"""transformers' LLaMA decoder layers, step by step, for the evaluation engine (`model/inference.py`).
+"""transformers' LLaMA decoder layers, step by step, for the batched engine (`engine/batched.py`).
 
 The engine owns attention and the KV cache (a prefix shared between batch rows has no place in
 transformers' caches) and calls the layers' own modules for everything else. Where that is plain
 `nn.Linear` modules it runs fewer, larger kernels, with the same arithmetic:
 
-- q/k/v projections as one matrix product (the three weights are moved into one tensor; the
-  modules' parameters become views of it: same values, same modules, no extra memory). Other
-  modules (LoRA-wrapped, quantised) are called one by one. gate/up are left apart: packed, their
-  halves of the product are strided and the SiLU and product after them run several times slower.
+- q/k/v projections as one matrix product, once `pack_qkv` has moved the three weights into one
+  tensor (the modules' parameters become views of it: same values, same modules, no extra memory).
+  Other modules (LoRA-wrapped, quantised) are called one by one. gate/up are left apart: packed,
+  their halves of the product are strided and the SiLU and product after them run several times slower.
 - the rotary embedding of q and k together, in place: one kernel on CUDA, four elsewhere, instead
   of ten.
 - RMSNorm as one fused normalisation plus the weight product (transformers' rounding: normalise in
@@ -61,24 +61,46 @@ def _pack(modules: list[nn.Module]) -> tuple[torch.Tensor, Optional[torch.Tensor
     return weight, bias
 
 
+PACKED_QKV = "packed_qkv"  # attribute of a packed attention module: (weight, bias or None)
+
+
+def pack_qkv(decoder: nn.Module) -> int:
+    """Pack each decoder layer's q/k/v weights into one tensor, in place, once the model is on its
+    final device and dtype (moving it afterwards gives the modules new tensors, and the layers then
+    run unpacked, with the same results). Only plain nn.Linear projections are packed: LoRA-wrapped
+    or quantised ones stay as they are. Returns the number of layers packed."""
+    packed = 0
+    for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+        a = layer.self_attn
+        projections = [a.q_proj, a.k_proj, a.v_proj]
+        if _packed_of(a) is None and _plain_linears(projections):
+            a.__dict__[PACKED_QKV] = _pack(projections)  # a plain attribute: not a parameter or buffer
+            packed += 1
+    return packed
+
+
+def _packed_of(attn: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The packed (weight, bias) of a layer whose q/k/v parameters still are views of it, else None."""
+    packed = attn.__dict__.get(PACKED_QKV)
+    if packed is None or attn.q_proj.weight.data_ptr() != packed[0].data_ptr():
+        return None
+    return packed
+
+
 class LlamaLayers:
-    """The decoder layers of a LlamaModel with the projections packed where possible.
+    """The decoder layers of a LlamaModel, run with the packed projections where `pack_qkv` made them.
 
     heads / kv_heads / head_dim: of the attention; `qkv(i, h)` returns layer i's projections as one
     (B, L, heads + 2 * kv_heads, head_dim) tensor: query heads, then key heads, then value heads."""
 
-    def __init__(self, decoder: nn.Module, pack: bool = True):
+    def __init__(self, decoder: nn.Module):
         self.decoder = decoder
         self.layers = list(decoder.layers[:decoder.config.num_hidden_layers])
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.heads = decoder.config.num_attention_heads
         self.kv_heads = decoder.config.num_key_value_heads
-        self._packed: list[Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]] = []
-        for layer in self.layers:
-            a = layer.self_attn
-            qkv = [a.q_proj, a.k_proj, a.v_proj]
-            self._packed.append(_pack(qkv) if pack and _plain_linears(qkv) else None)
+        self._packed = [_packed_of(layer.self_attn) for layer in self.layers]
 
     @property
     def packed(self) -> bool:

@@ -1,4 +1,4 @@
-"""Fast batched evaluation: many images, many queries per image, one shared prompt prefix per image.
+"""The batched engine, the predictor's fast path: many images, many queries per image, one shared prompt prefix per image.
 
 Every SESAME prompt of an image starts with the same tokens:
 
@@ -12,7 +12,7 @@ never depend on the question.) The engine therefore
 2. runs the LLM over each image's prefix once;
 3. gives each query a *slot* next to its image's prefix and runs all suffixes, then all decode
    steps, as one batch over images and slots, with a KV cache;
-4. decodes the masks of all [SEG]s of an image in one SAM mask-decoder call.
+4. decodes the masks of all [SEG]s of a batch in one SAM mask-decoder call (`SesameModel.seg_masks`).
 
 The KV cache holds one row per *group* (an image and up to `slots_per_group` of its queries); its
 columns are
@@ -25,7 +25,7 @@ A query attends to the prefix and to its own slot's columns only (an additive ma
 `scaled_dot_product_attention`). The prefix is read once per group and step however many queries
 share it, which is what makes large batches cheap: decode is bound by reading weights and cache.
 
-A decode step is ~600 PyTorch calls for LLaMA-7B (model/llama_layers.py packs the projections and
+A decode step is ~600 PyTorch calls for LLaMA-7B (engine/llama_layers.py runs packed projections and
 rotates q and k together to keep it there), which can take the host longer than the GPU needs for
 the step. With `EngineConfig.cuda_graphs` (opt-in, see there) each step is captured once as a CUDA
 graph and replayed: the cache, the mask and the step's inputs live at fixed addresses and are kept
@@ -39,179 +39,26 @@ notion of a prefix shared between batch rows.
 
 Outputs equal `SesameModel.predict` run one query at a time (tests/test_eval_engine.py).
 """
+
 from __future__ import annotations
 
-import time
 import warnings
-from collections import Counter, OrderedDict
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Callable, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.predictor import ImageWork, RowLogitsHook
+from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel, sees_object
 from model.transforms import normalize_and_pad
 
-from .conversation import IMAGE_TOKEN_INDEX
+from .cache import GroupKVCache, StepBuffers
+from .config import EngineConfig
 from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
-from .sesame import QueryPrediction, SesameModel
-
-# (step, logits (R, V) float32, query index (R,) long: position in `run`'s flat query order, -1 for
-# an empty slot) -> logits. Tests and benchmarks use it to force tokens.
-RowLogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class ImageWork:
-    """One image and the prompts asked about it."""
-
-    clip_pixels: torch.Tensor  # (3, s, s) from ClipTransform
-    sam_pixels: torch.Tensor  # (3, S, S) from SamTransform, or uint8 (h, w, 3) from SamTransform.resized
-    resized_size: tuple[int, int]
-    original_size: tuple[int, int]
-    prompts: list[list[int]]  # token ids with exactly one IMAGE_TOKEN_INDEX each
-
-
-@dataclass
-class EngineConfig:
-    max_new_tokens: int = 512
-    eos_token_id: int = 2
-    pad_token_id: int = 0
-    slots_per_group: int = 8  # queries of one image that share one cached prefix; more -> another group
-    sam_batch: int = 8  # images per CLIP and SAM encoder call (its attention materialises no (HW x HW) maps)
-    prefix_batch: int = 32  # images per prefix forward
-    first_capacity: int = 32  # decode steps the cache is sized for at first; doubles when reached
-    # On CUDA, replay each decode step as a captured CUDA graph. Off by default: on an H100 it made the
-    # decode stage faster (1.03 s vs 1.26 s for 48 steps of 256 queries) but the real loop slower
-    # (87 vs 90 queries/s), as each new step shape costs a capture (the first in a process seconds).
-    cuda_graphs: bool = False
-    # Decode reads the cache in whole blocks of columns and runs groups in multiples of `row_block`,
-    # so a captured step serves many steps and batches. Larger: fewer captures, more masked reads.
-    column_block: int = 256
-    row_block: int = 4
-    max_graphs: int = 48  # captured decode steps kept (oldest dropped first)
-    compile_sam: bool = False  # torch.compile SAM's image encoder (fixed batch of sam_batch images)
-    # Pack each layer's q/k/v weights into one tensor (model/llama_layers.py): fewer kernels per
-    # step. The modules keep their values, their parameters become views of the packed tensors, so
-    # the model stays usable; turn off if something else must own those parameters.
-    pack_projections: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "slots_per_group", "sam_batch", "prefix_batch", "first_capacity",
-                     "column_block", "row_block", "max_graphs"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-
-class StageTimer:
-    """Wall time per named stage. With `sync`, CUDA work is waited for at each stage boundary, so
-    the split is honest (use it for benchmarks; it costs a little). Stages also show as ranges in
-    torch.profiler traces."""
-
-    def __init__(self, sync: bool = False):
-        self.sync = sync
-        self.seconds: dict[str, float] = {}
-
-    def _wait(self) -> None:
-        if self.sync and torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    @contextmanager
-    def stage(self, name: str):
-        self._wait()
-        start = time.perf_counter()
-        with torch.profiler.record_function(name):
-            try:
-                yield
-            finally:
-                self._wait()
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def reset(self) -> None:
-        self.seconds.clear()
-
-
-@contextmanager
-def _no_timer(name: str):
-    yield
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-class GroupKVCache:
-    """Keys and values per decoder layer, one (rows, columns, 2, kv_heads, head_dim) tensor each (keys
-    at [:, :, 0], values at [:, :, 1]: a layer's new keys and values are written by one copy), in the
-    column layout of the module docstring. It outlives a batch (CUDA graphs captured on it stay
-    valid), so rows and columns are capacities: a batch uses rows [0, groups) and columns [0, used).
-    Zero-filled at allocation: columns a step reads but masks out must hold finite numbers (0 * NaN
-    is NaN)."""
-
-    def __init__(self, num_layers: int, groups: int, kv_heads: int, head_dim: int, columns: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (groups, columns, 2, kv_heads, head_dim)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.used = 0
-
-    @property
-    def rows(self) -> int:
-        return self.kv[0].shape[0]
-
-    @property
-    def columns(self) -> int:
-        return self.kv[0].shape[1]
-
-    def keys_values(self, layer: int, rows: int, read: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, kv_heads, read, head_dim) views of keys and values, as attention takes them."""
-        kv = self.kv[layer][:rows, :read]
-        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-
-    def grow(self, columns: int) -> None:
-        """More columns, keeping [0, used) of every row (new tensors: captured graphs are stale)."""
-        if columns <= self.columns:
-            return
-        for i, old in enumerate(self.kv):
-            new = old.new_zeros((old.shape[0], columns, *old.shape[2:]))
-            new[:, :self.used] = old[:, :self.used]
-            self.kv[i] = new
-
-    def select(self, groups: torch.Tensor) -> None:
-        """Move rows `groups` (ascending) to rows [0, len(groups)), in place."""
-        for t in self.kv:
-            t[:groups.numel(), :self.used] = t[groups, :self.used]
-
-
-@dataclass
-class _StepBuffers:
-    """Inputs of one decode step for slot count n, at fixed addresses (what a CUDA graph reads)."""
-
-    mask: torch.Tensor  # (rows, 1, n, columns) additive: 0 visible, -inf not
-    ids: torch.Tensor  # (rows, n) token fed at this step
-    positions: torch.Tensor  # (rows, n) its position id
-    columns: torch.Tensor  # (n,) cache columns this step writes
-
-
-@dataclass
-class _Plan:
-    """Which query sits in which (group, slot)."""
-
-    group_image: list[int]  # image index per group
-    slot_query: list[list[int]]  # per group, flat query indices (len <= slots)
-    slots: int
-
-
-def _split_prompt(ids: Sequence[int], where: str) -> tuple[tuple[int, ...], list[int]]:
-    positions = [k for k, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
-    if len(positions) != 1:
-        raise ValueError(f"{where}: a prompt needs exactly one image placeholder ({IMAGE_TOKEN_INDEX}), "
-                         f"found {len(positions)}")
-    k = positions[0]
-    if k + 1 == len(ids):
-        raise ValueError(f"{where}: the prompt has no text after the image (expected '<im_end>\\n{{question}} ASSISTANT:')")
-    return tuple(ids[:k]), list(ids[k + 1:])
+from .plan import Plan, plan_groups, round_up, split_prompt
+from .timing import StageTimer
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -220,9 +67,10 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class BatchedInference:
-    """See the module docstring. `run` takes any number of images; callers size batches with
-    `batch_images` (KV memory grows with queries x prompt length). The KV cache and the captured
-    decode steps are kept between calls."""
+    """See the module docstring: a `model.predictor.Backend`. `run` takes any number of images;
+    callers size batches with `plan.batch_images` (KV memory grows with queries x prompt length). The
+    KV cache and the captured decode steps are kept between calls. Pack the model's q/k/v projections
+    first (`llama_layers.pack_qkv`, done by `engine.build_predictor`) for fewer kernels per step."""
 
     def __init__(self, model: SesameModel, config: EngineConfig, logits_hook: Optional[RowLogitsHook] = None,
                  timer: Optional[StageTimer] = None):
@@ -231,7 +79,7 @@ class BatchedInference:
         self.logits_hook = logits_hook
         self.timer = timer
         self._cache: Optional[GroupKVCache] = None
-        self._buffers: dict[int, _StepBuffers] = {}  # per slot count n
+        self._buffers: dict[int, StepBuffers] = {}  # per slot count n
         self._graphs: OrderedDict[tuple[int, int, int], tuple[object, torch.Tensor]] = OrderedDict()
         self._graph_pool = None
         self._capture_stream = None
@@ -242,15 +90,23 @@ class BatchedInference:
         if config.compile_sam:
             self._sam_encoder = torch.compile(model.visual_model.image_encoder, dynamic=False)
 
+    @property
+    def queries_per_batch(self) -> int:
+        return self.config.queries_per_batch
+
+    @property
+    def max_images_per_batch(self) -> int:
+        return self.config.max_images_per_batch
+
     def _stage(self, name: str):
-        return self.timer.stage(name) if self.timer is not None else _no_timer(name)
+        return self.timer.stage(name) if self.timer is not None else nullcontext()
 
     def _use_graphs(self) -> bool:
         return self.config.cuda_graphs and self.model.device.type == "cuda" and self.graph_failure is None
 
     # --- public -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, images: Iterable[ImageWork]) -> list[list[QueryPrediction]]:
+    def run(self, images: Iterable[ImageWork], max_new_tokens: int) -> list[list[QueryPrediction]]:
         """Greedy answers, masks and See decisions for every prompt of every image, in input order.
 
         `images` may be a lazy iterable (e.g. images still being decoded by loader threads): the
@@ -261,14 +117,14 @@ class BatchedInference:
         flat: list[tuple[int, int]] = [(i, k) for i, im in enumerate(images) for k in range(len(im.prompts))]
         if not flat:
             return [[] for _ in images]
-        split = [_split_prompt(images[i].prompts[k], f"image {i} prompt {k}") for i, k in flat]
+        split = [split_prompt(images[i].prompts[k], f"image {i} prompt {k}") for i, k in flat]
         by_prefix: dict[tuple[int, ...], list[int]] = {}
         for q, (prefix, _) in enumerate(split):
             by_prefix.setdefault(prefix, []).append(q)
         predictions: list[Optional[QueryPrediction]] = [None] * len(flat)
         for prefix, queries in by_prefix.items():  # one template -> one prefix, the normal case
             preds = self._run_prefix(images, clip_features, sam_embeddings, prefix,
-                                     [(flat[q][0], split[q][1], q) for q in queries])
+                                     [(flat[q][0], split[q][1], q) for q in queries], max_new_tokens)
             for q, p in zip(queries, preds):
                 predictions[q] = p
         out: list[list[QueryPrediction]] = [[] for _ in images]
@@ -321,27 +177,13 @@ class BatchedInference:
         weight = self.model.visual_model.image_encoder.patch_embed.proj.weight
         return self._sam_encoder(pixels.to(weight.dtype))[:count]
 
-    def _plan(self, queries: list[tuple[int, list[int], int]]) -> _Plan:
-        per_image: dict[int, list[int]] = {}
-        for local, (image, _, _) in enumerate(queries):
-            per_image.setdefault(image, []).append(local)
-        cap = self.config.slots_per_group
-        group_image, slot_query = [], []
-        for image, locals_ in per_image.items():
-            # as few groups as the cap allows, of near-equal size: 13 queries -> 7 + 6, not 8 + 5
-            k = -(-len(locals_) // cap)
-            for part in np.array_split(np.asarray(locals_), k):
-                group_image.append(image)
-                slot_query.append(part.tolist())
-        return _Plan(group_image, slot_query, max(len(s) for s in slot_query))
-
     def _cache_for(self, groups: int, columns: int) -> GroupKVCache:
         """The kept cache, reallocated (graphs dropped) only when it is too small."""
         cfg, model = self.config, self.model
         cache = self._cache
         if cache is not None and cache.rows >= groups and cache.columns >= columns:
             return cache
-        rows = _round_up(max(groups, cache.rows if cache else 0), cfg.row_block)
+        rows = round_up(max(groups, cache.rows if cache else 0), cfg.row_block)
         cols = self._round_columns(max(columns, cache.columns if cache else 0))
         self._release()
         llm = model.language_model
@@ -351,21 +193,21 @@ class BatchedInference:
 
     def _round_columns(self, columns: int, block: Optional[int] = None) -> int:
         # whole blocks; on CUDA also a multiple of 16, so SDPA's fused kernels take mask rows as they are
-        columns = _round_up(columns, self.config.column_block if block is None else block)
-        return _round_up(columns, 16) if self.model.device.type == "cuda" else columns
+        columns = round_up(columns, self.config.column_block if block is None else block)
+        return round_up(columns, 16) if self.model.device.type == "cuda" else columns
 
     def _release(self) -> None:
         self._graphs.clear()
         self._buffers.clear()
         self._cache = None
 
-    def _buffers_for(self, n: int) -> _StepBuffers:
+    def _buffers_for(self, n: int) -> StepBuffers:
         cache = self._cache
         buf = self._buffers.get(n)
         if buf is None or buf.mask.shape[0] != cache.rows or buf.mask.shape[3] != cache.columns:
             device, rows = self.model.device, cache.rows
             old = buf
-            buf = _StepBuffers(mask=torch.full((rows, 1, n, cache.columns), float("-inf"), dtype=self.model.dtype,
+            buf = StepBuffers(mask=torch.full((rows, 1, n, cache.columns), float("-inf"), dtype=self.model.dtype,
                                                device=device),
                                ids=torch.zeros((rows, n), dtype=torch.long, device=device),
                                positions=torch.zeros((rows, n), dtype=torch.long, device=device),
@@ -378,13 +220,13 @@ class BatchedInference:
         return buf
 
     def _run_prefix(self, images, clip_features, sam_embeddings, prefix: tuple[int, ...],
-                    queries: list[tuple[int, list[int], int]]) -> list[QueryPrediction]:
+                    queries: list[tuple[int, list[int], int]], max_new_tokens: int) -> list[QueryPrediction]:
         """All queries that share `prefix` text. queries: (image index, suffix ids, flat query index)."""
         model, cfg = self.model, self.config
         llm = model.language_model
         decoder = llm.model
         device, dtype = model.device, model.dtype
-        plan = self._plan(queries)
+        plan = plan_groups(queries, cfg.slots_per_group)
         groups, n = len(plan.group_image), plan.slots
         num_patches = clip_features.shape[1]
         text_len = len(prefix)
@@ -392,7 +234,7 @@ class BatchedInference:
         # suffix columns: each group's slots one after another, unpadded; groups padded to the longest
         lengths = [[len(queries[local][1]) for local in slot_list] for slot_list in plan.slot_query]
         S = max(sum(row) for row in lengths)
-        capacity_steps = min(cfg.max_new_tokens, cfg.first_capacity)
+        capacity_steps = min(max_new_tokens, cfg.first_capacity)
         cache = self._cache_for(groups, P + S + capacity_steps * n)
 
         # 1) prefix: each distinct image once, copied into each of its groups' cache rows
@@ -403,7 +245,7 @@ class BatchedInference:
 
         # 2) suffixes: slot j of group g holds columns P + offset_gj .. + len - 1
         with self._stage("prefill_suffix"):
-            ids = torch.full((groups, S), cfg.pad_token_id, dtype=torch.long)
+            ids = torch.full((groups, S), model.config.llm.pad_token_id, dtype=torch.long)
             slot_of = torch.full((groups, S), -1, dtype=torch.long)  # -1: padding
             index_in_slot = torch.zeros((groups, S), dtype=torch.long)
             last = torch.zeros((groups, n), dtype=torch.long)  # column (from P) of each slot's last token
@@ -441,14 +283,14 @@ class BatchedInference:
         # 3) greedy decoding over all slots at once
         with self._stage("decode"):
             tokens, steps_run, seg_steps = self._decode(llm, decoder, hidden, slot_query, suffix_len, suffix_keys,
-                                                        P, S, n)
+                                                        P, S, n, max_new_tokens)
 
         # 4) answers, [SEG] states, masks
         with self._stage("masks"):
             return self._finish(queries, plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden,
                                 images)
 
-    def _prefill_prefix(self, decoder, prefix, image_ids, clip_features, cache: GroupKVCache, plan: _Plan):
+    def _prefill_prefix(self, decoder, prefix, image_ids, clip_features, cache: GroupKVCache, plan: Plan):
         model, cfg = self.model, self.config
         device = model.device
         prefix_ids = torch.tensor(prefix, dtype=torch.long, device=device)
@@ -517,10 +359,10 @@ class BatchedInference:
 
     def _llama_layers(self, decoder) -> LlamaLayers:
         if self._layers_of is None or self._layers_of.decoder is not decoder:
-            self._layers_of = LlamaLayers(decoder, pack=self.config.pack_projections)
+            self._layers_of = LlamaLayers(decoder)
         return self._layers_of
 
-    def _decode(self, llm, decoder, hidden, slot_query, suffix_len, suffix_keys, P, S, n):
+    def _decode(self, llm, decoder, hidden, slot_query, suffix_len, suffix_keys, P, S, n, max_new_tokens):
         """Greedy steps; the token of slot j at step s takes cache column P + S + s*n + j.
         suffix_keys (G, n, S): the suffix columns each slot sees. Returns tokens (G0, n, steps) on the
         device, steps run, and the [SEG] states as a list of (step, group ids, seg flags (g, n),
@@ -531,8 +373,9 @@ class BatchedInference:
         cache = self._cache
         embed_dtype = hidden.dtype
         lm_head = llm.lm_head
-        seg_id, eos_id = self.model.seg_token_id, cfg.eos_token_id
-        tokens = torch.full((groups0, n, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)
+        seg_id, eos_id = self.model.seg_token_id, self.model.config.llm.eos_token_id
+        tokens = torch.full((groups0, n, max_new_tokens), self.model.config.llm.pad_token_id, dtype=torch.long,
+                            device=device)
         active = torch.arange(groups0, device=device)  # cache row -> original group
         finished = slot_query < 0  # empty slots never produce anything
         # each slot sees the prefix, its own suffix, then its own generated columns (added per step);
@@ -545,7 +388,7 @@ class BatchedInference:
         slot_offsets = torch.arange(n, device=device)
         seg_steps = []
         step = 0
-        for step in range(cfg.max_new_tokens):
+        for step in range(max_new_tokens):
             logits = lm_head(hidden).float()  # (g, n, V)
             if self.logits_hook is not None:
                 g = logits.shape[0]
@@ -558,7 +401,7 @@ class BatchedInference:
             flags = torch.stack([group_done.all().long(), is_seg.any().long(), group_done.sum()]).tolist()  # one sync per step
             if flags[1]:
                 seg_steps.append((step, active, is_seg, hidden.clone()))  # graph outputs are overwritten
-            if flags[0] or step == cfg.max_new_tokens - 1:
+            if flags[0] or step == max_new_tokens - 1:
                 break
             if flags[2] * 2 >= active.numel() and flags[2] > 0:  # drop groups that are done: less to read
                 keep = (~group_done).nonzero()[:, 0]
@@ -569,7 +412,7 @@ class BatchedInference:
             column = P + S + step * n
             if column + n > cache.columns:
                 steps_now = (cache.columns - P - S) // n
-                wanted = P + S + min(cfg.max_new_tokens, 2 * steps_now) * n
+                wanted = P + S + min(max_new_tokens, 2 * steps_now) * n
                 cache.grow(self._round_columns(wanted))
                 buf = self._buffers_for(n)  # a wider mask, same contents
                 self._graphs.clear()  # they read the old cache tensors
@@ -579,15 +422,15 @@ class BatchedInference:
             torch.add(slot_offsets, column, out=buf.columns)
             buf.mask[:g, 0, :, column:column + n] = own
             if self._use_graphs():  # whole blocks: few shapes, so few captures
-                rows = min(_round_up(g, cfg.row_block), cache.rows)
-                read = min(_round_up(column + n, cfg.column_block), cache.columns)
+                rows = min(round_up(g, cfg.row_block), cache.rows)
+                read = min(round_up(column + n, cfg.column_block), cache.columns)
             else:
                 rows, read = g, min(self._round_columns(column + n, 1), cache.columns)
             hidden = self._step(decoder, llm, buf, rows, n, read)[:g]
             cache.used = column + n
         return tokens, step + 1, seg_steps
 
-    def _step(self, decoder, llm, buf: _StepBuffers, rows: int, n: int, read: int) -> torch.Tensor:
+    def _step(self, decoder, llm, buf: StepBuffers, rows: int, n: int, read: int) -> torch.Tensor:
         """One decode step over cache rows [0, rows) reading columns [0, read): (rows, n, H) final-norm
         states. On CUDA, replayed from a graph captured once per (rows, n, read)."""
         cache, embed = self._cache, llm.get_input_embeddings()
@@ -644,56 +487,11 @@ class BatchedInference:
         self.graph_captures += 1
         return graph, out, result
 
-    def _masks(self, by_image, answers, sam_embeddings, image_hidden, images) -> dict[int, torch.Tensor]:
-        """Per image, the (n, H, W) bool masks (CPU) of its [SEG]s in query order. What
-        `model.masks_for_image` (`sam.decode_masks`) computes image by image, for all images in one
-        mask-decoder call: SAM's decoder adds the dense prompt to the image embedding repeated per
-        prompt, so each prompt's own image embedding goes in as its dense prompt (plus SAM's no-mask
-        embedding, the true dense prompt) with a zero image embedding: the same sums, so the same
-        masks."""
+    def _finish(self, queries, plan: Plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden, images):
+        """QueryPredictions of `queries` from the decode: answers through EOS, [SEG] states, and masks
+        from one `SesameModel.seg_masks` call (a mask group per answer), copied to the host with one wait."""
         model = self.model
-        sam = model.visual_model
-        owners, states, points = [], [], []
-        for image, locals_ in by_image.items():
-            seg = torch.cat([answers[q][1] for q in locals_])
-            if seg.shape[0]:
-                owners += [image] * seg.shape[0]
-                states.append(seg)
-                if model.config.sasp is not None:
-                    work = images[image]
-                    points.append(model.point_prompts(seg, image_hidden[image][None].expand(seg.shape[0], -1, -1),
-                                                      tuple(work.resized_size), tuple(work.original_size)))
-        out: dict[int, torch.Tensor] = {}
-        if states:
-            seg = torch.cat(states)
-            embeddings = model.project_seg(seg)
-            dtype, count = embeddings.dtype, embeddings.shape[0]
-            prompts = (torch.cat([c for c, _ in points]), torch.cat([lab for _, lab in points])) if points else None
-            sparse, dense = sam.prompt_encoder(points=prompts, boxes=None, masks=None)
-            sparse = torch.cat([sparse.to(dtype).expand(count, -1, -1), embeddings[:, None]], dim=1)
-            owner = torch.tensor(owners, device=seg.device)
-            own_image = sam_embeddings[owner].to(dtype) + dense.to(dtype)
-            low_res, _ = sam.mask_decoder(image_embeddings=torch.zeros_like(own_image[:1]),
-                                          image_pe=sam.prompt_encoder.get_dense_pe().to(dtype),
-                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=own_image,
-                                          multimask_output=False)
-            counts = Counter(owners)
-            start = 0
-            for image, n in counts.items():  # insertion order: the order of `owners`
-                work = images[image]
-                logits = sam.postprocess_masks(low_res[start:start + n].float(), input_size=tuple(work.resized_size),
-                                               original_size=tuple(work.original_size))[:, 0]
-                out[image] = (logits > 0).to("cpu", non_blocking=True)  # pinned, no wait on CUDA
-                start += n
-        if model.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        for image in by_image:
-            if image not in out:
-                out[image] = torch.zeros((0, *tuple(images[image].original_size)), dtype=torch.bool)
-        return out
-
-    def _finish(self, queries, plan: _Plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden, images):
-        model, cfg = self.model, self.config
+        eos = model.config.llm.eos_token_id
         tokens = tokens[:, :, :steps_run].cpu()
         # [SEG] states per (group, slot), in step order
         seg_states: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -701,59 +499,33 @@ class BatchedInference:
             where = is_seg.nonzero().tolist()
             for (row, j), h in zip(where, hidden[is_seg]):
                 seg_states.setdefault((int(active[row]), j), []).append(h)
-        # per query: answer ids (through EOS) and [SEG] states
-        answers: dict[int, tuple[list[int], torch.Tensor]] = {}
+        answer_ids: dict[int, list[int]] = {}
+        answer_seg: dict[int, torch.Tensor] = {}
         width = model.language_model.config.hidden_size
         for g, slot_list in enumerate(plan.slot_query):
             for j, local in enumerate(slot_list):
                 ids = tokens[g, j].tolist()
-                if cfg.eos_token_id in ids:
-                    ids = ids[:ids.index(cfg.eos_token_id) + 1]
+                if eos in ids:
+                    ids = ids[:ids.index(eos) + 1]
                 states = seg_states.get((g, j))
-                h = torch.stack(states) if states else sam_embeddings.new_zeros((0, width), dtype=model.dtype)
-                answers[local] = (ids, h)
-        # masks: one mask-decoder call for every [SEG] of the batch; one wait for all of them
-        by_image: dict[int, list[int]] = {}
-        for local, (image, _, _) in enumerate(queries):
-            by_image.setdefault(image, []).append(local)
-        image_masks = self._masks(by_image, answers, sam_embeddings, image_hidden, images)
-        results: dict[int, QueryPrediction] = {}
-        for image, locals_ in by_image.items():
-            work = images[image]
-            resized, original = tuple(work.resized_size), tuple(work.original_size)
-            masks, offset = image_masks[image], 0
-            for q in locals_:
-                h = answers[q][1]
-                c = h.shape[0]
-                m = masks[offset:offset + c]
-                offset += c
-                sasp = None
-                if model.config.sasp is not None and c and hasattr(model, "sasp_points"):
-                    sasp = model.sasp_points(h, image_hidden[image][None].expand(c, -1, -1), resized,
-                                             original).detached_cpu()
-                extra = {"sasp": sasp} if sasp is not None else {}
-                results[q] = QueryPrediction(output_ids=answers[q][0], masks=m, exists=bool(c > 0 and m[0].any()),
-                                             seg_hidden=h, **extra)
-        return [results[q] for q in range(len(queries))]
-
-
-T = TypeVar("T")
-
-
-def batch_images(items: Iterable[T], queries_of: Callable[[T], int], queries_per_batch: int,
-                 max_images: int = 64) -> Iterator[list[T]]:
-    """Group a stream of images into batches of about `queries_per_batch` queries (an image is never
-    split across batches; one with more queries than the budget is a batch of its own)."""
-    if queries_per_batch < 1 or max_images < 1:
-        raise ValueError(f"queries_per_batch and max_images must be >= 1, got {queries_per_batch}, {max_images}")
-    batch: list[T] = []
-    count = 0
-    for item in items:
-        n = queries_of(item)
-        if batch and (count + n > queries_per_batch or len(batch) >= max_images):
-            yield batch
-            batch, count = [], 0
-        batch.append(item)
-        count += n
-    if batch:
-        yield batch
+                answer_ids[local] = ids
+                answer_seg[local] = torch.stack(states) if states else sam_embeddings.new_zeros((0, width),
+                                                                                               dtype=model.dtype)
+        count = len(queries)
+        image_of = [queries[q][0] for q in range(count)]
+        seg_hidden = torch.cat([answer_seg[q] for q in range(count)])
+        seg_query = [q for q in range(count) for _ in range(answer_seg[q].shape[0])]
+        sasp_states = None
+        if model.config.sasp is not None:
+            sasp_states = torch.stack([image_hidden[image_of[q]] for q in seg_query]) if seg_query else None
+        owner = torch.tensor(image_of, device=sam_embeddings.device)
+        per_answer = model.seg_masks(sam_embeddings[owner], seg_hidden, seg_query,
+                                     [tuple(images[i].resized_size) for i in image_of],
+                                     [tuple(images[i].original_size) for i in image_of], sasp_states)
+        masks = [(m.logits > MASK_THRESHOLD).to("cpu", non_blocking=True) for m in per_answer]  # pinned, no wait
+        if model.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        return [QueryPrediction(output_ids=answer_ids[q], masks=masks[q], exists=sees_object(masks[q]),
+                                seg_hidden=answer_seg[q],
+                                sasp=per_answer[q].sasp.detached_cpu() if per_answer[q].sasp is not None else None)
+                for q in range(count)]

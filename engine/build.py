@@ -1,0 +1,83 @@
+"""The predictor with the batched engine as its backend, and the flags that load one."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from model.predictor import RowLogitsHook, SesamePredictor
+from utils.errors import InputError
+
+from .batched import BatchedInference
+from .config import EngineConfig
+from .llama_layers import pack_qkv
+from .timing import StageTimer
+
+
+def build_predictor(loaded, *, conv_type: str = "vicuna_v1", max_new_tokens: int = 512,
+                    max_text_tokens: Optional[int] = None, config: Optional[EngineConfig] = None,
+                    pack: bool = True, logits_hook: Optional[RowLogitsHook] = None,
+                    timer: Optional[StageTimer] = None) -> SesamePredictor:
+    """A `SesamePredictor` over `loaded` (model.builder.LoadedSesame) that answers with the batched
+    engine: the same answers as the reference backend, faster.
+
+    pack: pack the LLM's q/k/v projections into one weight per layer now (`llama_layers.pack_qkv`;
+        the modules keep their values, their parameters become views). Leave it off while something
+        else, e.g. an optimizer, holds those parameters.
+    """
+    if pack:
+        pack_qkv(loaded.model.language_model.model)
+    engine = BatchedInference(loaded.model, config or EngineConfig(), logits_hook=logits_hook, timer=timer)
+    return SesamePredictor(loaded, conv_type=conv_type, max_new_tokens=max_new_tokens,
+                           max_text_tokens=max_text_tokens, backend=engine)
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every inference script shares: checkpoint, CLIP override, precision, device, prompt,
+    answer length, and READ's SasP knobs."""
+    from model.builder import TINY_RANDOM
+    from model.config import PRECISIONS
+    from model.conversation import SYSTEM_PROMPTS
+    from model.sasp import add_sasp_arguments
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_path", default="tsunghanwu/SESAME",
+                   help=f"hub id or local directory of a SESAME / READ / LISA checkpoint; '{TINY_RANDOM}' is a tiny "
+                        "untrained model for trying the pipeline")
+    g.add_argument("--vision_tower", default=None, help="CLIP tower (hub id or directory) instead of the config's")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--conv_type", choices=sorted(SYSTEM_PROMPTS), default="vicuna_v1",
+                   help="system prompt: vicuna_v1 is what the original evaluation and demo used, llava_v1 what "
+                        "training used")
+    g.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
+    add_sasp_arguments(parser)  # --use_sasp --num_points --t_pos --t_neg --down_sample (READ)
+
+
+def load_predictor(args: argparse.Namespace, *, config: Optional[EngineConfig] = None,
+                   max_text_tokens: Optional[int] = None, **options) -> SesamePredictor:
+    """Load the checkpoint `add_predictor_arguments`' flags name and return its engine predictor.
+    READ checkpoints bring SasP, --use_sasp adds it, the knob flags tune it (SasP has no weights, so
+    setting it after loading is exact). options: more arguments of `build_predictor`."""
+    import torch
+
+    from model.builder import load_pretrained
+    from model.config import PRECISIONS
+    from model.sasp import sasp_config_from_args
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    loaded = load_pretrained(args.pretrained_model_path, vision_tower=args.vision_tower,
+                             dtype=PRECISIONS[args.precision], device=device)
+    try:
+        loaded.model.config.sasp = sasp_config_from_args(args, loaded.model.config.sasp)
+    except ValueError as e:  # SasP knobs out of range, or given for a model without SasP
+        raise InputError(str(e)) from None
+    return build_predictor(loaded, conv_type=args.conv_type, max_new_tokens=args.max_new_tokens,
+                           max_text_tokens=max_text_tokens, config=config, **options)

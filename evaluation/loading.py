@@ -1,0 +1,83 @@
+"""Images of an evaluation shard, decoded and preprocessed by loader threads ahead of the GPU."""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from model.predictor import ImageWork, SesamePredictor
+from utils.mask_io import encode_optional
+
+
+@dataclass
+class LoadedImage:
+    """One pending image of the shard, ready for the predictor."""
+
+    index: int  # in the pending list
+    work: ImageWork
+    gt_rles: list  # per pending query: (gt_mask RLE or None, gt_ignore RLE or None)
+    rgb: Optional[np.ndarray]  # kept for --visualize
+
+
+def ground_truth_rles(image, query) -> tuple[Optional[dict], Optional[dict]]:
+    """RLEs of a query's foreground (label 1; none for a false premise) and ignore pixels (255)."""
+    gt = np.asarray(query.gt_mask)
+    if gt.shape != (image.height, image.width):
+        raise ValueError(f"{image.image_path} ref {query.ref_id} sent {query.sent_id}: gt_mask is {gt.shape}, "
+                         f"image is {(image.height, image.width)}")
+    return (encode_optional(gt == 1) if query.gt_exists else None), encode_optional(gt == 255)
+
+
+class ImageLoader:
+    """Decode, CLIP and SAM preprocessing and ground-truth RLEs of one pending image.
+
+    pending: (EvalImage, queries to run) per item; prompts: their token ids; read_rgb(path) -> uint8
+    (H, W, 3). SAM's input is only resized here (the engine normalises and pads it on the GPU);
+    `pin`: page-locked pixels, so that host-to-GPU copies run without blocking the engine."""
+
+    def __init__(self, pending, prompts, predictor: SesamePredictor, read_rgb: Callable[[str], np.ndarray],
+                 keep_rgb: bool, pin: bool = False):
+        self.pending, self.prompts, self.predictor, self.read_rgb = pending, prompts, predictor, read_rgb
+        self.keep_rgb, self.pin = keep_rgb, pin
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def __call__(self, i: int) -> LoadedImage:
+        im, todo = self.pending[i]
+        rgb = self.read_rgb(im.image_path)
+        if rgb.shape[:2] != (im.height, im.width):
+            raise ValueError(f"{im.image_path}: image is {rgb.shape[0]}x{rgb.shape[1]} but the annotation says "
+                             f"{im.height}x{im.width}")
+        work = self.predictor.prepare(rgb, self.prompts[i], resize_only=True)
+        if self.pin:
+            work = replace(work, clip_pixels=work.clip_pixels.pin_memory(), sam_pixels=work.sam_pixels.pin_memory())
+        return LoadedImage(i, work, [ground_truth_rles(im, q) for q in todo], rgb if self.keep_rgb else None)
+
+
+def prefetched(fn: Callable[[int], object], count: int, workers: int, lookahead: int) -> Iterator:
+    """fn(0), fn(1), ... in order, computed `lookahead` items ahead by `workers` threads.
+
+    Threads, not processes: decoding and resizing run in OpenCV / Pillow / numpy code that releases
+    the GIL, and nothing has to go through shared memory (a 1024^2 SAM input is 12 MB, more than a
+    container's default /dev/shm holds a few of)."""
+    if workers <= 0:
+        for i in range(count):
+            yield fn(i)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="eval-loader")
+    futures: deque = deque()
+    try:
+        for i in range(count):
+            futures.append(pool.submit(fn, i))
+            if len(futures) > lookahead:
+                yield futures.popleft().result()
+        while futures:
+            yield futures.popleft().result()
+    finally:
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=True)
