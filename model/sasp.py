@@ -107,7 +107,8 @@ def _check_size(height: int, width: int) -> None:
 def linear_resize_matrix(in_size: int, out_size: int, keep_from: int = 0, keep: Optional[int] = None,
                          device=None) -> torch.Tensor:
     """(out_size, keep) weights of 1-D linear resizing as `F.interpolate(..., align_corners=False)`
-    computes it, restricted to input positions keep_from .. keep_from + keep - 1.
+    computes it, restricted to input positions keep_from .. keep_from + keep - 1 (columns for
+    positions outside 0 .. in_size - 1 stay zero).
 
     Dropping input positions is how zero padding is applied without building the padded signal.
     """
@@ -129,12 +130,15 @@ def linear_resize_matrix(in_size: int, out_size: int, keep_from: int = 0, keep: 
 def uncrop_resize_matrix(grid: int, crop: int, pad_before: int, pad_after: int, out_size: int,
                          device=None) -> torch.Tensor:
     """(out_size, grid) weights along one axis of: grid -> bilinear to crop -> zero-pad by
-    (pad_before, pad_after) -> bilinear to out_size. A negative pad crops (as `F.pad` does): the
-    cropped crop positions are dropped from the first resize instead of kept by the second."""
-    first, stop = max(0, -pad_before), crop - max(0, -pad_after)  # crop positions that survive
-    to_crop = linear_resize_matrix(grid, crop, device=device)[first:stop]
-    to_out = linear_resize_matrix(pad_before + crop + pad_after, out_size, keep_from=pad_before + first,
-                                  keep=stop - first, device=device)
+    (pad_before, pad_after) -> bilinear to out_size.
+
+    A negative pad crops, as `F.pad` does, with no special case: crop position c sits at padded
+    position c + pad_before, so keep_from = pad_before < 0 and the crop positions outside the
+    padded signal are simply never read by the second resize.
+    """
+    to_crop = linear_resize_matrix(grid, crop, device=device)
+    to_out = linear_resize_matrix(pad_before + crop + pad_after, out_size, keep_from=pad_before, keep=crop,
+                                  device=device)
     return (to_out @ to_crop).float()
 
 
