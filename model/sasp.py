@@ -15,13 +15,14 @@ Per [SEG] (any number per answer; each is handled on its own):
        `sam.decode_masks` puts the [SEG] embedding after the points.
 
 Two geometries (`SasPConfig.geometry`):
-  "read"   as READ's code computes, which READ's weights were trained with. Both pads of an axis
-           are (int(side * t / min(H, W)) - t) // 2 in Python floats, for the coarse grid (t = its
-           side) and the full-resolution map (t = the CLIP crop side; READ hard-codes 336, its
-           CLIP's). That pad is one short when the extra length is odd, and -1 (crop one row or
-           column each side) when float rounding puts int(...) one below t on the short side.
+  "read"   (default) as READ's code computes, which READ's weights were trained with. A t x t
+           map is padded by (int(L * (t / min(H, W))) - t) // 2 in Python floats at both ends of
+           the axis of image length L, for the coarse grid (t = its side) and the full-resolution
+           map (t = the CLIP crop side; READ hard-codes 336, its CLIP's). Where the extra length
+           is odd that is one short of the image's aspect ratio, and where float rounding puts
+           int(...) one below t (short side) it is -1: one row or column cropped at each end.
            Cell centres in float32; the dot product and the full map's min-max in the hidden
-           states' dtype (bf16 in READ's runs, products rounded before the sum as READ's are).
+           states' dtype (bf16 in READ's runs; products rounded before the sum, as READ's are).
   "exact"  undoes CLIP's crop exactly (its extra // 2 and extra - extra // 2 split), cell centres
            in float64, scores in float32.
 Ties between equal cell values keep raster order in both (READ's sort is unstable: no order).
