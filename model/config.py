@@ -117,12 +117,20 @@ SAM_PRESETS: dict[str, SamConfig] = {
 
 @dataclass
 class SasPConfig:
-    """READ's Similarity-as-Points: point prompts picked from the [SEG]/image-token similarity."""
+    """READ's Similarity-as-Points: point prompts picked from the [SEG]/image-token similarity.
+
+    geometry: "read" computes as READ's code does (its aspect padding, which can crop one row or
+    column; float32 cell centres; scores and the full-resolution min-max in the hidden states'
+    dtype), which is what the released READ weights were trained with. "exact" undoes CLIP's crop
+    exactly and scores in float32. A saved SasP dict without the key (written before the switch
+    existed) loads as "read": the SasP checkpoints in circulation are READ's.
+    """
 
     num_points: int = 30
     t_pos: float = 0.8
     t_neg: float = 0.2
     down_sample: int = 2
+    geometry: str = "read"
 
 
 @dataclass

@@ -14,6 +14,19 @@ Per [SEG] (any number per answer; each is handled on its own):
     -> SAM's input frame (ResizeLongestSide scale); SAM adds +0.5 and a pad point itself, and
        `sam.decode_masks` puts the [SEG] embedding after the points.
 
+Two geometries (`SasPConfig.geometry`):
+  "read"   (default) as READ's code computes, which READ's weights were trained with. A t x t
+           map is padded by (int(L * (t / min(H, W))) - t) // 2 in Python floats at both ends of
+           the axis of image length L, for the coarse grid (t = its side) and the full-resolution
+           map (t = the CLIP crop side; READ hard-codes 336, its CLIP's). Where the extra length
+           is odd that is one short of the image's aspect ratio, and where float rounding puts
+           int(...) one below t (short side) it is -1: one row or column cropped at each end.
+           Cell centres in float32; the dot product and the full map's min-max in the hidden
+           states' dtype (bf16 in READ's runs; products rounded before the sum, as READ's are).
+  "exact"  undoes CLIP's crop exactly (its extra // 2 and extra - extra // 2 split), cell centres
+           in float64, scores in float32.
+Ties between equal cell values keep raster order in both (READ's sort is unstable: no order).
+
 SasP has no parameters and no loss; the mask loss reaches the LLM through the refined points.
 
 Where a [SEG] has fewer usable cells than `num_points` (tiny grids, extreme aspect ratios), the list
@@ -40,6 +53,7 @@ from .config import SasPConfig
 REFINE_RADIUS = 6
 
 LABEL_POSITIVE, LABEL_NEGATIVE, LABEL_NEUTRAL = 1, 0, -1
+GEOMETRIES = ("read", "exact")
 
 
 def validate_sasp_config(cfg: SasPConfig) -> None:
@@ -51,6 +65,8 @@ def validate_sasp_config(cfg: SasPConfig) -> None:
     if not 0.0 <= cfg.t_neg < cfg.t_pos <= 1.0:
         raise ValueError(f"sasp thresholds need 0 <= t_neg < t_pos <= 1 (the map is min-max normalised), "
                          f"got t_neg={cfg.t_neg}, t_pos={cfg.t_pos}")
+    if cfg.geometry not in GEOMETRIES:
+        raise ValueError(f"sasp.geometry must be one of {GEOMETRIES}, got {cfg.geometry!r}")
 
 
 # --- geometry -----------------------------------------------------------------------------------
@@ -61,18 +77,39 @@ def crop_padding(crop: int, height: int, width: int) -> tuple[int, int, int, int
     Mirrors CLIP's preprocessing: the short side goes to `crop`, the long side to
     int(crop * long / short), and the crop starts at (long_new - crop) // 2.
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"original_size must be positive, got {(height, width)}")
+    _check_size(height, width)
     short, long = min(height, width), max(height, width)
     extra = int(crop * long / short) - crop
     before, after = extra // 2, extra - extra // 2
     return (0, 0, before, after) if height <= width else (before, after, 0, 0)
 
 
+def read_padding(side: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding of a `side` x `side` map as READ computes it: the same
+    amount on both ends of an axis, (int(length * side / min(H, W)) - side) // 2 in Python floats.
+    A pad of -1 (int(...) one below `side` by float rounding) crops one row or column each end."""
+    _check_size(height, width)
+    scale = side / min(height, width)
+    pad_h = (int(height * scale) - side) // 2
+    pad_w = (int(width * scale) - side) // 2
+    return pad_h, pad_h, pad_w, pad_w
+
+
+def aspect_padding(side: int, original_size: tuple[int, int], geometry: str) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) that brings a `side` x `side` map to the image's aspect ratio."""
+    return (read_padding if geometry == "read" else crop_padding)(side, *original_size)
+
+
+def _check_size(height: int, width: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ValueError(f"original_size must be positive, got {(height, width)}")
+
+
 def linear_resize_matrix(in_size: int, out_size: int, keep_from: int = 0, keep: Optional[int] = None,
                          device=None) -> torch.Tensor:
     """(out_size, keep) weights of 1-D linear resizing as `F.interpolate(..., align_corners=False)`
-    computes it, restricted to input positions keep_from .. keep_from + keep - 1.
+    computes it, restricted to input positions keep_from .. keep_from + keep - 1 (columns for
+    positions outside 0 .. in_size - 1 stay zero).
 
     Dropping input positions is how zero padding is applied without building the padded signal.
     """
@@ -94,7 +131,12 @@ def linear_resize_matrix(in_size: int, out_size: int, keep_from: int = 0, keep: 
 def uncrop_resize_matrix(grid: int, crop: int, pad_before: int, pad_after: int, out_size: int,
                          device=None) -> torch.Tensor:
     """(out_size, grid) weights along one axis of: grid -> bilinear to crop -> zero-pad by
-    (pad_before, pad_after) -> bilinear to out_size."""
+    (pad_before, pad_after) -> bilinear to out_size.
+
+    A negative pad crops, as `F.pad` does, with no special case: crop position c sits at padded
+    position c + pad_before, so keep_from = pad_before < 0 and the crop positions outside the
+    padded signal are simply never read by the second resize.
+    """
     to_crop = linear_resize_matrix(grid, crop, device=device)
     to_out = linear_resize_matrix(pad_before + crop + pad_after, out_size, keep_from=pad_before, keep=crop,
                                   device=device)
@@ -117,24 +159,31 @@ def grid_side(num_patches: int) -> int:
 
 
 # --- similarity maps ----------------------------------------------------------------------------
-def similarity_scores(seg_hidden: torch.Tensor, image_hidden: torch.Tensor) -> torch.Tensor:
-    """(n, H) [SEG] states . (n, P, H) image-token states -> (n, P) raw dot products, float32."""
+def similarity_scores(seg_hidden: torch.Tensor, image_hidden: torch.Tensor, geometry: str) -> torch.Tensor:
+    """(n, H) [SEG] states . (n, P, H) image-token states -> (n, P) raw dot products: in float32
+    for "exact"; for "read" in the states' dtype, each product rounded before the sum as READ's
+    element-wise product and sum do."""
     if seg_hidden.dim() != 2 or image_hidden.dim() != 3 or image_hidden.shape[0] != seg_hidden.shape[0] \
             or image_hidden.shape[2] != seg_hidden.shape[1]:
         raise ValueError(f"expected seg_hidden (n, H) and image_hidden (n, P, H); got {tuple(seg_hidden.shape)} "
                          f"and {tuple(image_hidden.shape)}")
+    if geometry == "read":
+        return (image_hidden * seg_hidden.to(image_hidden.dtype)[:, None]).sum(-1)
     return torch.einsum("nph,nh->np", image_hidden.float(), seg_hidden.float())
 
 
-def coarse_grid(scores: torch.Tensor, original_size: tuple[int, int], clip_size: int, down_sample: int) -> torch.Tensor:
-    """(n, P) raw scores -> (n, h, w): down-sampled, min-max normalised, padded with -1 to the
-    image's aspect ratio. Padding cells are < 0, so no threshold ever selects them."""
+def coarse_grid(scores: torch.Tensor, original_size: tuple[int, int], down_sample: int, geometry: str) -> torch.Tensor:
+    """(n, P) raw scores -> (n, h, w) float32: down-sampled, min-max normalised, padded with -1 to
+    the image's aspect ratio. Padding cells are < 0, so no threshold ever selects them."""
     n, g = scores.shape[0], grid_side(scores.shape[1])
     side = g // down_sample
     if side < 1:
         raise ValueError(f"sasp.down_sample={down_sample} leaves no cells of the {g}x{g} similarity grid")
-    small = F.interpolate(scores.view(n, 1, g, g), size=(side, side), mode="bilinear", align_corners=False)
-    top, bottom, left, right = crop_padding(side, *original_size)
+    top, bottom, left, right = aspect_padding(side, original_size, geometry)
+    if min(side + top + bottom, side + left + right) < 1:  # READ's -1 pads crop a 1- or 2-cell side away
+        raise ValueError(f"sasp.down_sample={down_sample} leaves a {side}x{side} grid, which READ's aspect "
+                         f"padding crops to nothing for an image of {original_size[0]}x{original_size[1]}")
+    small = F.interpolate(scores.float().view(n, 1, g, g), size=(side, side), mode="bilinear", align_corners=False)
     return F.pad(min_max(small[:, 0]), (left, right, top, bottom), value=-1.0)
 
 
@@ -159,19 +208,23 @@ class FullMapFactors:
         return torch.einsum("nkag,ngh,nkbh->nkab", self.rows[ys], self.grid, self.cols[xs])
 
 
-def full_map_factors(scores: torch.Tensor, original_size: tuple[int, int], clip_size: int) -> FullMapFactors:
+def full_map_factors(scores: torch.Tensor, original_size: tuple[int, int], clip_size: int,
+                     geometry: str) -> FullMapFactors:
+    """Factors of the full-resolution map of (n, P) raw scores. The min-max runs in the scores'
+    dtype (READ's order: normalise, then go to float32 for the resizing)."""
     n, g = scores.shape[0], grid_side(scores.shape[1])
     height, width = original_size
-    top, bottom, left, right = crop_padding(clip_size, height, width)
+    top, bottom, left, right = aspect_padding(clip_size, original_size, geometry)
     device = scores.device
     return FullMapFactors(rows=uncrop_resize_matrix(g, clip_size, top, bottom, height, device=device),
-                          grid=min_max(scores).view(n, g, g),
+                          grid=min_max(scores).float().view(n, g, g),
                           cols=uncrop_resize_matrix(g, clip_size, left, right, width, device=device))
 
 
-def full_resolution_map(scores: torch.Tensor, original_size: tuple[int, int], clip_size: int) -> torch.Tensor:
-    """(n, P) raw scores -> (n, H, W) map over the original image (zero where CLIP's crop cut)."""
-    return full_map_factors(scores, original_size, clip_size).dense()
+def full_resolution_map(scores: torch.Tensor, original_size: tuple[int, int], clip_size: int,
+                        geometry: str) -> torch.Tensor:
+    """(n, P) raw scores -> (n, H, W) float32 map over the original image (zero where CLIP's crop cut)."""
+    return full_map_factors(scores, original_size, clip_size, geometry).dense()
 
 
 # --- points -------------------------------------------------------------------------------------
@@ -207,14 +260,18 @@ def select_cells(grid: torch.Tensor, num_points: int, t_pos: float, t_neg: float
     return cells, labels, valid
 
 
-def cell_centres(cells: torch.Tensor, grid_shape: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+def cell_centres(cells: torch.Tensor, grid_shape: tuple[int, int], original_size: tuple[int, int],
+                 geometry: str) -> torch.Tensor:
     """Flat cell indices (n, K) of an (h, w) grid -> integer (x, y) pixel centres (n, K, 2) in the
-    original image, clamped inside it."""
+    original image, clamped inside it: (index + 0.5) * side / cells, truncated. "read" computes it
+    in float32 (with the scale rounded to float32, as a tensor times a Python float is), "exact" in
+    float64; where the exact value is an integer, float32 can land one pixel either side of it."""
     h, w = grid_shape
     height, width = original_size
-    x = ((cells % w).double() + 0.5) * (width / w)
-    y = ((cells // w).double() + 0.5) * (height / h)
-    return torch.stack([x.long().clamp(max=width - 1), y.long().clamp(max=height - 1)], dim=-1)
+    dtype = torch.float32 if geometry == "read" else torch.float64
+    x = ((cells % w).to(dtype) + 0.5) * torch.tensor(width / w, dtype=dtype)
+    y = ((cells // w).to(dtype) + 0.5) * torch.tensor(height / h, dtype=dtype)
+    return torch.stack([x.clamp(max=width - 1).long(), y.clamp(max=height - 1).long()], dim=-1)
 
 
 def refine_points(points: torch.Tensor, full_map: FullMapFactors, original_size: tuple[int, int],
@@ -265,8 +322,10 @@ def to_sam_frame(points: torch.Tensor, original_size: tuple[int, int], resized_s
 class SasPResult:
     """SasP's work for n [SEG]s of one image. K = num_points.
 
-    scores:     (n, P) raw [SEG] . image-token similarities.
-    grid:       (n, h, w) coarse map the cells were chosen from (-1 = padding that undoes the crop).
+    scores:     (n, P) raw [SEG] . image-token similarities (float32 for "exact" geometry, the
+                hidden states' dtype for "read").
+    grid:       (n, h, w) float32 coarse map the cells were chosen from (-1 = padding that undoes
+                the crop).
     cells:      (n, K, 2) long, integer (x, y) cell centres in original pixels.
     points:     (n, K, 2) refined (x, y) in original pixels (differentiable in the scores).
     sam_points: (n, K, 2) the same in SAM's input frame.
@@ -283,6 +342,7 @@ class SasPResult:
     valid: torch.Tensor
     original_size: tuple[int, int]
     clip_size: int
+    geometry: str = "read"
 
     def sam_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(coords (n, K, 2) float, labels (n, K) long) for SAM's prompt encoder."""
@@ -290,7 +350,7 @@ class SasPResult:
 
     def full_map(self) -> torch.Tensor:
         """(n, H, W) full-resolution map in [0, 1], the one the refinement used."""
-        return full_resolution_map(self.scores, self.original_size, self.clip_size)
+        return full_resolution_map(self.scores, self.original_size, self.clip_size, self.geometry)
 
     def detached_cpu(self) -> "SasPResult":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).detach().cpu()
@@ -306,19 +366,21 @@ def similarity_as_points(seg_hidden: torch.Tensor, image_hidden: torch.Tensor, o
     image_hidden: (n, P) x H final-norm LLM states at the P image-token positions of each [SEG]'s
                   conversation.
     original_size (H, W) of the image, resized_size (h, w) of SAM's input before padding,
-    clip_size the CLIP crop side (336 for ViT-L/14-336).
+    clip_size the CLIP crop side (336 for ViT-L/14-336), the side READ's full-resolution map is
+    resized to before its aspect padding (READ hard-codes 336).
     """
     validate_sasp_config(cfg)
+    geometry = cfg.geometry
     original_size = (int(original_size[0]), int(original_size[1]))
-    scores = similarity_scores(seg_hidden, image_hidden)
-    grid = coarse_grid(scores.detach(), original_size, clip_size, int(cfg.down_sample))
+    scores = similarity_scores(seg_hidden, image_hidden, geometry)
+    grid = coarse_grid(scores.detach(), original_size, int(cfg.down_sample), geometry)
     cells, labels, valid = select_cells(grid, int(cfg.num_points), cfg.t_pos, cfg.t_neg)
-    centres = cell_centres(cells, tuple(grid.shape[1:]), original_size)
-    refined = refine_points(centres, full_map_factors(scores, original_size, clip_size), original_size)
+    centres = cell_centres(cells, tuple(grid.shape[1:]), original_size, geometry)
+    refined = refine_points(centres, full_map_factors(scores, original_size, clip_size, geometry), original_size)
     refined = torch.where(valid[..., None], refined, torch.zeros_like(refined))
     return SasPResult(scores=scores, grid=grid, cells=centres, points=refined,
                       sam_points=to_sam_frame(refined, original_size, resized_size), labels=labels, valid=valid,
-                      original_size=original_size, clip_size=int(clip_size))
+                      original_size=original_size, clip_size=int(clip_size), geometry=geometry)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -333,18 +395,22 @@ def add_sasp_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--t_neg", type=float, default=None, help=f"negative threshold (default {d.t_neg})")
     group.add_argument("--down_sample", type=int, default=None,
                        help=f"similarity grid down-sampling factor (default {d.down_sample})")
+    group.add_argument("--sasp_geometry", choices=GEOMETRIES, default=None,
+                       help=f"'read': compute as READ's code (what its weights were trained with); 'exact': "
+                            f"undo CLIP's crop exactly, float32 scores (default {d.geometry})")
 
 
 def sasp_config_from_args(args: argparse.Namespace, current: Optional[SasPConfig] = None) -> Optional[SasPConfig]:
     """The SasPConfig the flags ask for: `current` (e.g. from a READ checkpoint) or READ-7B's
     defaults under --use_sasp, with every knob given on the command line applied. None when SasP is
     neither in the checkpoint nor asked for; knobs without --use_sasp on a SESAME model are an error."""
-    knobs = {k: getattr(args, k, None) for k in ("num_points", "t_pos", "t_neg", "down_sample")}
-    given = {k: v for k, v in knobs.items() if v is not None}
+    flags = {"num_points": "num_points", "t_pos": "t_pos", "t_neg": "t_neg", "down_sample": "down_sample",
+             "sasp_geometry": "geometry"}  # flag -> SasPConfig field
+    given = {flag: getattr(args, flag, None) for flag in flags if getattr(args, flag, None) is not None}
     if current is None and not getattr(args, "use_sasp", False):
         if given:
             raise ValueError(f"--{' --'.join(given)} set but SasP is off: add --use_sasp or load a READ checkpoint")
         return None
-    cfg = dataclasses.replace(current or SasPConfig(), **given)
+    cfg = dataclasses.replace(current or SasPConfig(), **{flags[flag]: v for flag, v in given.items()})
     validate_sasp_config(cfg)
     return cfg

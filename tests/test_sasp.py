@@ -69,16 +69,16 @@ def test_padding_cells_never_chosen_and_fill_is_marked():
 
 def test_coarse_grid_pads_portrait_and_landscape_with_minus_one():
     scores = torch.randn(2, 64)  # 8 x 8 tokens
-    land = coarse_grid(scores, (40, 100), TINY_CLIP, down_sample=2)  # 4 x 4 -> 4 x int(4*100/40)=10
+    land = coarse_grid(scores, (40, 100), 2, "exact")  # 4 x 4 -> 4 x int(4*100/40)=10
     assert land.shape == (2, 4, 10)
     assert (land[:, :, :3] == -1).all() and (land[:, :, 7:] == -1).all() and (land[:, :, 3:7] >= 0).all()
-    port = coarse_grid(scores, (90, 30), TINY_CLIP, down_sample=1)  # 8 x 8 -> int(8*90/30)=24 x 8
+    port = coarse_grid(scores, (90, 30), 1, "exact")  # 8 x 8 -> int(8*90/30)=24 x 8
     assert port.shape == (2, 24, 8)
     assert (port[:, :8] == -1).all() and (port[:, 16:] == -1).all()
     inner = port[:, 8:16]
     assert torch.allclose(inner, min_max(scores).view(2, 8, 8))  # down_sample 1: the map itself
     assert inner.amin((1, 2)).eq(0).all() and inner.amax((1, 2)).eq(1).all()
-    square = coarse_grid(scores, (50, 50), TINY_CLIP, down_sample=3)
+    square = coarse_grid(scores, (50, 50), 3, "exact")
     assert square.shape == (2, 2, 2) and (square >= 0).all()
     # even with every cell wanted, padding never comes out as a valid point
     for grid in (land, port):
@@ -101,7 +101,7 @@ def test_end_to_end_points_on_a_hand_made_map_landscape_and_portrait():
     scores = torch.zeros(1, 64)
     scores[0, 2 * 8 + 5] = 10.0  # token (row 2, col 5): 1.0 after min-max
     scores[0, 6 * 8 + 1] = 9.0  # token (row 6, col 1): 0.9
-    cfg = SasPConfig(num_points=4, t_pos=0.8, t_neg=0.2, down_sample=1)
+    cfg = SasPConfig(num_points=4, t_pos=0.8, t_neg=0.2, down_sample=1, geometry="exact")
     seg = torch.ones(1, 1)
     image_hidden = scores[..., None]
     land = similarity_as_points(seg, image_hidden, (40, 80), (64, 128), cfg, TINY_CLIP)
@@ -121,12 +121,13 @@ def test_end_to_end_points_on_a_hand_made_map_landscape_and_portrait():
     assert full[12, 47] > 0.9 and full[32, 27] > 0.8
 
 
-def test_cell_centres_stay_inside_tiny_images():
-    for size in [(1, 3), (3, 1), (2, 2), (5, 400)]:
+@pytest.mark.parametrize("geometry", ["read", "exact"])
+def test_cell_centres_stay_inside_tiny_images(geometry):
+    for size in [(1, 3), (3, 1), (2, 2), (5, 400), (49, 49)]:
         scores = torch.randn(3, 64)
-        grid = coarse_grid(scores, size, TINY_CLIP, 2)
+        grid = coarse_grid(scores, size, 2, geometry)
         cells, _, valid = select_cells(grid, 30, 0.8, 0.2)
-        xy = cell_centres(cells, tuple(grid.shape[1:]), size)
+        xy = cell_centres(cells, tuple(grid.shape[1:]), size, geometry)
         assert (xy >= 0).all() and (xy[..., 0] < size[1]).all() and (xy[..., 1] < size[0]).all()
 
 
@@ -145,7 +146,7 @@ def test_full_map_equals_interpolate_pad_interpolate(size):
                       align_corners=False)
     top, bottom, left, right = crop_padding(TINY_CLIP, *size)
     m = F.interpolate(F.pad(m, (left, right, top, bottom)), size=size, mode="bilinear", align_corners=False)[:, 0]
-    full = full_resolution_map(scores, size, TINY_CLIP)
+    full = full_resolution_map(scores, size, TINY_CLIP, "exact")
     torch.testing.assert_close(full, m, atol=1e-4, rtol=0)  # torch.interpolate rounds its source index in float32
     assert full.min() >= 0 and full.max() <= 1
 
@@ -154,7 +155,7 @@ def test_full_map_equals_interpolate_pad_interpolate(size):
 def test_windowed_refinement_equals_dense(size):
     torch.manual_seed(1)
     scores = torch.randn(2, 64) * 3
-    factors = full_map_factors(scores, size, TINY_CLIP)
+    factors = full_map_factors(scores, size, TINY_CLIP, "exact")
     h, w = size
     # corners, edges and interior points
     pts = torch.tensor([[0, 0], [w - 1, h - 1], [w // 2, h // 2], [0, h - 1], [w - 1, 0], [w // 3, min(2, h - 1)]])
@@ -204,7 +205,7 @@ def test_bad_config_and_inputs_are_named():
         with pytest.raises(ValueError, match=field):
             validate_sasp_config(SasPConfig(**bad))
     with pytest.raises(ValueError, match="down_sample"):
-        coarse_grid(torch.randn(1, 64), (10, 10), TINY_CLIP, down_sample=9)
+        coarse_grid(torch.randn(1, 64), (10, 10), 9, "exact")
     with pytest.raises(ValueError, match="square grid"):
         similarity_as_points(torch.randn(1, 4), torch.randn(1, 60, 4), (10, 10), (128, 128), SasPConfig(), TINY_CLIP)
     with pytest.raises(ValueError, match="image_hidden"):

@@ -1,4 +1,6 @@
 """SasP pictures: JET heat map blend, point colours and positions, files per [SEG]."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,20 @@ def test_render_draws_points_in_their_colours_over_heat_map_and_mask():
     assert inside.tolist() == [65, 122, 178]  # 0.5 * 100 + 0.5 * (30, 144, 255)
     outside = pic[(h - 2) * s, 2 * s + w * s + PANEL_GAP]
     assert outside.tolist() == [100, 100, 100]
+
+
+@pytest.mark.parametrize("geometry", ["read", "exact"])
+def test_heat_map_is_the_map_of_the_results_geometry(geometry):
+    h, w = 49, 90  # READ's padding of the 112 map (46 + 46 columns) differs from the exact 46 + 47 here
+    g = torch.Generator().manual_seed(0)
+    seg, img = torch.randn(1, 8, generator=g), torch.randn(1, 64, 8, generator=g)
+    r = similarity_as_points(seg, img, (h, w), (h, w), SasPConfig(num_points=6, geometry=geometry), TINY_CLIP)
+    image = (np.random.default_rng(2).random((h, w, 3)) * 255).astype(np.uint8)
+    pic = render_sasp(image, dataclasses.replace(r, valid=torch.zeros_like(r.valid)), 0)  # no points drawn
+    s = display_scale(h, w)
+    assert np.array_equal(pic[:h * s:s, :w * s:s], heatmap_overlay(image, r.full_map()[0].numpy()))
+    other = dataclasses.replace(r, geometry="exact" if geometry == "read" else "read")
+    assert not np.array_equal(heatmap_overlay(image, other.full_map()[0].numpy()), pic[:h * s:s, :w * s:s])
 
 
 def test_save_one_png_per_seg_and_errors(tmp_path):

@@ -93,8 +93,8 @@ def render_sasp(image_rgb: np.ndarray, result: SasPResult, seg_index: int = 0,
     n = result.scores.shape[0]
     if not 0 <= seg_index < n:
         raise ValueError(f"seg_index {seg_index} out of range: the SasP result holds {n} [SEG]s")
-    scores = result.scores[seg_index:seg_index + 1].detach().float().cpu()
-    map01 = full_resolution_map(scores, (height, width), result.clip_size)[0].numpy()
+    scores = result.scores[seg_index:seg_index + 1].detach().cpu()  # own dtype: READ's min-max runs in it
+    map01 = full_resolution_map(scores, (height, width), result.clip_size, result.geometry)[0].numpy()
     mask = np.zeros((height, width), bool) if mask is None else np.asarray(mask)
     points = result.points[seg_index].detach().float().cpu().numpy()
     labels = result.labels[seg_index].cpu().numpy()
