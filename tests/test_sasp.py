@@ -10,7 +10,7 @@ from model.batch import SesameBatch
 from model.config import SasPConfig
 from model.conversation import build_prompt, tokenize_with_image
 from model.lora import apply_lora, set_trainable
-from model.sam import decode_masks
+from model.sam import decode_masks, masks_at_original_size
 from model.sasp import (FullMapFactors, add_sasp_arguments, cell_centres, coarse_grid, crop_padding,
                         full_map_factors, full_resolution_map, linear_resize_matrix, min_max, refine_points,
                         refine_points_dense, sasp_config_from_args, select_cells, similarity_as_points, to_sam_frame,
@@ -252,19 +252,31 @@ def _force_segs(seg_steps, eos_step, seg_id, eos_id):
     return hook
 
 
+def _masks(model, embedding, seg, resized, original, points=None):
+    """Mask logits (n, H, W) of n [SEG] states on one image: decode_masks + SAM's postprocessing."""
+    low_res = decode_masks(model.visual_model, embedding.expand(seg.shape[0], -1, -1, -1), model.project_seg(seg), points)
+    return masks_at_original_size(model.visual_model, low_res, resized, original)
+
+
 def test_point_prompts_shape_dtype_device_and_plain_sesame_none(tokenizer, token_ids):
     cfg = SasPConfig(num_points=7)
     model = tiny_model(token_ids, len(tokenizer), sasp=cfg)
     hidden = model.config.llm.hidden_size
     seg, img = torch.randn(3, hidden), torch.randn(3, 64, hidden)
-    coords, labels = model.point_prompts(seg, img, (96, 128), (30, 40))
+    coords, labels = model.sasp_points(seg, img, (96, 128), (30, 40)).sam_prompts()
     assert coords.shape == (3, 7, 2) and coords.dtype == torch.float32 and coords.device == model.device
     assert labels.shape == (3, 7) and labels.dtype == torch.long
     assert (coords[..., 0] <= 128).all() and (coords[..., 1] <= 96).all()
+    embedding = model.encode_images_sam(torch.zeros(1, 3, 128, 128))
     with pytest.raises(ValueError, match="image_hidden"):
-        model.point_prompts(seg, None, (96, 128), (30, 40))
+        model.seg_masks(embedding, seg, [0, 0, 0], [(96, 128)], [(30, 40)], image_hidden=None)
+    with torch.no_grad():
+        (read,) = model.seg_masks(embedding, seg, [0, 0, 0], [(96, 128)], [(30, 40)], image_hidden=img)
+    assert read.sasp is not None and torch.equal(read.sasp.cells, model.sasp_points(seg, img, (96, 128), (30, 40)).cells)
     plain = tiny_model(token_ids, len(tokenizer))
-    assert plain.point_prompts(seg, img, (96, 128), (30, 40)) is None
+    with torch.no_grad():
+        (masks,) = plain.seg_masks(embedding, seg, [0, 0, 0], [(96, 128)], [(30, 40)], image_hidden=img)
+    assert masks.sasp is None and masks.logits.shape == (3, 30, 40)
 
 
 def test_sparse_prompt_is_points_then_pad_then_seg(tokenizer, token_ids):
@@ -272,7 +284,7 @@ def test_sparse_prompt_is_points_then_pad_then_seg(tokenizer, token_ids):
     sam = model.visual_model
     hidden = model.config.llm.hidden_size
     seg, img = torch.randn(2, hidden), torch.randn(2, 64, hidden)
-    points = model.point_prompts(seg, img, (96, 128), (30, 40))
+    points = model.sasp_points(seg, img, (96, 128), (30, 40)).sam_prompts()
     seen = {}
     original = sam.mask_decoder.forward
 
@@ -282,7 +294,7 @@ def test_sparse_prompt_is_points_then_pad_then_seg(tokenizer, token_ids):
     sam.mask_decoder.forward = spy
     embedding = model.encode_images_sam(torch.zeros(1, 3, 128, 128))
     with torch.no_grad():
-        decode_masks(sam, embedding, model.project_seg(seg), (96, 128), (30, 40), points=points)
+        decode_masks(sam, embedding.expand(2, -1, -1, -1), model.project_seg(seg), points)
         expected_points = sam.prompt_encoder._embed_points(points[0], points[1], pad=True)
     sparse = seen["sparse"]
     assert sparse.shape == (2, 5 + 2, model.config.out_dim)
@@ -339,8 +351,7 @@ def test_two_segs_in_one_answer_forward(tokenizer, token_ids):
     assert not torch.equal(both.scores[0], both.scores[1])
     with torch.no_grad():
         emb = model.encode_images_sam(batch.images_sam[:1])
-        expected = decode_masks(model.visual_model, emb, model.project_seg(seg_hidden[:2]), batch.resized_sizes[0],
-                                (45, 30), points=both.sam_prompts())
+        expected = _masks(model, emb, seg_hidden[:2], batch.resized_sizes[0], (45, 30), both.sam_prompts())
     torch.testing.assert_close(out.pred_masks[0], expected, atol=1e-4, rtol=1e-4)
 
 
@@ -352,8 +363,7 @@ def test_two_segs_in_one_answer_predict_matches_teacher_forcing(tokenizer, token
     prompts = [tokenize_with_image(build_prompt(q), tokenizer) for q in ("<image>\nthe left zebra and the car",
                                                                           "<image>\nIs there a dog?")]
     hook = _force_segs({0, 2}, 4, token_ids.seg, token_ids.eos)
-    preds = model.predict(clip, sam, resized, original, prompts, [1, 0], max_new_tokens=8, eos_token_id=token_ids.eos,
-                          logits_hook=hook)
+    preds = model.predict(clip, sam, resized, original, prompts, [1, 0], max_new_tokens=8, logits_hook=hook)
     for k, (pred, i) in enumerate(zip(preds, [1, 0])):
         assert pred.output_ids.count(token_ids.seg) == 2
         assert pred.masks.shape == (2, *original[i])
@@ -376,8 +386,7 @@ def test_two_segs_in_one_answer_predict_matches_teacher_forcing(tokenizer, token
         # the masks are the ones these points give
         with torch.no_grad():
             emb = model.encode_images_sam(sam[i:i + 1])
-            logits = decode_masks(model.visual_model, emb, model.project_seg(pred.seg_hidden), resized[i],
-                                  original[i], points=(r.sam_points, r.labels))
+            logits = _masks(model, emb, pred.seg_hidden, resized[i], original[i], (r.sam_points, r.labels))
         assert torch.equal(logits > 0, pred.masks)
 
 
@@ -390,14 +399,14 @@ def test_plain_sesame_is_unchanged(tokenizer, token_ids):
     seg = hidden[:, :-1][spliced.token_ids[:, 1:] == token_ids.seg]
     with torch.no_grad():
         emb = plain.encode_images_sam(batch.images_sam)
-        text_only = decode_masks(plain.visual_model, emb, plain.project_seg(seg), batch.resized_sizes[0], (40, 28))
+        text_only = _masks(plain, emb, seg, batch.resized_sizes[0], (40, 28))
     torch.testing.assert_close(out_plain.pred_masks[0], text_only, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out_read.pred_masks[0], text_only, atol=1e-3)  # the points do change the mask
     torch.testing.assert_close(out_plain.ce_loss, out_read.ce_loss)  # same weights: SasP has no parameters
     assert {n for n, _ in plain.named_parameters()} == {n for n, _ in read.named_parameters()}
     clip, sam, resized, original = _inputs(plain, [_image(40, 28)])
     prompt = tokenize_with_image(build_prompt("<image>\nthe square"), tokenizer)
-    pred = plain.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=3, eos_token_id=token_ids.eos,
+    pred = plain.predict(clip, sam, resized, original, [prompt], [0], max_new_tokens=3,
                          logits_hook=_force_segs({0}, 1, token_ids.seg, token_ids.eos))[0]
     assert pred.sasp is None and pred.masks.shape == (1, 40, 28)
 

@@ -322,7 +322,7 @@ def test_model_follows_the_switch(tokenizer, token_ids):
         r = model.sasp_points(seg, img, resized, size)
         direct = similarity_as_points(seg, img, size, resized, cfg, TINY_CLIP)
         assert r.geometry == geometry and torch.equal(r.cells, direct.cells)
-        coords, labels = model.point_prompts(seg, img, resized, size)
+        coords, labels = r.sam_prompts()
         assert torch.equal(coords, direct.sam_points) and torch.equal(labels, direct.labels)
         results[geometry] = r
     assert not torch.equal(results["read"].full_map(), results["exact"].full_map())
