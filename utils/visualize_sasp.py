@@ -9,13 +9,14 @@ Points: positive (label 1) green, negative (label 0) red, neutral (label -1) whi
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from model.sasp import SasPResult, full_resolution_map
+if TYPE_CHECKING:  # a type only: utils/ imports nothing above it
+    from model.sasp import SasPResult
 
 HEATMAP_IMAGE_WEIGHT = 0.3
 POINT_COLOURS = {1: (0, 220, 0), 0: (230, 0, 0), -1: (255, 255, 255)}  # RGB
@@ -82,7 +83,7 @@ def _legend(width: int, labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return strip
 
 
-def render_sasp(image_rgb: np.ndarray, result: SasPResult, seg_index: int = 0,
+def render_sasp(image_rgb: np.ndarray, result: "SasPResult", seg_index: int = 0,
                 mask: Optional[np.ndarray] = None) -> np.ndarray:
     """The picture for [SEG] number `seg_index`: heat map + points | mask + points, legend below."""
     height, width = image_rgb.shape[:2]
@@ -93,8 +94,7 @@ def render_sasp(image_rgb: np.ndarray, result: SasPResult, seg_index: int = 0,
     n = result.scores.shape[0]
     if not 0 <= seg_index < n:
         raise ValueError(f"seg_index {seg_index} out of range: the SasP result holds {n} [SEG]s")
-    scores = result.scores[seg_index:seg_index + 1].detach().cpu()  # own dtype: READ's min-max runs in it
-    map01 = full_resolution_map(scores, (height, width), result.clip_size, result.geometry)[0].numpy()
+    map01 = result.full_map()[seg_index].detach().float().cpu().numpy()
     mask = np.zeros((height, width), bool) if mask is None else np.asarray(mask)
     points = result.points[seg_index].detach().float().cpu().numpy()
     labels = result.labels[seg_index].cpu().numpy()
@@ -110,7 +110,7 @@ def render_sasp(image_rgb: np.ndarray, result: SasPResult, seg_index: int = 0,
     return np.concatenate([row, _legend(row.shape[1], labels, valid)], axis=0)
 
 
-def save_sasp_pngs(directory: str, image_rgb: np.ndarray, result: SasPResult, masks: Optional[np.ndarray] = None,
+def save_sasp_pngs(directory: str, image_rgb: np.ndarray, result: "SasPResult", masks: Optional[np.ndarray] = None,
                    stem: str = "sasp") -> list[str]:
     """Write one PNG per [SEG] into an existing `directory`: `{stem}.png` for the first, then
     `{stem}_1.png`, ... (the numbering of the demo's seg_mask*.png). masks: (n, H, W) bool or None."""
