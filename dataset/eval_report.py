@@ -72,6 +72,14 @@ class EvalSetReport:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
 
+    def start(self, dataset: str, split: str, on_error: str) -> None:
+        """Describe a new set (what build_eval_dataset calls first): counts and skips cleared."""
+        with self._lock:
+            self.dataset, self.split, self.on_error = dataset, split, check_on_error(on_error)
+            self.found_images = self.found_refs = self.found_queries = 0
+            self.built_images = self.built_refs = self.built_queries = 0
+            self.skipped = []
+
     def add(self, item: SkippedItem) -> None:
         with self._lock:
             self.skipped.append(item)

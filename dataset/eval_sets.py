@@ -297,7 +297,7 @@ def build_eval_dataset(name: str, dataset_dir: str, split: str = "val", seed: in
     check_data_root(dataset_dir)
     t = resolve_templates(templates)
     report = report if report is not None else EvalSetReport()
-    report.dataset, report.split, report.on_error = name, split, check_on_error(on_error)
+    report.start(name, split, on_error)
     problem = _Problems(report)
     if name == "ReasonSeg":
         if split not in ("train", "val", "test"):

@@ -15,9 +15,10 @@ header claims more than utils.image_io.MAX_IMAGE_PIXELS pixels is refused before
 Skip reasons (the `reason` of a SkipItem, counted as "<source>/<reason>"):
   image:      not_found, not_a_file, not_readable, empty, not_an_image, too_large, cannot_decode,
               size_mismatch (the image is not the size its annotation says)
-  annotation: bad_annotation (a segmentation / shape / json that cannot be read), unknown_annotation
-              (a ref names an annotation id the file lacks), bad_ref (a ref without the keys it
-              needs), bad_record (a malformed LLaVA record), no_class (a label map without any class)
+  annotation: bad_annotation (a segmentation / shape / json that cannot be read), annotation_missing
+              (an image without its ReasonSeg json), unknown_annotation (a ref names an annotation
+              id the file lacks), bad_ref (a ref without the keys it needs), bad_record (a malformed
+              LLaVA record), no_class (a label map without any class)
   sample:     bad_sample (text and masks that do not agree)
 """
 from __future__ import annotations

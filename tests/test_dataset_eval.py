@@ -289,6 +289,8 @@ def test_unreadable_eval_items_are_skipped_and_counted(synthetic_root, tmp_path)
     d = json.loads(json.dumps(report.as_dict()))
     assert d["skipped"]["queries"] == report.found_queries - evaluated and d["complete"] is False
     assert EvalSetReport.from_dict(d).as_dict() == d
+    build_eval_dataset("refcoco", str(root), "val", on_error="skip", report=report)  # a report describes one set
+    assert report.as_dict() == d
     summary = report.summary()
     assert "\n" not in summary and "image/not_an_image=1" in summary and f"{evaluated} queries" in summary
     # the same set read cleanly is complete

@@ -116,6 +116,16 @@ def test_restricted_unpickler_refuses_code(tmp_path):
             safe_load(pickle.dumps(Call()))
 
 
+def test_unreadable_pickles_are_one_line_errors_naming_the_file(tmp_path):
+    data = pickle.dumps([{"ref_id": i, "sentences": ["x" * 50]} for i in range(50)], protocol=2)
+    for name, content in [("empty", b""), ("cut", data[:len(data) // 2]), ("garbage", b"hello world")]:
+        path = tmp_path / f"refs({name}).p"
+        path.write_bytes(content)
+        with pytest.raises(pickle.UnpicklingError) as info:
+            safe_load_path(str(path))
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_restricted_unpickler_loads_plain_data():
     data = [{"ref_id": 1, "sentences": [{"sent": "man in red", "tokens": ["man"]}], "ann_id": [3, -1],
              "split": "train", "f": 1.5, "t": (1, 2), "s": {1, 2}, "b": b"\x00\xff", "n": None, "ok": True}]
