@@ -160,7 +160,7 @@ class _Problems:
     def __init__(self, report: EvalSetReport):
         self.report = report
 
-    def __call__(self, kind: str, item: str, skip: SkipItem, refs: int, queries: int, stage: str = "build") -> None:
+    def __call__(self, kind: str, item: str, skip: SkipItem, refs: int, queries: int) -> None:
         r = self.report
         detail = skip.detail or skip.reason
         if r.on_error == "stop":
@@ -168,7 +168,7 @@ class _Problems:
             raise EvalDataError(f"{r.dataset} {r.split}: {skip.path}: {what} "
                                 f"[evaluation stops on unreadable data; on_error='skip' leaves such items out "
                                 f"and counts them]")
-        r.add(SkippedItem(kind, item, skip.path, skip.reason, detail, refs, queries, stage))
+        r.add(SkippedItem(kind, item, skip.path, skip.reason, detail, refs, queries))
 
 
 def _check_image(path: str, height: int, width: int, source: str) -> None:
@@ -183,12 +183,15 @@ def _refer_eval(name: str, dataset_dir: str, split: str, seed: int, style: str, 
                 split_by: Optional[str], problem: _Problems) -> list[EvalImage]:
     data = ReferData(dataset_dir, name, split_by)
     report = problem.report
-    for bad in data.bad_refs_of(split):
+    by_image = data.refs_by_image(split)
+    bad_refs = data.bad_refs_of(split)
+    for bad in bad_refs:
         report.found_refs += 1
         report.found_queries += bad.queries
         problem("ref", f"ref {bad.ref_id}", SkipItem(name, data.refs_path, "bad_ref", bad.problem), 1, bad.queries)
+    report.found_images += len({b.image_id for b in bad_refs if b.image_id is not None} - set(by_image))
     images = []
-    for image_id, refs in data.refs_by_image(split).items():
+    for image_id, refs in by_image.items():
         info = data.images[image_id]
         path = data.image_path(image_id)
         n_queries = sum(len(ref["sentences"]) for ref in refs)

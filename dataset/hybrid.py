@@ -154,6 +154,6 @@ class HybridDataset(torch.utils.data.Dataset):
         return sample
 
     def skipped_counts(self) -> dict[str, int]:
-        """Items skipped so far in this process, per "<source>/<reason>" (DataLoader workers keep their own: sum
-        `batch.meta["skipped"]` in the training loop for the whole picture)."""
+        """Items skipped so far in this process, per "<source>/<reason>" (DataLoader workers keep
+        their own: sum `batch.meta["skipped"]` in the training loop for the whole picture)."""
         return self.skip_log.as_dict()

@@ -89,6 +89,7 @@ class BadRef:
     """A ref that cannot be used: where it is and why."""
     ref_id: Union[int, str]  # "#<position in the file>" when the ref has no usable ref_id
     split: Optional[str]
+    image_id: Optional[int]  # when it names an image of instances.json
     queries: int  # how many sentences it holds (0 when they cannot be read)
     problem: str
 
@@ -164,11 +165,12 @@ class ReferData:
             if problem is None:
                 self.refs.append(ref)
                 continue
-            ref_id = ref.get("ref_id") if isinstance(ref, dict) else None
-            split = ref.get("split") if isinstance(ref, dict) else None
-            sentences = ref.get("sentences") if isinstance(ref, dict) else None
+            fields = ref if isinstance(ref, dict) else {}
+            ref_id, split, sentences = fields.get("ref_id"), fields.get("split"), fields.get("sentences")
+            image_id = fields.get("image_id")
             self.bad_refs.append(BadRef(ref_id if isinstance(ref_id, int) else f"#{position}",
                                         split if isinstance(split, str) else None,
+                                        image_id if isinstance(image_id, int) and image_id in self.images else None,
                                         len(sentences) if isinstance(sentences, list) else 0, problem))
 
     def _ref_problem(self, ref) -> Optional[str]:

@@ -232,8 +232,8 @@ def test_an_image_whose_only_ref_is_rle_stays_in_the_set(synthetic_root):
 
 
 def _faulty_refcoco(synthetic_root, tmp_path):
-    """A refcoco root whose val split has one fault of every kind; returns (root, what each fault costs)."""
-    from conftest_data import jpeg_claiming
+    """A refcoco root whose val split has one fault of each kind (image, annotation, unknown and malformed
+    refs); returns the root, the queries each fault costs, and the two annotation files."""
     root = _copy(synthetic_root, tmp_path, "refcoco")
     data = ReferData(str(root), "refcoco")
     by_image = data.refs_by_image("val")
@@ -252,7 +252,8 @@ def _faulty_refcoco(synthetic_root, tmp_path):
     refs_path = root / "refer_seg" / "refcoco" / "refs(unc_exclude_unified).p"
     refs = pickle.load(open(refs_path, "rb"))
     ghost = dict(by_image[ids[2]][0], ref_id=9001, ann_id=424242)
-    broken = {"ref_id": 9002, "image_id": ids[2], "split": "val", "ann_id": 1}
+    other = next(i for i in data.images if i not in by_image)  # an image with no other val ref
+    broken = {"ref_id": 9002, "image_id": other, "split": "val", "ann_id": 1}
     pickle.dump(refs + [ghost, broken], open(refs_path, "wb"), protocol=2)
     lost = {"image": sum(len(r["sentences"]) for r in by_image[ids[0]]), "annotation": len(victim["sentences"]),
             "ref": len(ghost["sentences"])}
@@ -276,7 +277,7 @@ def test_unreadable_eval_items_are_skipped_and_counted(synthetic_root, tmp_path)
     assert report.reasons() == {"annotation/bad_annotation": 1, "image/not_an_image": 1, "ref/bad_ref": 1,
                                 "ref/unknown_annotation": 1}
     n_clean = sum(len(im.queries) for im in clean)
-    assert report.found == {"images": len(clean), "refs": len({(im.image_id, q.ref_id) for im in clean
+    assert report.found == {"images": len(clean) + 1, "refs": len({(im.image_id, q.ref_id) for im in clean
                                                                for q in im.queries}) + 2,
                             "queries": n_clean + lost["ref"]}
     evaluated = sum(len(im.queries) for im in images)
