@@ -10,8 +10,9 @@ exact for any tokenizer, unlike the original's length arithmetic that assumed LL
 Truncation: the original cut every row to model_max_length - 255 ids (a LISA leftover meant to
 leave room for 256 CLIP-224 patches), which can cut a [SEG] while keeping its mask. Here a row is
 cut so that it never exceeds `model_max_length` ids (counting `<image>` as `image_tokens`
-positions): whole trailing rounds are dropped first; only a first round that alone is too long is
-cut inside. Masks of any [SEG] that was cut are dropped with it, so [SEG]s and masks always agree.
+positions): whole trailing rounds are dropped first, as long as the round holding `<image>` stays;
+otherwise the row is cut inside a round. Masks of any [SEG] that was cut are dropped with it, so
+[SEG]s and masks always agree.
 """
 from __future__ import annotations
 
@@ -54,11 +55,12 @@ def encode_conversation(conv: Conversation, tokenizer, use_mm_start_end: bool = 
     return ids, labels, round_ends
 
 
-def truncation_point(length: int, round_ends: Sequence[int], budget: int) -> int:
-    """How many ids to keep: all if they fit, else up to the last whole round that fits, else `budget`."""
+def truncation_point(length: int, round_ends: Sequence[int], budget: int, min_keep: int = 0) -> int:
+    """How many ids to keep: all if they fit, else up to the last whole round that fits and keeps
+    at least `min_keep` ids (the image, which may sit in a later round), else `budget`."""
     if length <= budget:
         return length
-    fitting = [e for e in round_ends if e <= budget]
+    fitting = [e for e in round_ends if min_keep <= e <= budget]
     return fitting[-1] if fitting else budget
 
 
@@ -94,8 +96,9 @@ def collate_fn(samples: Sequence[Sample], tokenizer, model_max_length: int = 512
                 raise ValueError(f"{s.image_path}: a conversation must hold one <image> and [SEG] only in its "
                                  f"answers ({ids.count(seg_id)} [SEG] ids, {n_seg} in answers, "
                                  f"{ids.count(IMAGE_TOKEN_INDEX)} <image>)")
-            keep = truncation_point(len(ids), round_ends, budget)
-            if keep <= ids.index(IMAGE_TOKEN_INDEX) + 1:
+            image_at = ids.index(IMAGE_TOKEN_INDEX)
+            keep = truncation_point(len(ids), round_ends, budget, min_keep=image_at + 1)
+            if keep <= image_at + 1:
                 raise ValueError(f"model_max_length={model_max_length} is too small: it cuts the image out of a "
                                  f"conversation of {s.image_path}")
             if keep < len(ids):

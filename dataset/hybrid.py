@@ -5,11 +5,12 @@ probability rate / sum(rates), then lets that source draw an image and its conve
 run therefore replays the same stream by skipping indices, and DataLoader workers need no seeding.
 (The original ignored `idx` and drew from the unseeded global RNG.)
 
-A corrupt image or malformed annotation is skipped and counted, and the same RNG stream draws a
-replacement, so the item stays deterministic.
+A corrupt image or malformed annotation is skipped and counted per "<source>/<reason>", and the
+same RNG stream draws a replacement, so the item stays deterministic.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence, Union
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 
 from model.conversation import SYSTEM_PROMPTS
 
-from .image_io import SkipItem, SkipLog
+from .image_io import SkipItem, SkipLog, count_skip
+from .paths import check_data_root
 from .reason_seg import ReasonSegSource
 from .refer import REFER_DATASETS
 from .refer_seg import ReferSegSource
@@ -26,6 +28,8 @@ from .sem_seg import SemSegSource
 from .templates import SEG, Templates, resolve_templates
 from model.transforms import SamInput
 from .vqa import VqaSource
+
+log = logging.getLogger(__name__)
 
 HYBRID_SOURCES = ("sem_seg", "refer_seg", "neg_refer_seg", "correct_refer_seg", "vqa", "reason_seg")
 DEFAULT_SAMPLES_PER_EPOCH = 500 * 12 * 8  # steps_per_epoch x batch_size x GPUs of the SESAME recipe
@@ -83,6 +87,7 @@ class HybridDataset(torch.utils.data.Dataset):
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
         if tokenizer is not None and SEG not in tokenizer.get_vocab():
             raise ValueError("the tokenizer has no [SEG] token: call model.tokenizer.add_sesame_tokens first")
+        check_data_root(dataset_dir)
         if conv_template not in SYSTEM_PROMPTS:
             raise ValueError(f"unknown conv_template {conv_template!r}; known: {', '.join(sorted(SYSTEM_PROMPTS))}")
         self.templates = resolve_templates(templates)
@@ -104,8 +109,11 @@ class HybridDataset(torch.utils.data.Dataset):
                                      f"known: {', '.join(REFER_DATASETS)}")
                 src = ReferSegSource(name, dataset_dir, ds, t, k)
                 for data in src.data:
-                    if data.malformed_refs:
-                        self.skip_log.merge({data.dataset: data.malformed_refs})
+                    bad = data.bad_refs_of("train")
+                    if bad:
+                        log.warning("%s: %d unusable refs left out of training, e.g. ref %s: %s",
+                                    data.refs_path, len(bad), bad[0].ref_id, bad[0].problem)
+                        self.skip_log.merge({f"{data.dataset}/bad_ref": len(bad)})
             elif name == "vqa":
                 src = VqaSource(name, dataset_dir, vqa_data)
             elif name == "reason_seg":
@@ -136,8 +144,7 @@ class HybridDataset(torch.utils.data.Dataset):
                 raw = source.sample(rng)
                 break
             except SkipItem as skip:
-                self.skip_log.record(skip)
-                skipped[skip.source] = skipped.get(skip.source, 0) + 1
+                count_skip(skipped, skip, self.skip_log)
         else:
             raise RuntimeError(f"{self.names[s]}: {self.max_retries} items in a row were unusable "
                                f"({self.skip_log.summary()}); is the data root intact?")
@@ -147,6 +154,6 @@ class HybridDataset(torch.utils.data.Dataset):
         return sample
 
     def skipped_counts(self) -> dict[str, int]:
-        """Items skipped so far in this process (DataLoader workers keep their own: sum
-        `batch.meta["skipped"]` in the training loop for the whole picture)."""
+        """Items skipped so far in this process, per "<source>/<reason>" (DataLoader workers keep
+        their own: sum `batch.meta["skipped"]` in the training loop for the whole picture)."""
         return self.skip_log.as_dict()

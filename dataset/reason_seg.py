@@ -5,6 +5,7 @@
           "is_sentence": bool  (long instruction vs short noun phrase)
           "shapes": [{"label", "points": [[x, y], ...]}, ...]   (labelme polygons)
           "false_premise_QA": [[query, is_sentence, answer], ...]  (FP-Aug version only; optional)
+    Files are UTF-8, or cp1252 (some are; read as the original does).
 
 Mask rule: "flag" shapes are skipped; polygons are filled (with a 1-pixel outline, integer
 vertices) from the largest area to the smallest, value 255 if the label contains "ignore", else 1.
@@ -61,12 +62,28 @@ def reason_seg_mask(shapes, height: int, width: int) -> np.ndarray:
     return mask
 
 
+def read_json_text(path: str):
+    """A JSON file read as UTF-8 (a BOM is allowed), or as cp1252 when it is not UTF-8: some
+    ReasonSeg files are cp1252, and the original falls back to that encoding too."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        try:
+            text = data.decode("cp1252")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"neither UTF-8 nor cp1252 text ({e})") from None
+    return json.loads(text)
+
+
 def load_reason_seg_annotation(json_path: str, height: int, width: int,
                                source: str = "ReasonSeg") -> ReasonSegAnnotation:
     """Parse one ReasonSeg json. Raises SkipItem if missing or malformed."""
     try:
-        with open(json_path) as f:
-            anno = json.load(f)
+        anno = read_json_text(json_path)
+        if not isinstance(anno, dict):
+            raise ValueError("expected a JSON object")
         texts = anno["text"]
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -82,9 +99,11 @@ def load_reason_seg_annotation(json_path: str, height: int, width: int,
             fp.append((item[0], bool(item[1]), item[2]))
         return ReasonSegAnnotation(mask, texts, bool(anno.get("is_sentence", False)), fp, list(anno["shapes"]))
     except FileNotFoundError:
-        raise SkipItem(source, json_path, "annotation json missing") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SkipItem(source, json_path, f"malformed annotation ({type(e).__name__}: {e})") from None
+        raise SkipItem(source, json_path, "annotation_missing", "annotation json missing") from None
+    except KeyError as e:
+        raise SkipItem(source, json_path, "bad_annotation", f"malformed annotation (no {e.args[0]!r})") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise SkipItem(source, json_path, "bad_annotation", f"malformed annotation ({type(e).__name__}: {e})") from None
 
 
 def reason_seg_images(dataset_dir: str, name: str, split: str) -> list[str]:
@@ -92,10 +111,13 @@ def reason_seg_images(dataset_dir: str, name: str, split: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*.jpg")))
 
 
-def reason_question(rng: np.random.Generator, templates: Templates, text: str, is_sentence: bool) -> str:
+def reason_question(rng: np.random.Generator, templates: Templates, text: str, is_sentence: bool,
+                    lower: bool = True) -> str:
+    """A templated question as the original words it: a sentence as written, a short phrase
+    lower-cased (`lower=False`: as written, as the original does for false-premise phrases)."""
     if is_sentence:
-        return choice(rng, templates.long_question).format(sent=text.strip())
-    return choice(rng, templates.short_question).format(class_name=text.strip().lower())
+        return choice(rng, templates.long_question).format(sent=text)
+    return choice(rng, templates.short_question).format(class_name=text.lower() if lower else text)
 
 
 def parse_reason_seg_data(spec: str) -> tuple[str, list[str]]:
@@ -138,8 +160,8 @@ class ReasonSegSource:
                 sentences.append(text)
         else:
             for query, is_sentence, answer in sample_without_replacement(rng, anno.false_premise_qa, k):
-                questions.append([reason_question(rng, self.templates, query, is_sentence)])
-                answers.append([answer.strip()])
+                questions.append([reason_question(rng, self.templates, query, is_sentence, lower=False)])
+                answers.append([answer])
                 exists.append(False)
                 sentences.append(query)
         return RawSample(self.name, path, image, questions, answers, masks, exists, sentences,

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .image_io import SkipItem, read_image_rgb
+from .image_io import DataError, SkipItem, read_image_rgb
 from .refer import FALSE_PREMISE_DATASETS, ReferData, sentence_exists
 from .sample import RawSample, choice, sample_without_replacement
 from .templates import Templates
@@ -19,9 +19,10 @@ from .templates import Templates
 
 def refer_conversation(rng: np.random.Generator, templates: Templates, sentence: dict, exists: bool,
                        dataset: str) -> tuple[str, str]:
-    """(question, answer) for one referring sentence, as the original builds them."""
+    """(question, answer) for one referring sentence, as the original builds them (the question
+    holds the lower-cased expression as written, the answer the stripped one)."""
+    question = choice(rng, templates.short_question).format(class_name=sentence["sent"].lower())
     expr = sentence["sent"].strip().lower()
-    question = choice(rng, templates.short_question).format(class_name=expr)
     if exists:
         answer = choice(rng, templates.short_answer).format(class_name=expr)
     elif dataset in FALSE_PREMISE_DATASETS and sentence.get("gt_sent"):
@@ -48,6 +49,10 @@ class ReferSegSource:
         for ds in datasets:
             data = ReferData(dataset_dir, ds, (split_by or {}).get(ds))
             by_image = data.refs_by_image(split)
+            if not by_image:
+                bad = data.bad_refs_of(split)
+                raise DataError(f"{data.refs_path} (dataset {ds}): no usable ref in split {split!r} "
+                                f"({len(bad)} malformed, e.g. ref {bad[0].ref_id}: {bad[0].problem})")
             self.data.append(data)
             self.refs.append(by_image)
             self.image_ids.append(list(by_image))
@@ -63,8 +68,8 @@ class ReferSegSource:
         image = read_image_rgb(path, data.dataset)
         info = data.images[image_id]
         if image.shape[:2] != (info.height, info.width):
-            raise SkipItem(data.dataset, path, f"image is {image.shape[:2]} but instances.json says "
-                                               f"{(info.height, info.width)}")
+            raise SkipItem(data.dataset, path, "size_mismatch", f"image is {image.shape[0]}x{image.shape[1]} but "
+                                                                f"instances.json says {info.height}x{info.width}")
         pairs = [(ref, sent) for ref in self.refs[d][image_id] for sent in ref["sentences"]]
         chosen = sample_without_replacement(rng, pairs, self.num_classes_per_sample)
         questions, answers, masks, exists, sentences = [], [], [], [], []
@@ -77,7 +82,7 @@ class ReferSegSource:
             exists.append(ok)
             sentences.append(sent["sent"])
             if ok:
-                key = int(ref["ref_id"])
+                key = ref["ref_id"]
                 if key not in ref_masks:
                     ref_masks[key] = data.ref_mask(ref)
                 masks.append(ref_masks[key])

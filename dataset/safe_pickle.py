@@ -112,8 +112,13 @@ def safe_load(f: BinaryIO | bytes) -> Any:
 
 
 def safe_load_path(path: str) -> Any:
+    """safe_load of a file; any failure is an UnpicklingError whose one-line message names it."""
     with open(path, "rb") as f:
         try:
             return safe_load(f)
         except pickle.UnpicklingError as e:
             raise pickle.UnpicklingError(f"{path}: {e}") from None
+        except EOFError:
+            raise pickle.UnpicklingError(f"{path}: the pickle ends early (empty or cut-off file)") from None
+        except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:  # garbled opcodes / payload
+            raise pickle.UnpicklingError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None

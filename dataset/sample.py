@@ -28,7 +28,7 @@ class RawSample:
     source: str
     image_path: str
     image: np.ndarray  # (H, W, 3) uint8 RGB
-    questions: list[list[str]]  # per conversation, its user turns
+    questions: list[list[str]]  # per conversation, its user turns (one of them holds the <image>)
     answers: list[list[str]]  # per conversation, its assistant turns
     masks: list[np.ndarray]
     exists: list[bool]  # per conversation: does the object it asks about exist
@@ -38,7 +38,7 @@ class RawSample:
     def __post_init__(self) -> None:
         """Inconsistent text or masks make the item unusable: SkipItem (skipped and counted)."""
         def bad(reason: str):
-            return SkipItem(self.source, self.image_path, reason)
+            return SkipItem(self.source, self.image_path, "bad_sample", reason)
 
         n_conv = len(self.questions)
         if not (len(self.answers) == len(self.exists) == len(self.sentences) == n_conv) or n_conv == 0:
@@ -47,8 +47,8 @@ class RawSample:
         for qs, ans in zip(self.questions, self.answers):
             if len(qs) != len(ans) or not qs:
                 raise bad("a conversation needs one answer per question")
-            if sum(q.count(IMAGE_TOKEN) for q in qs) != 1 or IMAGE_TOKEN not in qs[0]:
-                raise bad("a conversation needs exactly one <image>, in its first question")
+            if sum(q.count(IMAGE_TOKEN) for q in qs) != 1:
+                raise bad("a conversation needs exactly one <image>, in one of its questions")
             if any(SEG in q for q in qs) or any(IMAGE_TOKEN in a for a in ans):
                 raise bad("[SEG] in a question or <image> in an answer")
         n_seg = sum(a.count(SEG) for turns in self.answers for a in turns)
@@ -72,7 +72,7 @@ class Sample:
     masks: torch.Tensor  # (n, H, W) uint8, n = [SEG]s over the conversations, in order
     exists: list[bool]
     sentences: list[str]
-    skipped: dict[str, int] = field(default_factory=dict)  # items skipped while producing this one
+    skipped: dict[str, int] = field(default_factory=dict)  # "<source>/<reason>" -> items skipped to produce this one
     meta: dict[str, Any] = field(default_factory=dict)
 
 

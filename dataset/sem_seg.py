@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .class_names import ade20k_class_names, cocostuff_class_names
-from .image_io import SkipItem, read_image_rgb, read_label_map, require_path
-from .refer import decode_segmentation
+from .coco_masks import decode_segmentation
+from .image_io import DataError, SkipItem, read_image_rgb, read_label_map, require_path
 from .sample import IGNORE_LABEL, RawSample, choice, sample_without_replacement
 from .templates import Templates
 
@@ -101,10 +101,11 @@ class LabelMapSource:
         image = read_image_rgb(image_path, self.name)
         label = self.to_class_ids(read_label_map(label_path, self.name))
         if label.shape != image.shape[:2]:
-            raise SkipItem(self.name, label_path, f"label map {label.shape} differs from image {image.shape[:2]}")
+            raise SkipItem(self.name, label_path, "size_mismatch",
+                           f"label map is {label.shape[0]}x{label.shape[1]}, image {image.shape[0]}x{image.shape[1]}")
         present = [int(c) for c in np.unique(label) if c != IGNORE_LABEL and c < len(self.class_names)]
         if not present:
-            raise SkipItem(self.name, label_path, "no labelled class in the image")
+            raise SkipItem(self.name, label_path, "no_class", "no labelled class in the image")
         ignore = label == IGNORE_LABEL
         masks = []
         for c in present:
@@ -157,7 +158,8 @@ def mapillary_source(dataset_dir: str, templates: Templates, k: int) -> LabelMap
             labels = json.load(f)["labels"]
             names = [str(x["readable"]).lower() for x in labels]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{cfg_path}: expected {{'labels': [{{'readable': ...}}, ...]}} ({e})") from None
+            raise DataError(f"{cfg_path} (dataset mapillary): expected {{'labels': [{{'readable': ...}}, ...]}} "
+                            f"({type(e).__name__}: {e})") from None
     image_dir = require_path(os.path.join(root, "training", "images"), "mapillary", "folder")
     label_dir = require_path(os.path.join(root, "training", "v2.0", "labels"), "mapillary", "folder")
     images = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
@@ -177,17 +179,22 @@ class CocoPartSource:
 
     def __init__(self, name: str, json_path: str, image_dir: str, templates: Templates, num_classes_per_sample: int):
         self.name, self.image_dir, self.templates, self.k = name, image_dir, templates, num_classes_per_sample
+        self.json_path = json_path
         with open(json_path) as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+                raise DataError(f"{json_path} (dataset {name}): not valid JSON ({e})") from None
         try:
             self.images = {int(im["id"]): im for im in data["images"]}
             self.categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
             anns = data["annotations"]
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{json_path}: not a COCO-format file ({e})") from None
+            missing = next((im for im in self.images.values() if "file_name" not in im), None)
+        except (KeyError, TypeError, ValueError) as e:
+            problem = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+            raise DataError(f"{json_path} (dataset {name}): not a COCO-format file ({problem})") from None
+        if missing is not None:
+            raise DataError(f"{json_path} (dataset {name}): image {missing['id']} has no 'file_name'")
         self.anns_by_image: dict[int, list[dict]] = {}
         for a in anns:
             if isinstance(a, dict) and int(a.get("image_id", -1)) in self.images:
@@ -211,9 +218,12 @@ class CocoPartSource:
                 cat = int(a["category_id"])
                 m = decode_segmentation(a["segmentation"], h, w)
             except (KeyError, TypeError, ValueError) as e:
-                raise SkipItem(self.name, path, f"annotation {a.get('id')}: malformed ({e})") from None
+                problem = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+                raise SkipItem(self.name, self.json_path, "bad_annotation",
+                               f"annotation {a.get('id')} (image {image_id}): {problem}") from None
             if cat not in self.categories:
-                raise SkipItem(self.name, path, f"annotation {a.get('id')}: unknown category {cat}")
+                raise SkipItem(self.name, self.json_path, "bad_annotation",
+                               f"annotation {a.get('id')} (image {image_id}): unknown category {cat}")
             by_cat[cat] = by_cat.get(cat, np.zeros((h, w), np.uint8)) | m
         cats = sorted(by_cat)
         names = [part_name(self.categories[c], rng) for c in cats]

@@ -152,34 +152,70 @@ def clef_file(scene: Scene) -> str:
 # ---------------------------------------------------------------------------------------------
 # Referring datasets
 # ---------------------------------------------------------------------------------------------
-def _segmentation(shape: Shape, ann_index: int):
-    """Vary the encoding: polygons mostly, compressed RLE (counts str) and uncompressed RLE (list)."""
-    if ann_index % 5 == 3:
-        rle = mask_utils.encode(np.asfortranarray(shape.mask))
-        return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}, 0
-    if ann_index % 7 == 5:
-        flat = shape.mask.flatten(order="F")
-        change = np.flatnonzero(np.diff(flat)) + 1  # run boundaries; runs alternate 0, 1, ... from a 0-run
-        bounds = np.concatenate([[0], change, [flat.size]])
-        counts = np.diff(bounds).tolist()
-        if flat[0]:
-            counts = [0] + counts
-        return {"size": [int(shape.mask.shape[0]), int(shape.mask.shape[1])], "counts": [int(c) for c in counts]}, 1
+# Every COCO segmentation form the loaders read, cycled over the annotations of a file. Parts of
+# one annotation overlap on purpose (the original summed them into 2s; their union is the shape).
+SEGMENTATION_FORMS = ("polygon", "rle_list", "polygon_overlap", "rle", "polygon", "uncompressed_rle")
+# The scene (index) whose image has a single ref (its first shape), stored as an RLE list: an image
+# whose only ref is RLE-encoded must stay in the evaluation set. A val scene in every refs file.
+LONE_REF_SCENE = 7
+EMPTY_ANN_SUFFIX = 99  # ann id scene_id * 100 + 99: an annotation with an empty segmentation ([])
+
+
+def _compressed_rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    flat = mask.flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1  # run boundaries; runs alternate 0, 1, ... from a 0-run
+    counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    if flat[0]:
+        counts = [0] + counts
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+def _inner_polygon(shape: Shape) -> list[float]:
+    """A second part inside the shape: the triangle of its first three vertices when its pixels lie
+    within the shape's, else the same polygon again (overlapping completely)."""
+    triangle = shape.polygon[:6]
+    inside = polygon_mask(triangle, *shape.mask.shape)
+    return triangle if inside.any() and not (inside > shape.mask).any() else list(shape.polygon)
+
+
+def _segmentation(shape: Shape, form: str):
+    """(segmentation, iscrowd) of a shape in one of SEGMENTATION_FORMS; the union of the parts is
+    exactly shape.mask."""
+    if form == "rle":
+        return _compressed_rle(shape.mask), 0
+    if form == "uncompressed_rle":  # how COCO stores crowd annotations
+        return _uncompressed_rle(shape.mask), 1
+    if form == "rle_list":
+        ys = np.nonzero(shape.mask)[0]
+        top = shape.mask.copy()
+        top[int(np.round(ys.mean())):] = 0
+        return [_compressed_rle(shape.mask), _compressed_rle(top)], 0
+    if form == "polygon_overlap":
+        return [shape.polygon, _inner_polygon(shape)], 0
     return [shape.polygon], 0
 
 
 def instances_json(scenes: list[Scene], file_name) -> tuple[dict, dict[tuple[int, int], int]]:
     cats = [{"id": i + 1, "name": k, "supercategory": "shape"} for i, k in enumerate(KINDS)]
     images, anns, ann_ids = [], [], {}
-    for scene in scenes:
+    for i, scene in enumerate(scenes):
         images.append({"id": scene.scene_id, "file_name": file_name(scene), "height": scene.height,
                        "width": scene.width})
         for j, shape in enumerate(scene.shapes):
             ann_id = scene.scene_id * 100 + j
-            segm, crowd = _segmentation(shape, len(anns))
+            lone = i == LONE_REF_SCENE and j == 0
+            segm, crowd = _segmentation(shape, "rle_list" if lone else SEGMENTATION_FORMS[len(anns) % 6])
             anns.append({"id": ann_id, "image_id": scene.scene_id, "category_id": KINDS.index(shape.kind) + 1,
                          "segmentation": segm, "iscrowd": crowd, "area": int(shape.mask.sum()), "bbox": shape.bbox()})
             ann_ids[(scene.scene_id, j)] = ann_id
+        if i == 0:  # referred by no ref; an empty segmentation is an empty mask
+            anns.append({"id": scene.scene_id * 100 + EMPTY_ANN_SUFFIX, "image_id": scene.scene_id,
+                         "category_id": 1, "segmentation": [], "iscrowd": 0, "area": 0, "bbox": [0, 0, 0, 0]})
     return {"images": images, "annotations": anns, "categories": cats}, ann_ids
 
 
@@ -202,7 +238,8 @@ def refer_refs(dataset: str, scenes: list[Scene], ann_ids: dict, rng: np.random.
     refs, sent_id = [], 0
     for i, scene in enumerate(scenes):
         split = splits[i % len(splits)]
-        for j, shape in enumerate(scene.shapes):
+        lone = i == LONE_REF_SCENE
+        for j, shape in enumerate(scene.shapes[:1] if lone else scene.shapes):
             sents = []
             for text in _expressions(dataset, scene, shape):
                 extra = {}
@@ -219,7 +256,7 @@ def refer_refs(dataset: str, scenes: list[Scene], ann_ids: dict, rng: np.random.
             refs.append({"ref_id": len(refs), "ann_id": ann_ids[(scene.scene_id, j)], "image_id": scene.scene_id,
                          "category_id": KINDS.index(shape.kind) + 1, "split": split, "file_name": file_name(scene),
                          "sent_ids": [s["sent_id"] for s in sents], "sentences": sents})
-        if dataset.startswith("R-"):
+        if dataset.startswith("R-") and not lone:
             # a ref over every shape at once (ann_id list) and a no-object ref (-1 as list or int)
             both = [ann_ids[(scene.scene_id, j)] for j in range(len(scene.shapes))]
             refs.append({"ref_id": len(refs), "ann_id": both, "image_id": scene.scene_id, "category_id": 1,
@@ -257,15 +294,22 @@ def write_refer(root: str, scenes: list[Scene], rng: np.random.Generator) -> Non
 # ---------------------------------------------------------------------------------------------
 # VQA, ReasonSeg
 # ---------------------------------------------------------------------------------------------
+VQA_LATE_IMAGE = 4  # records of scene_id % 4 == 2 hold <image> in their second question, not the first
+
+
 def write_vqa(root: str, scenes: list[Scene]) -> None:
     records = []
     for scene in scenes:
         write_jpg(os.path.join(root, "coco", "train2017", f"{scene.scene_id:012d}.jpg"), scene.image)
         names = " and ".join(f"a {s.name}" for s in scene.shapes)
-        first = "What shapes are in this picture?"
-        turns = [{"from": "human", "value": ("<image>\n" + first) if scene.scene_id % 2 else (first + "\n<image>")},
+        first, second = "What shapes are in this picture?", f"Where is the {scene.shapes[0].name}?"
+        if scene.scene_id % VQA_LATE_IMAGE == 2:
+            second += "\n<image>"
+        else:
+            first = ("<image>\n" + first) if scene.scene_id % 2 else (first + "\n<image>")
+        turns = [{"from": "human", "value": first},
                  {"from": "gpt", "value": f"The picture shows {names} on a plain background."},
-                 {"from": "human", "value": f"Where is the {scene.shapes[0].name}?"},
+                 {"from": "human", "value": second},
                  {"from": "gpt",
                   "value": f"It is at the {scene.shapes[0].where(scene.width, scene.height)} of the image."}]
         if scene.scene_id % 3 == 0:  # LLaVA records occasionally open with a non-human turn; it is dropped
@@ -279,6 +323,9 @@ def _labelme_points(shape: Shape) -> list[list[float]]:
     return [[p[i], p[i + 1]] for i in range(0, len(p), 2)]
 
 
+REASON_CP1252 = (1, 7)  # scene indices whose ReasonSeg json is cp1252 text (a train and a val image)
+
+
 def write_reason_seg(root: str, scenes: list[Scene], rng: np.random.Generator) -> None:
     for i, scene in enumerate(scenes):
         split = REASON_SPLITS[i % len(REASON_SPLITS)]
@@ -287,7 +334,11 @@ def write_reason_seg(root: str, scenes: list[Scene], rng: np.random.Generator) -
         write_jpg(os.path.join(folder, name + ".jpg"), scene.image)
         target, other = scene.shapes[0], scene.shapes[1]
         is_sentence = bool(i % 2)
-        if is_sentence:
+        if i in REASON_CP1252:  # characters that cp1252 encodes differently from UTF-8
+            text = [f"Which shape here is {target.color} and looks like a {target.kind}? "
+                    f"It\u2019s the \u201cone\u201d.",
+                    f"Find the {target.color} object that has the shape of a {target.kind} (caf\u00e9 style)."]
+        elif is_sentence:
             text = [f"Which shape in this picture is {target.color} and looks like a {target.kind}?",
                     f"Find the {target.color} object that has the shape of a {target.kind}."]
         else:
@@ -296,10 +347,16 @@ def write_reason_seg(root: str, scenes: list[Scene], rng: np.random.Generator) -
         shapes = [{"label": "target", "points": _labelme_points(target), "shape_type": "polygon"},
                   {"label": "ignore_hard", "points": _labelme_points(other), "shape_type": "polygon"},
                   {"label": "flag", "points": [[0, 0], [3, 0], [3, 3]], "shape_type": "polygon"}]
+        # the false-premise phrase keeps its capital: the original does not lower-case it
         anno = {"text": text, "is_sentence": is_sentence, "shapes": shapes,
-                "false_premise_QA": [[f"the {color} {kind}", False,
+                "false_premise_QA": [[f"The {color} {kind}", False,
                                       f"There is no {color} {kind} in this image, but there is a {target.name}."]]}
-        write_json(os.path.join(folder, name + ".json"), anno)
+        path = os.path.join(folder, name + ".json")
+        if i in REASON_CP1252:
+            with open(path, "wb") as f:
+                f.write(json.dumps(anno, ensure_ascii=False).encode("cp1252"))
+        else:
+            write_json(path, anno)
 
 
 # ---------------------------------------------------------------------------------------------

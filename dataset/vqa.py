@@ -3,9 +3,10 @@
     llava_dataset/<vqa_data>.json   [{"id", "image": "<file in coco/train2017>", "conversations":
                                       [{"from": "human"|"gpt", "value": ...}, ...]}, ...]
 
-All turns stay in one multi-turn conversation. `<image>` is moved to the front of the first question
-(followed by a newline) and removed elsewhere, as the original does; a leading non-human turn is
-dropped. A malformed record is skipped and counted.
+As the original: all turns stay in one multi-turn conversation; the one turn holding `<image>` gets
+it moved to its front (`"<image>\\n" + rest`, stripped), wherever that turn is; the other turns are
+kept as written; a leading non-human turn is dropped. A record the model cannot take (no `<image>`,
+several, one in an answer, turns that do not alternate) is skipped and counted as `bad_record`.
 """
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ import numpy as np
 
 from model.conversation import IMAGE_TOKEN
 
-from .image_io import SkipItem, read_image_rgb, require_path
+from .image_io import DataError, SkipItem, read_image_rgb, require_path
 from .sample import RawSample
 from .templates import SEG
 
 ROLE_USER, ROLE_ASSISTANT = "human", "gpt"
+
+
+def image_to_front(text: str) -> str:
+    """The original's handling of the turn that holds `<image>`."""
+    return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
 
 
 def parse_llava_conversation(turns) -> tuple[list[str], list[str]]:
@@ -40,9 +46,13 @@ def parse_llava_conversation(turns) -> tuple[list[str], list[str]]:
             raise ValueError(f"turns {i}, {i + 1} are {q['from']!r}, {a['from']!r}, expected 'human', 'gpt'")
         if SEG in q["value"] or SEG in a["value"]:
             raise ValueError(f"turn {i} contains the literal {SEG} token")
-        questions.append(q["value"].replace(IMAGE_TOKEN, "").strip())
-        answers.append(a["value"].strip())
-    questions[0] = IMAGE_TOKEN + "\n" + questions[0]
+        if IMAGE_TOKEN in a["value"]:
+            raise ValueError(f"answer {i + 1} contains {IMAGE_TOKEN}")
+        questions.append(image_to_front(q["value"]) if IMAGE_TOKEN in q["value"] else q["value"])
+        answers.append(a["value"])
+    holding = sum(IMAGE_TOKEN in q for q in questions)
+    if holding != 1:
+        raise ValueError(f"{holding} questions hold {IMAGE_TOKEN}; exactly one must")
     return questions, answers
 
 
@@ -51,13 +61,13 @@ class VqaSource:
         self.name = name
         json_path = require_path(os.path.join(dataset_dir, "llava_dataset", f"{vqa_data}.json"), vqa_data)
         self.image_dir = require_path(os.path.join(dataset_dir, "coco", "train2017"), vqa_data, "image folder")
-        with open(json_path) as f:
+        with open(json_path, "rb") as f:
             try:
-                self.records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+                self.records = json.loads(f.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{json_path} (dataset {vqa_data}): not valid JSON ({e})") from None
         if not isinstance(self.records, list) or not self.records:
-            raise ValueError(f"{json_path}: expected a non-empty list of records")
+            raise DataError(f"{json_path} (dataset {vqa_data}): expected a non-empty list of records")
         self.json_path = json_path
 
     def __len__(self) -> int:
@@ -67,12 +77,12 @@ class VqaSource:
         k = int(rng.integers(len(self.records)))
         rec = self.records[k]
         if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-            raise SkipItem(self.name, f"{self.json_path}[{k}]", "record without an 'image' file name")
+            raise SkipItem(self.name, f"{self.json_path}[{k}]", "bad_record", "record without an 'image' file name")
         path = os.path.join(self.image_dir, rec["image"])
         try:
             questions, answers = parse_llava_conversation(rec.get("conversations"))
         except ValueError as e:
-            raise SkipItem(self.name, f"{self.json_path}[{k}]", str(e)) from None
+            raise SkipItem(self.name, f"{self.json_path}[{k}]", "bad_record", str(e)) from None
         image = read_image_rgb(path, self.name)
         return RawSample(self.name, path, image, [questions], [answers], [], [False], [""],
                          meta={"record": k, "id": rec.get("id")})

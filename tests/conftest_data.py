@@ -1,8 +1,15 @@
-"""Session fixture: the synthetic data root (every on-disk format), generated once.
+"""Shared test data: the synthetic data root (every on-disk format), generated once, and small
+image files whose headers claim huge sizes (decompression bombs, without allocating anything).
 
-Use it from a test module with `from conftest_data import synthetic_root  # noqa: F401`.
+Use the root from a test module with `from conftest_data import synthetic_root  # noqa: F401`.
 """
+import io
+import struct
+import zlib
+
+import numpy as np
 import pytest
+from PIL import Image
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +19,40 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic_data")
     generate(str(root), seed=0, num_images=12)
     return str(root)
+
+
+def _jpeg_and_frame_header() -> tuple[bytearray, int]:
+    """A 16x16 JPEG and the offset of its frame header (SOF) marker."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    i = 2  # after SOI: walk the marker segments to the first SOF
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return data, i
+
+
+def jpeg_claiming(path, width: int, height: int) -> None:
+    """A valid 16x16 JPEG whose frame header says width x height."""
+    data, i = _jpeg_and_frame_header()
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+def jpeg_cut_after_header(path) -> None:
+    """A JPEG whose header reads (16x16) but whose data stops there: it cannot be decoded."""
+    data, i = _jpeg_and_frame_header()
+    with open(path, "wb") as f:
+        f.write(bytes(data[:i + 2 + int.from_bytes(data[i + 2:i + 4], "big")]))
+
+
+def png_claiming(path, width: int, height: int) -> None:
+    """A 16x16 PNG whose IHDR (with a valid CRC) says width x height."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    with open(path, "wb") as f:
+        f.write(bytes(data))

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 
 import cv2
@@ -10,7 +11,8 @@ import pytest
 
 from conftest_data import synthetic_root  # noqa: F401
 from dataset.image_io import DatasetFileError, SkipItem, read_image_rgb
-from dataset.refer import REFER_DATASETS, ReferData, decode_segmentation, default_split_by, sentence_exists
+from dataset.coco_masks import decode_segmentation
+from dataset.refer import REFER_DATASETS, ReferData, default_split_by, sentence_exists
 from dataset.safe_pickle import safe_load, safe_load_path
 from dataset.templates import DEFAULT_TEMPLATES, load_templates
 
@@ -18,6 +20,17 @@ from dataset.templates import DEFAULT_TEMPLATES, load_templates
 def _manifest(root):
     with open(os.path.join(root, "synthetic_manifest.json")) as f:
         return {im["scene_id"]: im for im in json.load(f)["images"]}
+
+
+def _form(segm) -> str:
+    """The COCO form of a segmentation, as the synthetic generator writes them."""
+    if segm == []:
+        return "empty"
+    if isinstance(segm, dict):
+        return "uncompressed RLE" if isinstance(segm["counts"], list) else "compressed RLE"
+    if isinstance(segm[0], dict):
+        return "RLE list"
+    return "overlapping polygons" if len(segm) > 1 else "polygons"
 
 
 # --- synthetic generator ----------------------------------------------------------------------
@@ -103,6 +116,16 @@ def test_restricted_unpickler_refuses_code(tmp_path):
             safe_load(pickle.dumps(Call()))
 
 
+def test_unreadable_pickles_are_one_line_errors_naming_the_file(tmp_path):
+    data = pickle.dumps([{"ref_id": i, "sentences": ["x" * 50]} for i in range(50)], protocol=2)
+    for name, content in [("empty", b""), ("cut", data[:len(data) // 2]), ("garbage", b"hello world")]:
+        path = tmp_path / f"refs({name}).p"
+        path.write_bytes(content)
+        with pytest.raises(pickle.UnpicklingError) as info:
+            safe_load_path(str(path))
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_restricted_unpickler_loads_plain_data():
     data = [{"ref_id": 1, "sentences": [{"sent": "man in red", "tokens": ["man"]}], "ann_id": [3, -1],
              "split": "train", "f": 1.5, "t": (1, 2), "s": {1, 2}, "b": b"\x00\xff", "n": None, "ok": True}]
@@ -131,7 +154,7 @@ def test_every_refer_dataset_loads_with_consistent_masks(synthetic_root):
     manifest = _manifest(synthetic_root)
     for name in REFER_DATASETS:
         data = ReferData(synthetic_root, name)
-        assert data.malformed_refs == 0 and "train" in data.splits() and "val" in data.splits()
+        assert not data.bad_refs and "train" in data.splits() and "val" in data.splits()
         for ref in data.refs:
             mask = data.ref_mask(ref)
             im = data.images[ref["image_id"]]
@@ -143,12 +166,10 @@ def test_every_refer_dataset_loads_with_consistent_masks(synthetic_root):
                 areas = {a["id"]: a["area"] for a in [data.anns[i] for i in ids]}
                 assert mask.sum() == sum(areas.values())  # shapes do not overlap
         assert os.path.exists(data.image_path(data.refs[0]["image_id"]))
-    # every encoding occurs and decodes to the drawn shape
+    # every COCO form occurs in the synthetic files
     data = ReferData(synthetic_root, "refcoco")
-    kinds = {type(a["segmentation"]).__name__ + ("-list" if isinstance(a["segmentation"], dict)
-                                                 and isinstance(a["segmentation"]["counts"], list) else "")
-             for a in data.anns.values()}
-    assert kinds == {"list", "dict", "dict-list"}
+    assert {_form(a["segmentation"]) for a in data.anns.values()} == {
+        "empty", "polygons", "overlapping polygons", "compressed RLE", "uncompressed RLE", "RLE list"}
     assert len(manifest) == 12
 
 
@@ -163,18 +184,131 @@ def test_existence_flags(synthetic_root):
     assert sentence_exists({"sent": "x"}) and not sentence_exists({"exist": False})
 
 
-def test_decode_segmentation_encodings():
+def _pycocotools_parts(segm, h, w) -> np.ndarray:
+    """pycocotools' own decoding of every part of a segmentation: (H, W, parts)."""
     from pycocotools import mask as mask_utils
+    parts = [segm] if isinstance(segm, dict) else segm
+    if not parts:
+        return np.zeros((h, w, 0), np.uint8)
+    if isinstance(parts[0], dict):
+        rles = [mask_utils.frPyObjects(p, h, w) if isinstance(p["counts"], list)
+                else {"size": p["size"], "counts": p["counts"].encode()} for p in parts]
+    else:
+        rles = mask_utils.frPyObjects(parts, h, w)
+    return mask_utils.decode(rles)
+
+
+def test_every_form_decodes_as_pycocotools_does(synthetic_root):
+    """Pixel for pixel, every annotation of every refer file: the union of pycocotools' own decoding
+    of its parts (the original summed them: overlapping parts, present in the files, made 2s)."""
+    forms, overlaps = set(), 0
+    for name in REFER_DATASETS:
+        data = ReferData(synthetic_root, name)
+        for ann in data.anns.values():
+            im = data.images[ann["image_id"]]
+            parts = _pycocotools_parts(ann["segmentation"], im.height, im.width)
+            ours = decode_segmentation(ann["segmentation"], im.height, im.width)
+            assert ours.dtype == np.uint8 and ours.shape == (im.height, im.width)
+            np.testing.assert_array_equal(ours, parts.max(axis=2) if parts.shape[2] else 0 * ours)
+            overlaps += int(parts.sum(axis=2).max(initial=0) > 1)
+            forms.add(_form(ann["segmentation"]))
+        for ref in data.refs:  # and through the refs: the OR of every ann_id
+            im = data.images[ref["image_id"]]
+            want = np.zeros((im.height, im.width), np.uint8)
+            for ann_id in ([] if -1 in np.atleast_1d(ref["ann_id"]) else np.atleast_1d(ref["ann_id"])):
+                segm = data.anns[int(ann_id)]["segmentation"]
+                want |= _pycocotools_parts(segm, im.height, im.width).max(axis=2)
+            np.testing.assert_array_equal(data.ref_mask(ref), want)
+    assert len(forms) == 6 and overlaps > 0
+
+
+def test_decode_segmentation_forms_and_errors():
+    from pycocotools import mask as mask_utils
+    from dataset.coco_masks import compressed_rle_total
     m = np.zeros((20, 30), np.uint8)
     m[5:12, 7:20] = 1
     poly = [[7, 5, 20, 5, 20, 12, 7, 12]]
     rle = mask_utils.encode(np.asfortranarray(m))
-    np.testing.assert_array_equal(decode_segmentation({"size": [20, 30], "counts": rle["counts"].decode()}, 20, 30), m)
+    counts = rle["counts"].decode()
+    assert compressed_rle_total(rle["counts"]) == 600
+    np.testing.assert_array_equal(decode_segmentation({"size": [20, 30], "counts": counts}, 20, 30), m)
+    np.testing.assert_array_equal(decode_segmentation({"size": [20, 30], "counts": rle["counts"]}, 20, 30), m)
     np.testing.assert_array_equal(decode_segmentation(poly, 20, 30), m)
-    with pytest.raises(ValueError):
-        decode_segmentation({"size": [10, 10], "counts": rle["counts"]}, 20, 30)
-    with pytest.raises(ValueError):
-        decode_segmentation("bogus", 20, 30)
+    np.testing.assert_array_equal(decode_segmentation([{"size": [20, 30], "counts": counts}] * 2, 20, 30), m)
+    assert decode_segmentation([], 20, 30).sum() == 0
+    # a part with fewer than 3 points covers nothing (pycocotools would read 4 numbers as a box)
+    np.testing.assert_array_equal(decode_segmentation([[1, 1, 4, 1]] + poly, 20, 30), m)
+    bad = [({"size": [10, 10], "counts": counts}, "differs from the image size"),
+           ({"size": [20, 30], "counts": counts[:-2]}, "runs cover"),  # short: pycocotools reads garbage
+           ({"size": [20, 30], "counts": "\x7f" + counts}, "invalid character"),
+           ({"size": [20, 30], "counts": [100, 5]}, "runs cover 105 pixels"),
+           ({"size": [20, 30], "counts": [-1, 601]}, "non-negative"),
+           ({"counts": counts}, "'size'"), ([poly[0], {"size": [20, 30], "counts": counts}], "mixes"),
+           ([["a", 1, 2, 3, 4, 5]], "finite numbers"), ("bogus", "got str"), (None, "got NoneType")]
+    for segm, message in bad:
+        with pytest.raises(ValueError, match=message):
+            decode_segmentation(segm, 20, 30)
+
+
+def test_split_selection_follows_the_refer_api(synthetic_root):
+    from dataset.refer import in_split
+    assert in_split("testA", "test") and in_split("testB", "test") and not in_split("val", "test")
+    assert in_split("testAB", "testA") and in_split("testAB", "testB") and not in_split("testB", "testA")
+    assert in_split("val", "val") and not in_split("valx", "val")
+    data = ReferData(synthetic_root, "refcoco")
+    test = data.refs_by_image("test")
+    want = [r["ref_id"] for r in data.refs if r["split"] in ("testA", "testB")]
+    assert sorted(r["ref_id"] for refs in test.values() for r in refs) == sorted(want) and want
+    with pytest.raises(ValueError, match="has no split 'testA'"):
+        ReferData(synthetic_root, "refcocog").refs_by_image("testA")
+
+
+def _copy_refer(synthetic_root, tmp_path, name="refcoco"):
+    root = tmp_path / "r"
+    shutil.copytree(os.path.join(synthetic_root, "refer_seg", name), root / "refer_seg" / name)
+    shutil.copytree(os.path.join(synthetic_root, "refer_seg", "images"), root / "refer_seg" / "images")
+    return root
+
+
+def test_malformed_instances_name_file_dataset_and_field(synthetic_root, tmp_path):
+    from dataset.image_io import DataError
+    root = _copy_refer(synthetic_root, tmp_path)
+    path = root / "refer_seg" / "refcoco" / "instances.json"
+    instances = json.loads(path.read_text())
+    for change, field in [(lambda d: d["images"][2].pop("height"), "images\\[2\\] \\(id 3\\) has no 'height'"),
+                          (lambda d: d["images"][0].update(width="640"), "'width' must be positive integers"),
+                          (lambda d: d["annotations"][1].pop("id"), "annotations\\[1\\] has no integer 'id'"),
+                          (lambda d: d.pop("annotations"), "missing list 'annotations'"),
+                          (lambda d: d["categories"].append({"id": 9}), "categories\\[4\\]")]:
+        broken = json.loads(json.dumps(instances))
+        change(broken)
+        path.write_text(json.dumps(broken))
+        with pytest.raises(DataError) as info:
+            ReferData(str(root), "refcoco")
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and "(dataset refcoco)" in message
+        assert re.search(field, message), message
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="instances.json \\(dataset refcoco\\): not valid JSON"):
+        ReferData(str(root), "refcoco")
+
+
+def test_unreadable_annotations_are_skip_items_naming_ids(synthetic_root, tmp_path):
+    root = _copy_refer(synthetic_root, tmp_path)
+    path = root / "refer_seg" / "refcoco" / "instances.json"
+    instances = json.loads(path.read_text())
+    instances["annotations"][0]["segmentation"] = {"size": [1, 1], "counts": "0"}
+    path.write_text(json.dumps(instances))
+    data = ReferData(str(root), "refcoco")
+    ann_id = instances["annotations"][0]["id"]
+    ref = next(r for r in data.refs if r["ann_id"] == ann_id)
+    with pytest.raises(SkipItem, match=f"annotation {ann_id} \\(ref {ref['ref_id']}\\): RLE size") as info:
+        data.ref_mask(ref)
+    assert info.value.key == "refcoco/bad_annotation" and info.value.path == str(path)
+    ref = dict(ref, ann_id=123456)
+    with pytest.raises(SkipItem, match="names annotation 123456") as info:
+        data.ref_mask(ref)
+    assert info.value.reason == "unknown_annotation"
 
 
 def test_missing_files_name_the_path_and_dataset(synthetic_root, tmp_path):
@@ -199,7 +333,8 @@ def test_malformed_refs_are_counted_not_fatal(synthetic_root, tmp_path):
     refs.append({"ref_id": 999, "image_id": 123456})  # no split / sentences / ann_id
     pickle.dump(refs, open(path, "wb"), protocol=2)
     data = ReferData(str(root), "refcoco")
-    assert data.malformed_refs == 1 and len(data.refs) == len(refs) - 1
+    assert len(data.bad_refs) == 1 and len(data.refs) == len(refs) - 1
+    assert data.bad_refs[0].ref_id == 999 and "no 'ann_id'" in data.bad_refs[0].problem
 
 
 # --- refer sampling ----------------------------------------------------------------------------
@@ -238,8 +373,9 @@ def test_refer_source_skips_corrupt_image(synthetic_root, tmp_path):
     for f in (root / "refer_seg" / "images" / "mscoco" / "images" / "train2014").iterdir():
         f.write_bytes(b"not a jpeg")
     src = ReferSegSource("refer_seg", str(root), ["refcoco"], DEFAULT_TEMPLATES, 3)
-    with pytest.raises(SkipItem, match="cannot decode"):
+    with pytest.raises(SkipItem, match="not an image file") as info:
         src.sample(np.random.default_rng(0))
+    assert info.value.key == "refcoco/not_an_image"
 
 
 # --- VQA ---------------------------------------------------------------------------------------
@@ -248,15 +384,46 @@ def test_vqa_multi_turn(synthetic_root):
     src = VqaSource("vqa", synthetic_root)
     raw = src.sample(np.random.default_rng(1))
     q, a = raw.questions[0], raw.answers[0]
-    assert len(q) == len(a) == 2 and q[0].startswith("<image>\n") and "<image>" not in q[0][8:]
+    assert len(q) == len(a) == 2 and sum(x.count("<image>") for x in q) == 1
     assert not raw.masks and raw.exists == [False]
     q, a = parse_llava_conversation([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "What?\n<image>"},
                                      {"from": "gpt", "value": "A cat."}])
     assert q == ["<image>\nWhat?"] and a == ["A cat."]
     for bad in ([], [{"from": "human", "value": "x"}], [{"from": "gpt", "value": "x"}, {"from": "gpt", "value": "y"}],
-                [{"from": "human", "value": "<image> [SEG]"}, {"from": "gpt", "value": "y"}]):
+                [{"from": "human", "value": "<image> [SEG]"}, {"from": "gpt", "value": "y"}],
+                [{"from": "human", "value": "no image"}, {"from": "gpt", "value": "y"}],
+                [{"from": "human", "value": "<image> a"}, {"from": "gpt", "value": "b"},
+                 {"from": "human", "value": "<image> c"}, {"from": "gpt", "value": "d"}],
+                [{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image> b"}]):
         with pytest.raises(ValueError):
             parse_llava_conversation(bad)
+
+
+def test_vqa_image_stays_in_its_turn_and_only_that_turn_is_stripped(synthetic_root):
+    """As the original: `<image>` moves to the front of the turn that holds it (that turn stripped);
+    other turns, and answers, are kept as written."""
+    from dataset.vqa import VqaSource, parse_llava_conversation
+    turns = [{"from": "human", "value": "  What is this?  "}, {"from": "gpt", "value": " A cat. \n"},
+             {"from": "human", "value": " And here? <image> \n"}, {"from": "gpt", "value": "A dog."}]
+    q, a = parse_llava_conversation(turns)
+    assert q == ["  What is this?  ", "<image>\nAnd here?"] and a == [" A cat. \n", "A dog."]
+    # the synthetic file holds records with <image> in the second question: it stays there
+    with open(os.path.join(synthetic_root, "llava_dataset", "llava_instruct_150k.json")) as f:
+        records = json.load(f)
+    late = [r for r in records if "<image>" not in next(t for t in r["conversations"] if t["from"] == "human")["value"]]
+    assert late
+    src = VqaSource("vqa", synthetic_root)
+    for rec in late:
+        questions, answers = parse_llava_conversation(rec["conversations"])
+        human = [t["value"] for t in rec["conversations"] if t["from"] == "human"]
+        assert questions[0] == human[0] and questions[1] == "<image>\n" + human[1].replace("<image>", "").strip()
+        assert answers == [t["value"] for t in rec["conversations"] if t["from"] == "gpt"][-len(answers):]
+    rng = np.random.default_rng(0)
+    seen_late = 0
+    for _ in range(40):
+        raw = src.sample(rng)
+        seen_late += raw.questions[0][1].startswith("<image>\n")
+    assert seen_late > 0
 
 
 def test_vqa_malformed_record_is_skipped(synthetic_root, tmp_path):
@@ -302,6 +469,56 @@ def test_reason_seg_source(synthetic_root):
         else:
             assert not any(raw.exists) and not raw.masks and "There is no" in raw.answers[0][0]
     assert modes["false_premise_correction"] > 0 and modes["true_premise"] > modes["false_premise_correction"]
+
+
+def _file_json(path):
+    """What a ReasonSeg file holds, decoded here on its own: UTF-8, or cp1252 when it is not UTF-8."""
+    data = open(path, "rb").read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return json.loads(data.decode("cp1252"))
+
+
+def test_reason_seg_reads_cp1252_files_as_the_original(synthetic_root, tmp_path):
+    import glob
+    from dataset.reason_seg import load_reason_seg_annotation
+    paths = sorted(glob.glob(os.path.join(synthetic_root, "reason_seg", "ReasonSeg", "*", "*.json")))
+    not_utf8 = 0
+    for path in paths:
+        raw = open(path, "rb").read()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            not_utf8 += 1
+        anno = load_reason_seg_annotation(path, 200, 200)
+        held = _file_json(path)
+        assert anno.texts == held["text"] and anno.is_sentence == held["is_sentence"]
+        assert [list(x) for x in anno.false_premise_qa] == held["false_premise_QA"]
+    assert not_utf8 == 2  # one train and one val file are cp1252, with characters UTF-8 cannot read
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"text": ["\x81\xff"], "shapes": []}')  # neither UTF-8 nor cp1252
+    with pytest.raises(SkipItem, match="neither UTF-8 nor cp1252") as info:
+        load_reason_seg_annotation(str(bad), 10, 10)
+    assert info.value.reason == "bad_annotation"
+    bom = tmp_path / "bom.json"
+    bom.write_bytes("\ufeff".encode() + json.dumps({"text": ["x"], "shapes": []}).encode())
+    assert load_reason_seg_annotation(str(bom), 10, 10).texts == ["x"]
+
+
+def test_reason_seg_false_premise_phrase_is_kept_as_written(synthetic_root):
+    from dataset.reason_seg import ReasonSegSource
+    src = ReasonSegSource("reason_seg", synthetic_root, "ReasonSeg|train", DEFAULT_TEMPLATES, 3)
+    rng = np.random.default_rng(0)
+    seen = 0
+    for _ in range(60):
+        raw = src.sample(rng)
+        if raw.meta["mode"] == "true_premise":
+            continue
+        for q, sent in zip(raw.questions, raw.sentences):
+            assert sent.startswith("The ") and sent in q[0]  # capital kept; a short true phrase is lower-cased
+            seen += 1
+    assert seen
 
 
 def test_reason_seg_malformed_json(tmp_path):

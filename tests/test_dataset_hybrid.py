@@ -117,8 +117,8 @@ def test_corrupt_images_are_skipped_and_counted(synthetic_root, tokenizer, trans
                  refer_seg_data="refcoco||refcocog")
     samples = [ds[i] for i in range(40)]
     assert all(os.path.basename(s.image_path) not in {f.name for f in broken} for s in samples)
-    counts = ds.skipped_counts()
-    assert counts and set(counts) <= {"refcoco", "refcocog"} and sum(counts.values()) > 0
+    counts = ds.skipped_counts()  # per source and reason
+    assert counts and set(counts) <= {"refcoco/not_an_image", "refcocog/not_an_image"} and sum(counts.values()) > 0
     batch = collate_fn(samples, tokenizer)
     assert sum(batch.meta["skipped"].values()) == sum(counts.values())
 
@@ -173,6 +173,21 @@ def test_every_source_supervises_exactly_its_answers(synthetic_root, tokenizer, 
         assert len(spans) == len(ans)
         for span, a in zip(spans, ans):
             _assert_decodes_to(tokenizer, span, a + "</s>")
+
+
+def test_vqa_image_in_a_later_turn_through_collate(synthetic_root, tokenizer, token_ids, transforms):
+    """A record whose <image> is in its second question keeps it there, in the prompt the model sees;
+    truncation keeps the round that holds it."""
+    ds = _hybrid(synthetic_root, tokenizer, transforms, datasets="vqa", sample_rates=[1], samples_per_epoch=200)
+    s = next(ds[i] for i in range(200) if "<image>" in ds[i].conversations[0].questions[1])
+    b = collate_fn([s], tokenizer)
+    ids = b.input_ids[0][b.attention_mask[0]].tolist()
+    image_at = ids.index(IMAGE_TOKEN_INDEX)
+    first_answer_end = _supervised_spans(ids, b.labels[0][b.attention_mask[0]].tolist())[0]
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1 and image_at > ids.index(first_answer_end[-1])
+    # a limit that only the first round fits: the row is cut inside the second round, keeping the image
+    cut = collate_fn([s], tokenizer, model_max_length=image_at + 3)
+    assert cut.meta["truncated_rows"] == 1 and int((cut.input_ids == IMAGE_TOKEN_INDEX).sum()) == 1
 
 
 # --- collate -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.image_io import ImageLoadError, load_image
+from utils.image_io import ImageLoadError, load_image, read_image_header
 
 
 def _check_rgb(loaded, h, w):
@@ -138,21 +138,57 @@ def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
         load_image(str(tmp_path / "bomb.png"))
 
 
-def _one_line_error(source, pattern):
-    with pytest.raises(ImageLoadError) as info:
-        load_image(source)
-    message = str(info.value)
-    assert "\n" not in message and source in message
-    assert pattern in message, message
+@pytest.mark.parametrize("claim", ["jpeg", "png"])
+def test_huge_headers_are_refused_before_decoding(tmp_path, monkeypatch, claim):
+    """The demos share the dataset readers' guard: a file claiming 65000 x 65000 or 30000 x 30000
+    pixels is refused from its header (nothing is decoded or allocated), even with downscaling on."""
+    from PIL import ImageFile
+    from conftest_data import jpeg_claiming, png_claiming
+    write = jpeg_claiming if claim == "jpeg" else png_claiming
+    for side in (65000, 30000):
+        path = tmp_path / f"bomb{side}.{claim}"
+        write(path, side, side)
+        monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a: pytest.fail("decoded"))
+        for kwargs in ({}, {"max_pixels": 50_000_000}):
+            with pytest.raises(ImageLoadError) as info:
+                load_image(str(path), **kwargs)
+            message = str(info.value)
+            assert "\n" not in message and str(path) in message and "too large" in message
+            assert info.value.reason == "too_large"
+        with pytest.raises(ImageLoadError, match="too large"):
+            read_image_header(str(path))
+        monkeypatch.undo()
+
+
+def test_one_limit_for_header_check_and_demo(tmp_path, monkeypatch):
+    import utils.image_io
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    header = read_image_header(str(tmp_path / "a.png"))
+    assert (header.width, header.height, header.format, header.size) == (40, 30, "PNG", (30, 40))
+    monkeypatch.setattr(utils.image_io, "MAX_IMAGE_PIXELS", 1199)  # 30 x 40 = 1200
+    for read in (read_image_header, load_image):
+        with pytest.raises(ImageLoadError, match="40x30 = 1,200 pixels, over the limit of 1,199"):
+            read(str(tmp_path / "a.png"))
+    assert load_image(str(tmp_path / "a.png"), limit=1200).rgb.shape == (30, 40, 3)
+
+
+def _one_line_error(source, pattern, reason=None):
+    for read in (load_image, read_image_header):
+        with pytest.raises(ImageLoadError) as info:
+            read(source)
+        message = str(info.value)
+        assert "\n" not in message and source in message
+        assert pattern in message, message
+        assert reason is None or info.value.reason == reason
 
 
 def test_bad_files_give_one_line_errors(tmp_path, monkeypatch):
-    _one_line_error(str(tmp_path / "missing.jpg"), "no such file")
-    _one_line_error(str(tmp_path), "is a directory")
+    _one_line_error(str(tmp_path / "missing.jpg"), "no such file", "not_found")
+    _one_line_error(str(tmp_path), "is a directory", "not_a_file")
     (tmp_path / "empty.png").write_bytes(b"")
-    _one_line_error(str(tmp_path / "empty.png"), "file is empty")
+    _one_line_error(str(tmp_path / "empty.png"), "file is empty", "empty")
     (tmp_path / "notes.jpg").write_text("this is not an image\n" * 20)
-    _one_line_error(str(tmp_path / "notes.jpg"), "not an image file")
+    _one_line_error(str(tmp_path / "notes.jpg"), "not an image file", "not_an_image")
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "whole.jpg")
     data = (tmp_path / "whole.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])

@@ -46,16 +46,17 @@ class LoopConfig:
 
 
 class DataCounts:
-    """What the data pipeline had to leave out during an epoch: unreadable items (per source, from
-    the samples' `skipped`) and rows cut by truncation with the masks dropped alongside."""
+    """What the data pipeline had to leave out during an epoch: unreadable items (per source and
+    reason, from the samples' `skipped`, keyed "<source>/<reason>", e.g. "refcoco/not_found") and
+    rows cut by truncation with the masks dropped alongside."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
 
     def add(self, batch: SesameBatch) -> None:
         meta = batch.meta or {}
-        for source, n in (meta.get("skipped") or {}).items():
-            self._bump(f"skipped/{source}", n)
+        for source_reason, n in (meta.get("skipped") or {}).items():
+            self._bump(f"skipped/{source_reason}", n)
         for key in ("truncated_rows", "dropped_masks"):
             self._bump(key, meta.get(key, 0))
 
