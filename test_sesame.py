@@ -24,6 +24,7 @@ SPLITS = ("val", "test", "testA", "testB")
 def build_parser() -> argparse.ArgumentParser:
     from engine.build import add_predictor_arguments
     from engine.config import EngineConfig
+    from utils.errors import add_debug_flag
 
     engine = EngineConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -54,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile SAM's image encoder (a one-time compile of about a minute)")
     p.add_argument("--num_workers", type=int, default=4, help="image loading / preprocessing threads (0: inline)")
     p.add_argument("--limit_images", type=int, default=0, help="evaluate only the first N images (0: all)")
+    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
+                   help="a ref, annotation or image that cannot be read: stop with one line naming it, or skip it and "
+                        "count it (found / evaluated / skipped with reasons go to metrics.json)")
     p.add_argument("--visualize", action="store_true",
                    help="save mask overlays (and SasP maps/points for READ) under {dataset}_{split}/vis/")
     p.add_argument("--allow_partial", action="store_true", help="metrics over shards that are not finished")
     p.add_argument("--no_progress", action="store_true")
+    add_debug_flag(p)
     return p
 
 
@@ -69,21 +74,23 @@ def engine_config(args):
 
 
 def load_eval_images(args):
+    """The evaluation set's images (the first --limit_images) and its EvalSetReport."""
+    from dataset.eval_report import EvalSetReport
     from dataset.eval_sets import build_eval_dataset
 
     kwargs = {"question_style": args.reason_seg_template} if args.val_dataset == "ReasonSeg" else {}
-    images = build_eval_dataset(args.val_dataset, args.dataset_dir, split=args.split, seed=args.seed, **kwargs)
-    return images[:args.limit_images] if args.limit_images else images
+    report = EvalSetReport()
+    images = build_eval_dataset(args.val_dataset, args.dataset_dir, split=args.split, seed=args.seed,
+                                on_error=args.on_error, report=report, **kwargs)
+    print(report.summary(), file=sys.stderr)
+    return (images[:args.limit_images] if args.limit_images else images), report
 
 
-def read_rgb(path: str):
-    """The dataset reader's OpenCV decode; an unreadable image stops the run (resume loses nothing)."""
-    from dataset.image_io import SkipItem, read_image_rgb
+def image_reader(args, report):
+    """read(image) -> RGB, or None for an image skipped under --on_error skip (counted in `report`)."""
+    from dataset.eval_sets import read_eval_image
 
-    try:
-        return read_image_rgb(path, "evaluation")
-    except SkipItem as e:
-        raise FileNotFoundError(f"cannot read image {path}: {e.reason}") from None
+    return lambda image: read_eval_image(image, args.on_error, report)
 
 
 def eval_run(args):
@@ -102,12 +109,14 @@ def run_metrics(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from utils.errors import InputError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.world_size is not None and args.world_size < 1:
-        raise SystemExit(f"--world_size must be >= 1, got {args.world_size}")
+        raise InputError(f"--world_size must be >= 1, got {args.world_size}")
     if args.max_new_tokens < 1 or args.queries_per_batch < 1 or args.limit_images < 0:
-        raise SystemExit("--max_new_tokens and --queries_per_batch must be >= 1, --limit_images >= 0")
+        raise InputError("--max_new_tokens and --queries_per_batch must be >= 1, --limit_images >= 0")
     if args.cmd == "metrics":
         run_metrics(args)
         return 0
@@ -122,11 +131,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from engine.build import load_predictor
 
-    images = load_eval_images(args)
+    images, report = load_eval_images(args)
     predictor = load_predictor(args, config=engine_config(args), max_text_tokens=args.model_max_length)
-    print(json.dumps(run_shard(eval_run(args), predictor, images, read_rgb)))
+    print(json.dumps(run_shard(eval_run(args), predictor, images, image_reader(args, report), report)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.errors import run_main
+
+    sys.exit(run_main(main))

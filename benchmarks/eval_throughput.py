@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import test_sesame  # noqa: E402
-from dataset.eval_sets import EvalImage, EvalQuery  # noqa: E402
+from dataset.eval_sets import EvalImage, EvalQuery, read_eval_image  # noqa: E402
 from engine import StageTimer, build_predictor  # noqa: E402
 from evaluation.runner import run_shard  # noqa: E402
 from model.builder import LoadedSesame  # noqa: E402
@@ -152,7 +152,7 @@ def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
                                 max_text_tokens=eval_args.model_max_length, config=test_sesame.engine_config(eval_args),
                                 logits_hook=make_hook(cfg.seg_token_id, cfg.llm.eos_token_id), timer=timer)
     sync(args.device)
-    summary = run_shard(test_sesame.eval_run(eval_args), predictor, images, test_sesame.read_rgb)
+    summary = run_shard(test_sesame.eval_run(eval_args), predictor, images, test_sesame.image_reader(eval_args, None))
     sync(args.device)
     return summary
 
@@ -166,7 +166,7 @@ def run_original(loaded, images, args) -> tuple[int, float]:
     hook = make_hook(cfg.seg_token_id, cfg.llm.eos_token_id)
     n, start = 0, None
     for idx, im in enumerate(images):
-        rgb = test_sesame.read_rgb(im.image_path)
+        rgb = read_eval_image(im)
         clip_px, sam_in = loaded.clip_transform(rgb), loaded.sam_transform(rgb)
         prompts = [tokenize_with_image(build_prompt(q.question, template="vicuna_v1"), tok) for q in im.queries]
         for a in range(0, len(prompts), args.original_chunk):

@@ -31,6 +31,7 @@ from typing import Iterable, Optional
 import cv2
 import numpy as np
 
+from utils.errors import InputError
 from utils.image_io import ImageHeader, ImageLoadError, open_image, read_image_header
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class DatasetFileError(FileNotFoundError):
     """A file or folder a dataset needs is missing."""
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """A dataset file or item is malformed; the message is one line naming the file and the field
     or id at fault."""
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 
+from utils.errors import InputError
+
 PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
 
 
-class DataRootError(ValueError):
+class DataRootError(InputError, ValueError):
     """The data root is unusable (it is, or lies inside, the code package)."""
 
 

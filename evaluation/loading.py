@@ -17,7 +17,7 @@ class LoadedImage:
     """One pending image of the shard, ready for the predictor."""
 
     index: int  # in the pending list
-    work: ImageWork
+    work: Optional[ImageWork]  # None: the image could not be read and was skipped (and counted)
     gt_rles: list  # per pending query: (gt_mask RLE or None, gt_ignore RLE or None)
     rgb: Optional[np.ndarray]  # kept for --visualize
 
@@ -34,11 +34,12 @@ def ground_truth_rles(image, query) -> tuple[Optional[dict], Optional[dict]]:
 class ImageLoader:
     """Decode, CLIP and SAM preprocessing and ground-truth RLEs of one pending image.
 
-    pending: (EvalImage, queries to run) per item; prompts: their token ids; read_rgb(path) -> uint8
-    (H, W, 3). SAM's input is only resized here (the engine normalises and pads it on the GPU);
+    pending: (EvalImage, queries to run) per item; prompts: their token ids; read_rgb(image) -> uint8
+    (H, W, 3) at the annotated size, or None for an image to skip (dataset.eval_sets.read_eval_image).
+    SAM's input is only resized here (the engine normalises and pads it on the GPU);
     `pin`: page-locked pixels, so that host-to-GPU copies run without blocking the engine."""
 
-    def __init__(self, pending, prompts, predictor: SesamePredictor, read_rgb: Callable[[str], np.ndarray],
+    def __init__(self, pending, prompts, predictor: SesamePredictor, read_rgb: Callable[[object], Optional[np.ndarray]],
                  keep_rgb: bool, pin: bool = False):
         self.pending, self.prompts, self.predictor, self.read_rgb = pending, prompts, predictor, read_rgb
         self.keep_rgb, self.pin = keep_rgb, pin
@@ -48,10 +49,9 @@ class ImageLoader:
 
     def __call__(self, i: int) -> LoadedImage:
         im, todo = self.pending[i]
-        rgb = self.read_rgb(im.image_path)
-        if rgb.shape[:2] != (im.height, im.width):
-            raise ValueError(f"{im.image_path}: image is {rgb.shape[0]}x{rgb.shape[1]} but the annotation says "
-                             f"{im.height}x{im.width}")
+        rgb = self.read_rgb(im)
+        if rgb is None:
+            return LoadedImage(i, None, [], None)
         work = self.predictor.prepare(rgb, self.prompts[i], resize_only=True)
         if self.pin:
             work = replace(work, clip_pixels=work.clip_pixels.pin_memory(), sam_pixels=work.sam_pixels.pin_memory())

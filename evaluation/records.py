@@ -155,9 +155,12 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         return n
 
-    def mark_complete(self, num_images: int, num_queries: int) -> None:
+    def mark_complete(self, num_images: int, num_queries: int, set_report: Optional[dict] = None) -> None:
+        """The shard is done: `num_queries` records are on disk (queries whose image was skipped and
+        counted are not among them; `set_report`, dataset.eval_report.EvalSetReport.as_dict(), says
+        which)."""
         with open(done_path(self.path), "w", encoding="utf-8") as f:
-            json.dump({"num_images": num_images, "num_queries": num_queries}, f)
+            json.dump({"num_images": num_images, "num_queries": num_queries, "set_report": set_report}, f)
             f.flush()
             os.fsync(f.fileno())
 
@@ -181,6 +184,7 @@ class MergedShards:
     records: list[QueryRecord]
     world_size: int
     incomplete: list[str]  # shard files without a .done marker or with fewer queries than it says
+    set_reports: list[dict] = field(default_factory=list)  # of the finished shards that wrote one
 
 
 def merge_shards(directory: str, world_size: Optional[int] = None) -> MergedShards:
@@ -203,7 +207,7 @@ def merge_shards(directory: str, world_size: Optional[int] = None) -> MergedShar
     missing = [os.path.join(directory, f"shard_{p}_of_{world_size}.jsonl") for p in range(world_size) if p not in shards]
     if missing:
         raise FileNotFoundError(f"missing shard files: {', '.join(missing)}")
-    records, seen, incomplete = [], {}, []
+    records, seen, incomplete, set_reports = [], {}, [], []
     for p in range(world_size):
         shard = read_shard(shards[p])
         done = done_path(shards[p])
@@ -211,12 +215,15 @@ def merge_shards(directory: str, world_size: Optional[int] = None) -> MergedShar
             incomplete.append(shards[p])
         else:
             with open(done, encoding="utf-8") as f:
-                expected = json.load(f).get("num_queries")
+                marker = json.load(f)
+            expected = marker.get("num_queries")
             if expected is not None and expected != len(shard):
                 incomplete.append(shards[p])
+            if marker.get("set_report"):
+                set_reports.append(marker["set_report"])
         for r in shard:
             if r.key in seen:
                 raise ValueError(f"query {r.key} is recorded twice ({seen[r.key]} and {shards[p]})")
             seen[r.key] = shards[p]
         records.extend(shard)
-    return MergedShards(records, world_size, incomplete)
+    return MergedShards(records, world_size, incomplete, set_reports)

@@ -94,9 +94,15 @@ def _visualize(out_dir: str, record: QueryRecord, prediction, rgb: np.ndarray) -
         save_sasp_pngs(directory, rgb, prediction.sasp, prediction.masks.numpy())
 
 
-def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callable[[str], np.ndarray]) -> dict:
+def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callable[[object], Optional[np.ndarray]],
+              set_report=None) -> dict:
     """Evaluate this process's shard of `images` (dataset.eval_sets.EvalImage list), appending records
-    to its shard file; returns counts and timings. read_rgb(path) -> uint8 (H, W, 3) RGB."""
+    to its shard file; returns counts and timings.
+
+    read_rgb(image) -> uint8 (H, W, 3) RGB at the annotated size, or None when the image is skipped
+    (dataset.eval_sets.read_eval_image, which counts it in `set_report`). set_report
+    (dataset.eval_report.EvalSetReport): what the set holds; saved with the finished shard, for the
+    metrics step."""
     check_unique_keys(images)
     shard = shard_items(images, run.process_num, run.world_size)
     model = predictor.model
@@ -150,11 +156,17 @@ def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callab
         plan = batch_images(range(len(pending)), lambda i: len(pending[i][1]), backend.queries_per_batch,
                             backend.max_images_per_batch)
 
+        skipped_queries = 0
+
         def arriving(count: int, batch: list):
+            nonlocal skipped_queries
             for _ in range(count):
                 t0 = time.perf_counter()
                 item = next(loader)
                 waited["loader"] += time.perf_counter() - t0
+                if item.work is None:  # unreadable, skipped and counted by read_rgb
+                    skipped_queries += sum(missing[item.index])
+                    continue
                 batch.append(item)
                 yield item.work
 
@@ -176,8 +188,10 @@ def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callab
         if progress is not None:
             progress.close()
         seconds = time.perf_counter() - start
-        writer.mark_complete(len(shard), sum(len(im.queries) for im in shard))
-    summary = {"shard": run.shard_file, "queries_run": done_now, "queries_skipped": already, "seconds": seconds,
+        writer.mark_complete(len(shard), sum(len(im.queries) for im in shard) - skipped_queries,
+                             set_report.as_dict() if set_report is not None else None)
+    summary = {"shard": run.shard_file, "queries_run": done_now, "queries_skipped": already,
+               "queries_unreadable": skipped_queries, "seconds": seconds,
                "queries_per_s": done_now / seconds if seconds > 0 else None, "waited_s": waited}
     graphs: Optional[int] = getattr(backend, "graph_captures", None)
     if graphs is not None:

@@ -10,7 +10,7 @@ from PIL import Image, ImageFile
 from conftest_data import jpeg_claiming, png_claiming, synthetic_root  # noqa: F401
 from dataset.image_io import SkipItem, image_size, read_image_rgb, read_label_map
 from dataset.paths import PACKAGE_DIR, DataRootError, check_data_root
-from dataset.transforms import ClipTransform, SamTransform
+from model.transforms import ClipTransform, SamTransform
 
 
 @pytest.fixture

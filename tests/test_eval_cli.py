@@ -65,3 +65,26 @@ def test_launch_then_kill_and_resume(tmp_path):
     resumed = read_shard(path)
     assert len(resumed) == len(expected)
     assert {r.key: r for r in resumed} == reference
+
+
+def test_unreadable_image_one_line_or_skipped_and_counted(tmp_path):
+    """An evaluation image that is not an image: one `error:` line naming it (no traceback), or with
+    --on_error skip a finished run whose metrics.json counts what was left out and says incomplete."""
+    data = tmp_path / "data"
+    generate(str(data), seed=0)
+    images = build_eval_dataset("fprefcoco", str(data), "val")
+    with open(images[0].image_path, "wb") as f:
+        f.write(b"this is not a jpeg")
+    stop = subprocess.run(_cmd(data, tmp_path / "stop"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert stop.returncode == 1 and "Traceback" not in stop.stderr
+    last = stop.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and os.path.basename(images[0].image_path) in last and "not an image" in last
+    skip = subprocess.run(_cmd(data, tmp_path / "skip", "--on_error", "skip", "--world_size", "1", "--launch"),
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert skip.returncode == 0, skip.stderr[-3000:]
+    with open(os.path.join(shard_dir(str(tmp_path / "skip"), "fprefcoco", "val"), "metrics.json")) as f:
+        metrics = json.load(f)
+    lost = len(images[0].queries)
+    assert not metrics["complete"] and metrics["set"]["skipped"]["queries"] == lost
+    assert metrics["set"]["skipped"]["reasons"] == {"image/not_an_image": 1}
+    assert metrics["metrics"]["overall"]["counts"]["queries"] == sum(len(im.queries) for im in images) - lost

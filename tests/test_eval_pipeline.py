@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import test_sesame
+from dataset.eval_report import EvalDataError, EvalSetReport
 from dataset.eval_sets import EvalImage, EvalQuery
 from engine.build import build_predictor, load_predictor
 from evaluation.metrics import evaluate_records
@@ -77,7 +78,7 @@ def _run(loaded, images, out, *extra, hook=None):
     predictor = build_predictor(loaded, conv_type=args.conv_type, max_new_tokens=args.max_new_tokens,
                                 max_text_tokens=args.model_max_length, config=test_sesame.engine_config(args),
                                 logits_hook=hook or content_hook(cfg.seg_token_id, cfg.llm.eos_token_id))
-    return run_shard(test_sesame.eval_run(args), predictor, images, test_sesame.read_rgb)
+    return run_shard(test_sesame.eval_run(args), predictor, images, test_sesame.image_reader(args, None))
 
 
 def _by_key(records):
@@ -193,7 +194,7 @@ def test_two_shards_cover_every_query_once(tmp_path, loaded):
 def test_bad_input_is_named(tmp_path, loaded):
     images = _images(str(tmp_path))
     os.remove(images[1].image_path)
-    with pytest.raises(FileNotFoundError, match="img_1.png"):
+    with pytest.raises(EvalDataError, match="img_1.png: image 1: no such file"):
         _run(loaded, images, tmp_path / "a")
     images = _images(str(tmp_path))
     images[2].queries[1].sent_id = images[2].queries[0].sent_id
@@ -204,6 +205,31 @@ def test_bad_input_is_named(tmp_path, loaded):
         _run(loaded, images, tmp_path / "c", "--model_max_length", "10")
     with pytest.raises(SystemExit):
         test_sesame.build_parser().parse_args(["--val_dataset", "coco"])
+
+
+def test_unreadable_image_skipped_and_counted_with_on_error_skip(tmp_path, loaded):
+    """--on_error skip: a corrupt image's queries leave the run, the shard still finishes, and the
+    metrics say what was skipped and that the set is not complete."""
+    images = _images(str(tmp_path))
+    with open(images[2].image_path, "wb") as f:
+        f.write(b"not an image")
+    report = EvalSetReport()
+    report.start("fprefcoco", "val", "skip")
+    report.found_images = report.built_images = len(images)
+    report.found_refs = report.built_refs = len({q.ref_id for im in images for q in im.queries})
+    report.found_queries = report.built_queries = sum(QUERIES)
+    args = _args(tmp_path / "skip", "--on_error", "skip")
+    cfg = loaded.model.config
+    predictor = build_predictor(loaded, conv_type=args.conv_type, max_new_tokens=args.max_new_tokens,
+                                config=test_sesame.engine_config(args),
+                                logits_hook=content_hook(cfg.seg_token_id, cfg.llm.eos_token_id))
+    summary = run_shard(test_sesame.eval_run(args), predictor, images, test_sesame.image_reader(args, report), report)
+    assert summary["queries_unreadable"] == QUERIES[2] and summary["queries_run"] == sum(QUERIES) - QUERIES[2]
+    result = test_sesame.run_metrics(_args(tmp_path / "skip", "--cmd", "metrics"))
+    assert not result["complete"]  # the shard finished, but not every query of the set was evaluated
+    assert result["set"]["skipped"]["queries"] == QUERIES[2] and result["set"]["skipped"]["images"] == 1
+    assert list(result["set"]["skipped"]["reasons"]) == ["image/not_an_image"]
+    assert result["metrics"]["overall"]["counts"]["queries"] == sum(QUERIES) - QUERIES[2]
 
 
 def test_visualize_writes_overlays(tmp_path, loaded):
