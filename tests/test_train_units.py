@@ -194,6 +194,56 @@ def test_logged_losses_are_on_the_original_scale():
     assert r["train/loss"] == pytest.approx(r["train/ce_loss"] + r["train/mask_loss"])
 
 
+def test_a_resume_must_keep_the_data_stream_layout(tmp_path, capsys):
+    from training.checkpoints import STREAM_FILE, RunCheckpoints, StreamLayout
+    from utils.errors import InputError
+
+    saved = StreamLayout(batch_size=12, world_size=8, grad_accumulation_steps=1)
+    tag_dir = tmp_path / "ckpt_model" / "global_step10"
+    tag_dir.mkdir(parents=True)
+    (tmp_path / "ckpt_model" / "latest").write_text("global_step10")
+    (tag_dir / STREAM_FILE).write_text(json.dumps({"batch_size": 12, "world_size": 8, "grad_accumulation_steps": 1}))
+
+    def checkpoints(stream, allow=False):
+        return RunCheckpoints(str(tmp_path), lambda d: None, stream, allow_stream_change=allow)
+
+    checkpoints(saved)._check_stream(str(tag_dir))  # the same layout passes
+    other = StreamLayout(batch_size=6, world_size=4, grad_accumulation_steps=1)
+    with pytest.raises(InputError, match=r"--batch_size 12 \(now 6\), world size \(processes\) 8 \(now 4\).*"
+                                         "--allow_resume_mismatch"):
+        checkpoints(other).resume(engine=None)  # refused before DeepSpeed reads anything
+    checkpoints(other, allow=True)._check_stream(str(tag_dir))
+    assert "the data stream differs" in capsys.readouterr().out
+    (tag_dir / STREAM_FILE).unlink()  # a checkpoint without the record: continued, with a note
+    checkpoints(other)._check_stream(str(tag_dir))
+    assert "cannot be checked" in capsys.readouterr().out
+
+
+def test_see_validation_prompts_as_the_model_was_trained(tokenizer, token_ids):
+    """See's greedy prompts wrap the image in <im_start>/<im_end> exactly when the model does."""
+    from types import SimpleNamespace
+
+    from dataset.eval_sets import EvalImage, EvalQuery
+    from training.validate import see_metrics
+
+    prompts = []
+
+    class Model:
+        def predict(self, clip, sam, resized, original, ids, image_index, **kw):
+            prompts.extend(ids)
+            return [SimpleNamespace(exists=True) for _ in ids]
+
+    query = EvalQuery(ref_id=1, sent_id=1, sentence="s", question="<image>\nWhere is s?", gt_exists=True,
+                      gt_sent=None, gt_mask=np.zeros((2, 2), np.uint8))
+    image = EvalImage("a.jpg", 1, 2, 2, [query])
+    for use_mm_start_end in (True, False):
+        prompts.clear()
+        sums = see_metrics(Model(), [image], lambda im: (None, None, (2, 2), (2, 2)), tokenizer, "llava_v1",
+                           use_mm_start_end, 4, token_ids.eos, token_ids.pad)
+        assert sums.total == sums.correct == 1
+        assert (token_ids.im_start in prompts[0]) == use_mm_start_end
+
+
 def test_data_left_out_is_counted_per_source(capsys):
     from types import SimpleNamespace
 

@@ -83,8 +83,9 @@ def segment_metrics(engine, batches: Iterable[SesameBatch],
 
 @torch.no_grad()
 def see_metrics(model, images: Iterable[EvalImage], load_inputs, tokenizer, conv_template: str,
-                max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> SeeSums:
-    """Greedy answers to each query; See = predicted existence equals the truth.
+                use_mm_start_end: bool, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> SeeSums:
+    """Greedy answers to each query; See = predicted existence equals the truth. Prompts are built as
+    training built them (`conv_template`, `use_mm_start_end`).
 
     load_inputs(image) -> (clip (1,3,s,s), sam (1,3,S,S), resized_size, original_size).
     """
@@ -94,7 +95,8 @@ def see_metrics(model, images: Iterable[EvalImage], load_inputs, tokenizer, conv
             clip, sam, resized, original = load_inputs(image)
         except SkipItem:  # an unreadable image: left out of See (counted by the dataset's skip log)
             continue
-        prompts = [tokenize_with_image(build_prompt(q.question, template=conv_template), tokenizer)
+        prompts = [tokenize_with_image(build_prompt(q.question, template=conv_template,
+                                                    use_mm_start_end=use_mm_start_end), tokenizer)
                    for q in image.queries]
         preds = model.predict(clip, sam, [resized], [original], prompts, [0] * len(prompts),
                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
