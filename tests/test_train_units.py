@@ -208,10 +208,13 @@ def test_a_resume_must_keep_the_data_stream_layout(tmp_path, capsys):
         return RunCheckpoints(str(tmp_path), lambda d: None, stream, allow_stream_change=allow)
 
     checkpoints(saved)._check_stream(str(tag_dir))  # the same layout passes
-    other = StreamLayout(batch_size=6, world_size=4, grad_accumulation_steps=1)
-    with pytest.raises(InputError, match=r"--batch_size 12 \(now 6\), world size \(processes\) 8 \(now 4\).*"
+    other = StreamLayout(batch_size=6, world_size=8, grad_accumulation_steps=2)
+    with pytest.raises(InputError, match=r"--batch_size 12 \(now 6\), --grad_accumulation_steps 1 \(now 2\).*"
                                          "--allow_resume_mismatch"):
         checkpoints(other).resume(engine=None)  # refused before DeepSpeed reads anything
+    for allow in (False, True):  # DeepSpeed cannot re-partition ZeRO state: refused even when allowed
+        with pytest.raises(InputError, match="written by 8 processes and this run has 4.*resume with 8"):
+            checkpoints(StreamLayout(batch_size=12, world_size=4, grad_accumulation_steps=1), allow).resume(None)
     checkpoints(other, allow=True)._check_stream(str(tag_dir))
     assert "the data stream differs" in capsys.readouterr().out
     (tag_dir / STREAM_FILE).unlink()  # a checkpoint without the record: continued, with a note

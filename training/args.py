@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from {log_base_dir}/{exp_name}/ckpt_model when it exists")
     g.add_argument("--resume", default=None, help="a DeepSpeed checkpoint directory to continue from")
     g.add_argument("--allow_resume_mismatch", action="store_true",
-                   help="resume a checkpoint written with another --batch_size, --grad_accumulation_steps or world "
-                        "size (refused otherwise: the data stream then differs from the uninterrupted run's)")
+                   help="resume a checkpoint written with another --batch_size or --grad_accumulation_steps (refused "
+                        "otherwise: the data stream then differs from the uninterrupted run's); the number of "
+                        "processes must match in any case")
     g.add_argument("--save_steps", type=int, default=0,
                    help="also save the latest checkpoint every N steps (0: at the end of each epoch)")
     g.add_argument("--print_freq", type=int, default=3)

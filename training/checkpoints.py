@@ -118,8 +118,9 @@ class RunCheckpoints:
 
     `write_model_recipe(dir)` writes what rebuilding the model needs (config + tokenizer); it is called
     on rank 0 for every checkpoint directory. `stream` is this run's data-stream layout: a checkpoint
-    written with another one is refused unless `allow_stream_change` (the run then continues, on a
-    data stream that differs from the uninterrupted run's).
+    written with another batch size or accumulation is refused unless `allow_stream_change` (the run
+    then continues, on a data stream that differs from the uninterrupted run's); one written by
+    another number of processes always (DeepSpeed cannot re-partition ZeRO optimizer state).
     """
 
     def __init__(self, run_dir: str, write_model_recipe: Callable[[str], None], stream: StreamLayout,
@@ -175,6 +176,10 @@ class RunCheckpoints:
                 saved = StreamLayout(**json.load(f))
         except (ValueError, TypeError) as e:
             raise InputError(f"{path}: not a data-stream record ({e})") from None
+        if saved.world_size != self.stream.world_size:
+            raise InputError(f"{tag_dir} was written by {saved.world_size} processes and this run has "
+                             f"{self.stream.world_size}: DeepSpeed cannot split its ZeRO optimizer state over another "
+                             f"number of processes; resume with {saved.world_size}")
         changed = saved.differences(self.stream)
         if not changed:
             return
@@ -197,7 +202,7 @@ def load_engine_checkpoint(engine, ckpt_dir: str, tag: str) -> TrainState:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {tag_dir}")
         state = TrainState.from_dict((client_state or {}).get("train_state", {}))
         rng_file = _rng_path(ckpt_dir, tag, dist_utils.rank())
-        if os.path.exists(rng_file):  # a run resumed on more ranks starts the extra ones fresh
+        if os.path.exists(rng_file):  # absent from checkpoints DeepSpeed wrote without RunCheckpoints.save
             state.rng = torch.load(rng_file, weights_only=True)
     return state
 
