@@ -60,7 +60,8 @@ def test_debug_flag_keeps_the_traceback_of_known_errors():
 
 
 def test_exit_status_interrupt_usage_and_ranks(monkeypatch):
-    assert run_main(lambda argv: None, []) == 0
+    assert run_main(lambda argv: None, []) == 0 and run_main(lambda argv: "a result", []) == 0
+    assert run_main(lambda argv: 3, []) == 3  # a main that returns its own status
     err = io.StringIO()
     assert run_main(failing(KeyboardInterrupt()), [], stderr=err) == 130 and err.getvalue() == "interrupted\n"
     with pytest.raises(SystemExit):  # argparse usage errors keep their own message and status 2
@@ -73,5 +74,6 @@ def test_exit_status_interrupt_usage_and_ranks(monkeypatch):
 
 
 def test_one_line_collapses_listed_problems():
-    assert one_line(ValueError("x does not fit:\n  missing a\n  unexpected b")) == "x does not fit: missing a unexpected b"
+    listed = ValueError("x does not fit:\n  missing a\n  unexpected b")
+    assert one_line(listed) == "x does not fit: missing a unexpected b"
     assert one_line(KeyError()) == "KeyError"

@@ -9,7 +9,7 @@ import argparse
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 
@@ -26,6 +26,10 @@ from .engine import DTYPES, uses_ds_optimizer
 from .loop import LoopConfig
 from .validate import draw_queries, reduce_metrics, see_metrics, segment_metrics, shard
 
+if TYPE_CHECKING:
+    from dataset.eval_sets import EvalImage
+    from dataset.hybrid import HybridDataset
+
 
 @dataclass
 class RunData:
@@ -37,16 +41,17 @@ class RunData:
         val_see also when See is skipped).
     """
 
-    train: Optional[object]  # dataset.hybrid.HybridDataset
-    val_segment: list
-    val_see: list
+    train: Optional[HybridDataset]
+    val_segment: list[EvalImage]
+    val_see: list[EvalImage]
 
 
 @contextmanager
 def _reading(what: str) -> Iterator[None]:
     """The dataset package reports bad names and malformed files under the data root as ValueError
-    (and an empty file as EOFError); while it reads the data root that can only be the input's
-    fault, so it is said in one line naming the flags (the chained error keeps the details)."""
+    (an empty file as EOFError). Raised while it indexes the data root, they are taken for the
+    input's fault and said in one line naming the flags; the chained original, traceback included,
+    shows with --debug."""
     try:
         yield
     except (ValueError, EOFError) as e:
@@ -74,7 +79,7 @@ def data_from_args(args: argparse.Namespace) -> RunData:
     return RunData(train=train, val_segment=val_segment, val_see=val_see)
 
 
-def validation_images_from_args(args: argparse.Namespace) -> tuple[list, list]:
+def validation_images_from_args(args: argparse.Namespace) -> tuple[list[EvalImage], list[EvalImage]]:
     """This rank's (segment, see) validation images: seeded draws of --val_samples positive queries
     of --val_dataset and --val_see_samples queries of --val_see_dataset.
 

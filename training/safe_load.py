@@ -55,7 +55,8 @@ def refuse_unsafe_files(directory: str) -> None:
                                       f"format ({e})") from None
             if unsafe:
                 raise CheckpointError(f"{path}: refused: its pickle asks for {', '.join(sorted(unsafe))}, which no "
-                                      "DeepSpeed checkpoint holds (a tampered file?); nothing from it was loaded or run")
+                                      "DeepSpeed checkpoint holds (a tampered file?); nothing from it was loaded or "
+                                      "run")
 
 
 @contextmanager
