@@ -7,12 +7,13 @@
 # Environment (all optional):
 #   DATASETS="refcoco refcoco+ refcocog fprefcoco fprefcoco+ fprefcocog"   what to evaluate; add
 #            R-refcoco R-refcoco+ R-refcocog ReasonSeg when wanted, or set WITH_EXTRA=1 for all of them
-#   SPLIT=val   GPUS=0,1,...(default: all)   PYTHON=python   EXTRA_ARGS="--use_sasp ..." (passed through)
+#   SPLIT=val   GPUS=0,1,...(default: all visible; GPUS=cpu, or no GPU visible: one CPU process)
+#   PYTHON=python   EXTRA_ARGS="--use_sasp ..." (passed through to test_sesame.py)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL=${1:-tsunghanwu/SESAME}
-DATASET_DIR=${2:-./dataset}
+DATASET_DIR=${2:-./data}
 OUT_DIR=${3:-./inference_dir}
 PYTHON=${PYTHON:-python}
 SPLIT=${SPLIT:-val}
@@ -24,18 +25,25 @@ fi
 if [ -z "${GPUS:-}" ]; then
   N=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
   if [ "$N" -lt 1 ]; then
-    echo "no GPU visible; set GPUS, or run test_sesame.py --device cpu for a CPU run" >&2
-    exit 1
+    echo "no GPU visible: evaluating on the CPU in one process (slow for a 7B model)" >&2
+    GPUS=cpu
+  else
+    GPUS=$(seq -s, 0 $((N - 1)))
   fi
-  GPUS=$(seq -s, 0 $((N - 1)))
 fi
-WORLD=$(echo "$GPUS" | tr ',' '\n' | grep -c .)
+if [ "$GPUS" = cpu ]; then
+  WORLD=1
+  RUN=(--device cpu --world_size 1)
+else
+  WORLD=$(echo "$GPUS" | tr ',' '\n' | grep -c .)
+  RUN=(--launch --world_size "$WORLD" --gpus "$GPUS")
+fi
 
 for ds in $DATASETS; do
-  echo "=== $ds ($SPLIT) on GPUs $GPUS ==="
+  echo "=== $ds ($SPLIT) on $([ "$GPUS" = cpu ] && echo "the CPU" || echo "GPUs $GPUS") ==="
   # one process per GPU, each with its own progress bar (queries/s); then the metrics of all shards
   # shellcheck disable=SC2086
-  "$PYTHON" test_sesame.py --cmd inference --launch --world_size "$WORLD" --gpus "$GPUS" \
+  "$PYTHON" test_sesame.py --cmd inference "${RUN[@]}" \
     --pretrained_model_path "$MODEL" --val_dataset "$ds" --split "$SPLIT" \
     --dataset_dir "$DATASET_DIR" --vis_save_path "$OUT_DIR" ${EXTRA_ARGS:-}
 done

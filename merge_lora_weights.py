@@ -9,10 +9,12 @@ and the original SESAME code. The checkpoint directory describes its own network
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from training.merge import merge_checkpoint
+from utils.errors import add_debug_flag, run_main
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -27,6 +29,7 @@ def main(argv=None) -> str:
     p.add_argument("--safe_serialization", action="store_true", help="safetensors instead of pytorch_model*.bin")
     p.add_argument("--vision_tower", default=None,
                    help="CLIP hub id or path to name in config.json (default: the one trained with)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     out = merge_checkpoint(args.ckpt_dir, args.save_path, tag=args.tag, dtype=DTYPES[args.dtype],
                            safe_serialization=args.safe_serialization, vision_tower=args.vision_tower)
@@ -35,4 +38,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -5,7 +5,7 @@
 # GPUS is a DeepSpeed --include string (localhost:0,1 ...; node1:0,1@node2:0,1 with HOSTFILE set).
 # Settings come from the environment (defaults = the original script):
 #   VERSION (liuhaotian/llava-v1.5-7b), VISION_PRETRAINED (./checkpoints/sam_vit_h_4b8939.pth; set it
-#   empty when VERSION is a released SESAME/READ checkpoint), DATASET_DIR (./dataset), EXP_NAME
+#   empty when VERSION is a released SESAME/READ checkpoint), DATASET_DIR (./data), EXP_NAME
 #   (sesame_bun), BATCH_SIZE (12), GRAD_ACCUMULATION_STEPS (1), NUM_CLASSES_PER_SAMPLE (3),
 #   HOSTFILE (multi-node), DRY_RUN=1 (print the command instead of running it).
 set -euo pipefail
@@ -18,7 +18,7 @@ shift $(( $# < 3 ? $# : 3 ))
 
 VERSION=${VERSION:-liuhaotian/llava-v1.5-7b}
 VISION_PRETRAINED=${VISION_PRETRAINED-./checkpoints/sam_vit_h_4b8939.pth}
-DATASET_DIR=${DATASET_DIR:-./dataset}
+DATASET_DIR=${DATASET_DIR:-./data}
 EXP_NAME=${EXP_NAME:-sesame_bun}
 BATCH_SIZE=${BATCH_SIZE:-12}
 GRAD_ACCUMULATION_STEPS=${GRAD_ACCUMULATION_STEPS:-1}

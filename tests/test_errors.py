@@ -30,12 +30,17 @@ def test_known_errors_give_one_line_and_status_1(error, monkeypatch):
 
 
 def test_project_error_classes_are_known_by_name():
-    from dataset.image_io import DatasetFileError
+    from dataset.eval_report import EvalDataError
+    from dataset.image_io import DataError, DatasetFileError
+    from dataset.paths import DataRootError
+    from evaluation.report import UnfinishedShards
     from model.checkpoint import CheckpointError
+    from model.predictor import PromptError
     from utils.image_io import ImageLoadError
 
-    for cls in (CheckpointError, DatasetFileError, ImageLoadError):
-        assert is_known(cls("x")), cls
+    for error in (CheckpointError("x"), DatasetFileError("x"), ImageLoadError("a.jpg", "not an image", "not_an_image"),
+                  DataError("x"), EvalDataError("x"), DataRootError("x"), PromptError("x"), UnfinishedShards("x")):
+        assert is_known(error), type(error)
     for name in KNOWN_ERRORS:  # a renamed or moved class would silently stop being known
         module, _, qualname = name.rpartition(".")
         assert issubclass(getattr(importlib.import_module(module), qualname), BaseException), name
@@ -60,7 +65,8 @@ def test_debug_flag_keeps_the_traceback_of_known_errors():
 
 
 def test_exit_status_interrupt_usage_and_ranks(monkeypatch):
-    assert run_main(lambda argv: None, []) == 0
+    assert run_main(lambda argv: None, []) == 0 and run_main(lambda argv: "a result", []) == 0
+    assert run_main(lambda argv: 3, []) == 3  # a main that returns its own status
     err = io.StringIO()
     assert run_main(failing(KeyboardInterrupt()), [], stderr=err) == 130 and err.getvalue() == "interrupted\n"
     with pytest.raises(SystemExit):  # argparse usage errors keep their own message and status 2
@@ -73,5 +79,6 @@ def test_exit_status_interrupt_usage_and_ranks(monkeypatch):
 
 
 def test_one_line_collapses_listed_problems():
-    assert one_line(ValueError("x does not fit:\n  missing a\n  unexpected b")) == "x does not fit: missing a unexpected b"
+    listed = ValueError("x does not fit:\n  missing a\n  unexpected b")
+    assert one_line(listed) == "x does not fit: missing a unexpected b"
     assert one_line(KeyError()) == "KeyError"

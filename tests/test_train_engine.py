@@ -1,7 +1,8 @@
 """The training loop on a real DeepSpeed engine (CPU, one process, ZeRO-2) with the tiny model.
 
 Batches come from the real collate function over samples built here, so these tests do not depend
-on a data root; tests/test_train_script.py runs the whole script on generated data.
+on a data root; tests/test_train_script.py runs the whole script on generated data. DeepSpeed runs
+on the CPU on every host (tests/cpu_deepspeed.py).
 """
 import os
 
@@ -15,7 +16,9 @@ from model.transforms import ClipTransform, SamTransform
 from model.conversation import Conversation
 from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable
 from model.tiny import tiny_model
-from training.checkpoints import BEST, LATEST, RunCheckpoints, TrainState, read_latest_tag, write_model_recipe
+from cpu_deepspeed import cpu_process_group, cpu_subprocess_env
+from training.checkpoints import (BEST, LATEST, RunCheckpoints, StreamLayout, TrainState, read_latest_tag,
+                                  write_model_recipe)
 from training.data_stream import stream_loader
 from training.deepspeed_config import DeepSpeedRecipe
 from training.engine import build_engine
@@ -28,16 +31,8 @@ ANSWERS = ["Sure, it is [SEG].", "No, there is no dog.", "Yes [SEG]."]
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
-    """A one-process group for DeepSpeed; the launcher variables it sets are removed afterwards so
-    that subprocesses started by other tests do not inherit them."""
-    saved = {k: os.environ.get(k) for k in dist_utils.LAUNCH_ENV}
-    dist_utils.init_distributed()
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with cpu_process_group():
+        yield
 
 
 def make_sample(idx: int, model, clip_t, sam_t) -> Sample:
@@ -128,7 +123,8 @@ def run_loop(tmp_path, tokenizer, token_ids, *, epochs=2, steps=2, accum=2, cras
             seen.append((k, b.meta["image_paths"]))
             yield b
 
-    ckpts = RunCheckpoints(str(tmp_path), lambda d: write_model_recipe(d, model.config.to_dict(), tokenizer))
+    ckpts = RunCheckpoints(str(tmp_path), lambda d: write_model_recipe(d, model.config.to_dict(), tokenizer),
+                           StreamLayout(batch_size=2, world_size=1, grad_accumulation_steps=accum))
     state = (ckpts.resume(engine) if resume else None) or TrainState()
     cfg = LoopConfig(epochs=epochs, steps_per_epoch=steps, grad_accumulation_steps=accum, print_freq=1,
                      save_steps=save_steps, no_eval=validate is None)
@@ -203,7 +199,9 @@ def test_merged_checkpoint_gives_the_engine_outputs(tmp_path):
         engine.step()
     lora_b = [p for n, p in engine.module.named_parameters() if "lora_B" in n]
     assert lora_b and all(float(p.detach().abs().sum()) > 0 for p in lora_b)  # the merge has something to fold in
-    ckpts = RunCheckpoints(str(tmp_path / "run"), lambda d: write_model_recipe(d, model.config.to_dict(), tok))
+    ckpts = RunCheckpoints(str(tmp_path / "run"), lambda d: write_model_recipe(d, model.config.to_dict(), tok,
+                                                                                model.seg_token_id),
+                           StreamLayout(batch_size=2, world_size=1, grad_accumulation_steps=1))
     ckpts.save(engine, TrainState(global_step=5))
     merge_checkpoint(ckpts.path(LATEST), str(tmp_path / "merged"), dtype=torch.float32)
     merged = load_pretrained(str(tmp_path / "merged"), dtype=torch.float32, device="cpu").model
@@ -312,10 +310,82 @@ def test_two_ranks_with_and_without_seg_stay_in_step(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker = tmp_path / "worker.py"
     worker.write_text(RANKS_WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
+    env = cpu_subprocess_env()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", str(dist_utils.free_port()), str(worker), root],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert run.stdout.count("stage 2 ok") == 2 and run.stdout.count("stage 3 ok") == 2
+
+
+class Payload:
+    """What a tampered checkpoint holds: unpickling it would create the directory `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def plant(path, marker):
+    """Add a Payload to the dict a checkpoint file holds (read weights-only, written back)."""
+    from torch.serialization import safe_globals
+
+    from training.safe_load import deepspeed_pickled_types
+
+    with safe_globals(deepspeed_pickled_types()):
+        state = torch.load(path, weights_only=True)
+    state["extra"] = Payload(marker)
+    torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, tokenizer, token_ids):
+    """A ZeRO-2 checkpoint of one step (model states, optimizer shard, rng file), and its engine."""
+    model = trainable_model(tokenizer, token_ids)
+    engine = engine_for(model)
+    data = IndexedSamples(model, 2)
+    out = engine(to_engine(engine)(collate_fn([data[0], data[1]], tokenizer)))
+    engine.backward(out.loss)
+    engine.step()
+    run = tmp_path_factory.mktemp("saved_run")
+    ckpts = RunCheckpoints(str(run), lambda d: write_model_recipe(d, model.config.to_dict(), tokenizer,
+                                                                  model.seg_token_id),
+                           StreamLayout(batch_size=2, world_size=1, grad_accumulation_steps=1))
+    ckpts.save(engine, TrainState(global_step=1))
+    return engine, ckpts
+
+
+@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                    "rng_state_rank0.pt"])
+@pytest.mark.parametrize("precheck", [True, False], ids=["precheck", "weights_only_alone"])
+def test_a_planted_pickle_is_refused_on_resume_and_merge(saved_run, tmp_path, monkeypatch, victim, precheck):
+    """Each file of a checkpoint, tampered: resume and merge refuse it with one CheckpointError and
+    nothing runs. Without the static pre-check the weights-only load alone still refuses it."""
+    import shutil
+
+    import training.checkpoints
+    import training.merge
+    from model.checkpoint import CheckpointError
+    from training.merge import training_state_dict
+
+    engine, ckpts = saved_run
+    run = tmp_path / "run"
+    shutil.copytree(ckpts.run_dir, run)
+    ckpt_dir = run / LATEST
+    marker = tmp_path / "payload_ran"
+    plant(ckpt_dir / "global_step1" / victim, marker)
+    if not precheck:
+        monkeypatch.setattr(training.checkpoints, "refuse_unsafe_files", lambda d: None)
+        monkeypatch.setattr(training.merge, "refuse_unsafe_files", lambda d: None)
+    tampered = RunCheckpoints(str(run), ckpts.write_model_recipe, ckpts.stream)
+    with pytest.raises(CheckpointError, match="posix.mkdir") as refused:
+        tampered.resume(engine)
+    assert "\n" not in str(refused.value) and ("global_step1" in str(refused.value))
+    if victim != "rng_state_rank0.pt":  # the merge reads only the DeepSpeed files
+        with pytest.raises(CheckpointError, match="posix.mkdir"):
+            training_state_dict(str(ckpt_dir))
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the forced mode does not outlive the load
+    assert not any(getattr(t, "__name__", "") == "ZeroStageEnum" for t in torch.serialization.get_safe_globals())

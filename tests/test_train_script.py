@@ -1,8 +1,12 @@
-"""train_sesame.py end to end on generated data (CPU, tiny released-layout start point, real
-DeepSpeed): a run killed mid-way and auto-resumed matches an uninterrupted one; a 2-rank run under
-the deepspeed launcher; its checkpoint merged with merge_lora_weight.sh and re-validated."""
+"""train_sesame.py end to end on generated data (CPU on every host, tiny released-layout start
+point, real DeepSpeed): a run killed mid-way and auto-resumed matches an uninterrupted one; a 2-rank
+run under the deepspeed launcher; its checkpoint merged with merge_lora_weight.sh and re-validated;
+bad input stops the script with one `error:` line, before the model is built when it is the data."""
+import importlib.util
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +16,11 @@ import pytest
 import torch
 
 import train_sesame
+from cpu_deepspeed import cpu_process_group, cpu_subprocess_env
 from training.checkpoints import LATEST, read_latest_tag
 from training.merge import training_state_dict
 from utils import distributed as dist_utils
+from utils.errors import InputError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,14 +33,14 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_script")
     generate(str(root / "data"), seed=0)
     write_tiny_released(str(root / "start"), llama_vocab=False)
-    saved = {k: os.environ.get(k) for k in dist_utils.LAUNCH_ENV}
-    dist_utils.init_distributed()
-    yield root
-    for k, v in saved.items():  # leave no launcher variables behind for other tests' subprocesses
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with cpu_process_group():
+        yield root
+
+
+@pytest.fixture(scope="module")
+def full_run(inputs):
+    """An uninterrupted run of 2 epochs x 2 steps (its directory: runs/full)."""
+    return train_sesame.main(flags(inputs, "full"))
 
 
 def flags(root, exp, **over):
@@ -47,25 +53,32 @@ def flags(root, exp, **over):
 
 
 def read_log(run_dir):
-    """Last logged record per (kind, step): a killed run may log a step it never saved."""
+    """Logged records per (kind, step); each step is logged once, also across a kill and a resume."""
     train, val = {}, {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
-            (val if "val/giou" in rec else train)[rec["step"]] = rec
+            kind = val if "val/giou" in rec else train if "train/loss" in rec else None
+            if kind is not None:
+                assert rec["step"] not in kind, f"step {rec['step']} logged twice"
+                kind[rec["step"]] = rec
     return train, val
 
 
 def subprocess_env():
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # this test process's single-rank group must not leak into the launched ones
-    return env
+    return cpu_subprocess_env(PYTHONPATH=ROOT)
 
 
-def test_killed_run_auto_resumes_like_an_uninterrupted_one(inputs):
+def run_cli(argv) -> tuple[int, list[str]]:
+    """train_sesame as its command line runs it: exit status and the `error:` lines on stderr."""
+    err = io.StringIO()
+    status = run_main(train_sesame.main, [str(a) for a in argv], stderr=err)
+    return status, [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+
+
+def test_killed_run_auto_resumes_like_an_uninterrupted_one(inputs, full_run):
     root = inputs
-    full = train_sesame.main(flags(root, "full"))
+    full = full_run
     assert full.global_step == 4 and len(full.validations) == 2
 
     latest = root / "runs" / "killed" / LATEST
@@ -103,7 +116,12 @@ def test_killed_run_auto_resumes_like_an_uninterrupted_one(inputs):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     assert resumed.best_score == pytest.approx(full.best_score)
     assert set(full_train[4]) >= {"train/loss", "train/ce_loss", "train/mask_bce_loss", "train/mask_dice_loss",
-                                  "train/lr", "train/samples_per_sec"}
+                                  "train/lr", "train/samples_per_sec", "train/unweighted/mask_bce_loss"}
+    for r in full_train.values():  # the original's scale: weighted parts that add up to the loss
+        assert r["train/mask_bce_loss"] == pytest.approx(2.0 * r["train/unweighted/mask_bce_loss"])
+        assert r["train/mask_dice_loss"] == pytest.approx(0.5 * r["train/unweighted/mask_dice_loss"])
+        assert r["train/mask_loss"] == pytest.approx(r["train/mask_bce_loss"] + r["train/mask_dice_loss"])
+        assert r["train/loss"] == pytest.approx(r["train/ce_loss"] + r["train/mask_loss"], rel=1e-5)
     assert {"val/giou", "val/ciou", "val/see"} <= set(full_val[4])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(root / "runs" / "full"))
 
@@ -156,9 +174,9 @@ def test_train_sesame_sh_keeps_the_original_usage():
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
-def test_llava_base_start_with_sasp_bf16_and_offline_wandb(inputs, tmp_path, monkeypatch):
+def test_llava_base_start_with_sasp_bf16_and_the_auto_logger(inputs, tmp_path, monkeypatch):
     """The from-scratch start point (LLaVA-1.5 base + SAM .pth), READ's SasP switched on by flag,
-    bf16, logged to an offline wandb run."""
+    bf16, `--logger auto`: an offline wandb run where wandb is installed, TensorBoard where not."""
     from model.tiny import write_tiny_llava_base, write_tiny_sam
 
     root = inputs
@@ -174,16 +192,38 @@ def test_llava_base_start_with_sasp_bf16_and_offline_wandb(inputs, tmp_path, mon
     recipe = json.loads((run_dir / LATEST / "sesame_config.json").read_text())["sesame_config"]
     assert recipe["sasp"]["num_points"] == 7 and recipe["lora"]["r"] == 8
     assert recipe["llm"]["vocab_size"] == 32003  # the base's 32000 + [SEG], <im_start>, <im_end>
-    assert any(d.startswith("offline-run") for d in os.listdir(run_dir / "wandb"))
+    if importlib.util.find_spec("wandb") is not None:
+        assert any(d.startswith("offline-run") for d in os.listdir(run_dir / "wandb"))
+    else:
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
     train, _ = read_log(run_dir)
     assert sorted(train) == [1, 2] and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in train.values())
+
+
+def test_use_mm_start_end_reaches_the_tokenizer_config_and_prompts(inputs, tmp_path):
+    """--no-use_mm_start_end from a LLaVA base: no <im_start>/<im_end> tokens, the config says so, and
+    the collate function (training and teacher-forced validation) builds prompts without them."""
+    from model.tiny import write_tiny_llava_base, write_tiny_sam
+    from training.args import parse_args
+    from training.build import build_model, collate_from_args
+
+    write_tiny_llava_base(str(tmp_path / "llava"))
+    write_tiny_sam(str(tmp_path / "sam.pth"))
+    args = parse_args(flags(inputs, "mm", version=tmp_path / "llava", vision_pretrained=tmp_path / "sam.pth")
+                      + ["--no-use_mm_start_end"])
+    loaded = build_model(args, torch.device("cpu"))
+    assert loaded.model.config.use_mm_start_end is False
+    assert len(loaded.tokenizer) == 32001  # the base's 32000 + [SEG]
+    assert collate_from_args(args, loaded).keywords["use_mm_start_end"] is False
 
 
 def test_bad_flags_are_named(inputs):
     with pytest.raises(SystemExit):
         train_sesame.main(flags(inputs, "bad", precision="fp8"))
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(InputError, match="nope"):
         train_sesame.main(flags(inputs, "bad", dataset="refer_seg||nope", sample_rates="1,1") + ["--no_eval"])
+    with pytest.raises(InputError, match="--epochs"):
+        train_sesame.main(flags(inputs, "bad", epochs=0))
 
 
 def test_missing_validation_set_and_bad_lora_targets_are_named(inputs):
@@ -191,5 +231,84 @@ def test_missing_validation_set_and_bad_lora_targets_are_named(inputs):
 
     with pytest.raises(DatasetFileError, match="--val_dataset"):
         train_sesame.main(flags(inputs, "bad", dataset_dir=inputs / "data" / "refer_seg"))
-    with pytest.raises(ValueError, match="gate_proj"):
+    with pytest.raises(InputError, match="gate_proj"):
         train_sesame.main(flags(inputs, "bad", lora_target_modules="q_proj,gate_proj") + ["--no_eval"])
+
+
+@pytest.fixture
+def broken_data(inputs, tmp_path):
+    """A copy of the data root to damage."""
+    shutil.copytree(inputs / "data", tmp_path / "data")
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("fault,flag,expected", [
+    ("unknown validation set", {"val_dataset": "refcoco||nope"}, "--val_dataset 'nope'"),
+    ("unknown training source", {"dataset": "refer_seg||nope", "sample_rates": "1,1"}, "nope"),
+    ("missing data root", {"dataset_dir": "/nonexistent/data"}, "/nonexistent/data"),
+    ("invalid JSON", {}, "instances.json: not valid JSON"),
+    ("truncated refs pickle", {}, "refs(unc_exclude_unified).p"),
+])
+def test_data_faults_stop_with_one_line_before_the_model_is_built(inputs, broken_data, monkeypatch, fault, flag,
+                                                                 expected):
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the data was checked")
+    monkeypatch.setattr(train_sesame, "build_model", no_model)
+    refcoco = broken_data / "refer_seg" / "refcoco"
+    if fault == "invalid JSON":
+        (refcoco / "instances.json").write_text('{"images": [')
+    elif fault == "truncated refs pickle":
+        refs = refcoco / "refs(unc_exclude_unified).p"
+        refs.write_bytes(refs.read_bytes()[:100])
+    status, errors = run_cli(flags(inputs, "faults", **{"dataset_dir": broken_data, **flag}))
+    assert status == 1 and len(errors) == 1 and expected in errors[0], errors
+
+
+def test_resume_with_another_batch_size_is_refused_unless_allowed(inputs, full_run):
+    runs = inputs / "runs"
+    shutil.copytree(runs / "full", runs / "other_batch")
+    status, errors = run_cli(flags(inputs, "other_batch", batch_size=1))
+    assert status == 1 and len(errors) == 1 and "--batch_size 2 (now 1)" in errors[0], errors
+    assert "--allow_resume_mismatch" in errors[0]
+    # allowed: it resumes at step 4 of 4 and so has nothing left to train
+    state = train_sesame.main(flags(inputs, "other_batch", batch_size=1) + ["--allow_resume_mismatch"])
+    assert state.global_step == 4
+
+
+class Payload:
+    """Unpickling it would create the directory `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_planted_pickle_is_refused_by_auto_resume_resume_dir_and_merge(inputs, full_run, tmp_path):
+    """A payload in the model states of a run's checkpoint: auto-resume, --resume DIR and
+    merge_lora_weight.sh each stop with one `error:` line, and the payload never runs."""
+    from torch.serialization import safe_globals
+
+    from training.safe_load import deepspeed_pickled_types
+
+    runs = inputs / "runs"
+    shutil.copytree(runs / "full", runs / "tampered")
+    model_states = runs / "tampered" / LATEST / "global_step4" / "mp_rank_00_model_states.pt"
+    with safe_globals(deepspeed_pickled_types()):
+        state = torch.load(model_states, weights_only=True)
+    marker = tmp_path / "payload_ran"
+    state["extra"] = Payload(marker)
+    torch.save(state, model_states)
+
+    for argv in (flags(inputs, "tampered"), flags(inputs, "elsewhere", resume=runs / "tampered" / LATEST)):
+        status, errors = run_cli(argv)
+        assert status == 1 and len(errors) == 1 and "mp_rank_00_model_states.pt" in errors[0], errors
+        assert "posix.mkdir" in errors[0]
+    merge = subprocess.run(["bash", os.path.join(ROOT, "merge_lora_weight.sh"), str(runs / "tampered" / LATEST),
+                            str(tmp_path / "merged")], env=dict(subprocess_env(), PYTHON=sys.executable),
+                           capture_output=True, text=True, timeout=600)
+    errors = [line for line in merge.stderr.splitlines() if line.startswith("error:")]
+    assert merge.returncode == 1 and len(errors) == 1 and "posix.mkdir" in errors[0], merge.stderr[-3000:]
+    assert "Traceback" not in merge.stderr
+    assert not marker.exists()

@@ -126,16 +126,136 @@ def test_logger_choice_and_jsonl(tmp_path, monkeypatch):
     assert kind == "tensorboard"
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "train/loss": 1.5}
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+    null, kind = open_sink("auto", str(tmp_path / "n"), is_main=False)
+    assert kind == "none" and not (tmp_path / "n").exists()
+    with pytest.raises(ValueError, match="--logger"):
+        resolve_logger("mlflow")
+
+
+def test_auto_logger_falls_back_to_tensorboard_without_wandb(monkeypatch):
+    import sys
+
+    from utils.logging import resolve_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails, as where it is not installed
+    assert resolve_logger("auto") == "tensorboard"
+
+
+def test_auto_logger_picks_offline_wandb(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is optional (requirements-extra); without it see the test above")
+    from utils.logging import open_sink, resolve_logger
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_logger("auto") == "wandb"
     sink, kind = open_sink("auto", str(tmp_path / "w"), is_main=True, project="p", run_name="r")
     sink.log({"x": 1.0}, step=1)
     sink.close()
     assert kind == "wandb" and any(d.startswith("offline-run") for d in os.listdir(tmp_path / "w" / "wandb"))
-    null, kind = open_sink("auto", str(tmp_path / "n"), is_main=False)
-    assert kind == "none" and not (tmp_path / "n").exists()
-    with pytest.raises(ValueError, match="--logger"):
-        resolve_logger("mlflow")
+
+
+def test_a_resumed_run_drops_what_an_earlier_attempt_logged_after_its_checkpoint(tmp_path, capsys):
+    from utils.logging import JsonlSink
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "train/loss": float(s)} for s in (1, 2, 3, 4)] + [{"step": 2, "val/giou": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "train/lo')  # torn by a kill
+    sink = JsonlSink(str(path), start_step=2)
+    sink.log({"train/loss": 30.0}, step=3)
+    sink.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == \
+        [records[0], records[1], records[4], {"step": 3, "train/loss": 30.0}]
+    assert "dropped 3 records past step 2" in capsys.readouterr().out
+    JsonlSink(str(path), start_step=3).close()  # nothing past step 3: the file stays as it is
+    assert len(path.read_text().splitlines()) == 4
+
+
+def test_logged_losses_are_on_the_original_scale():
+    """The original logged ce_loss, mask_bce_loss and mask_dice_loss times their loss weights."""
+    from types import SimpleNamespace
+
+    from model.config import LossConfig
+    from training.loop import LossMeter
+
+    w = LossConfig(ce_loss_weight=1.5, bce_loss_weight=2.0, dice_loss_weight=0.5)
+    meter = LossMeter(w)
+    for ce, bce, dice in ((1.0, 0.2, 0.6), (3.0, 0.4, 1.0)):  # what the model returns: unweighted parts
+        mask = w.bce_loss_weight * bce + w.dice_loss_weight * dice
+        out = SimpleNamespace(loss=torch.tensor(w.ce_loss_weight * ce + mask), ce_loss=torch.tensor(ce),
+                              mask_bce_loss=torch.tensor(bce), mask_dice_loss=torch.tensor(dice),
+                              mask_loss=torch.tensor(mask))
+        meter.add(out, samples=2)
+    r = meter.report()
+    assert r["train/ce_loss"] == pytest.approx(1.5 * 2.0) and r["train/unweighted/ce_loss"] == pytest.approx(2.0)
+    assert r["train/mask_bce_loss"] == pytest.approx(2.0 * 0.3) and r["train/unweighted/mask_bce_loss"] == \
+        pytest.approx(0.3)
+    assert r["train/mask_dice_loss"] == pytest.approx(0.5 * 0.8)
+    assert r["train/mask_loss"] == pytest.approx(r["train/mask_bce_loss"] + r["train/mask_dice_loss"])
+    assert r["train/loss"] == pytest.approx(r["train/ce_loss"] + r["train/mask_loss"])
+
+
+def test_a_resume_must_keep_the_data_stream_layout(tmp_path, capsys):
+    from training.checkpoints import STREAM_FILE, RunCheckpoints, StreamLayout
+    from utils.errors import InputError
+
+    saved = StreamLayout(batch_size=12, world_size=8, grad_accumulation_steps=1)
+    tag_dir = tmp_path / "ckpt_model" / "global_step10"
+    tag_dir.mkdir(parents=True)
+    (tmp_path / "ckpt_model" / "latest").write_text("global_step10")
+    (tag_dir / STREAM_FILE).write_text(json.dumps({"batch_size": 12, "world_size": 8, "grad_accumulation_steps": 1}))
+
+    def checkpoints(stream, allow=False):
+        return RunCheckpoints(str(tmp_path), lambda d: None, stream, allow_stream_change=allow)
+
+    checkpoints(saved)._check_stream(str(tag_dir))  # the same layout passes
+    other = StreamLayout(batch_size=6, world_size=8, grad_accumulation_steps=2)
+    with pytest.raises(InputError, match=r"--batch_size 12 \(now 6\), --grad_accumulation_steps 1 \(now 2\).*"
+                                         "--allow_resume_mismatch"):
+        checkpoints(other).resume(engine=None)  # refused before DeepSpeed reads anything
+    for allow in (False, True):  # DeepSpeed cannot re-partition ZeRO state: refused even when allowed
+        with pytest.raises(InputError, match="written by 8 processes and this run has 4.*resume with 8"):
+            checkpoints(StreamLayout(batch_size=12, world_size=4, grad_accumulation_steps=1), allow).resume(None)
+    checkpoints(other, allow=True)._check_stream(str(tag_dir))
+    assert "the data stream differs" in capsys.readouterr().out
+    (tag_dir / STREAM_FILE).unlink()  # a checkpoint without the record: continued, with a note
+    checkpoints(other)._check_stream(str(tag_dir))
+    assert "cannot be checked" in capsys.readouterr().out
+
+
+def test_see_validation_prompts_as_the_model_was_trained(tokenizer, token_ids):
+    """See's greedy prompts (through the predictor) wrap the image in <im_start>/<im_end> exactly when
+    the model does."""
+    from types import SimpleNamespace
+
+    from dataset.eval_sets import EvalImage, EvalQuery
+    from model.builder import LoadedSesame
+    from model.predictor import SesamePredictor
+    from model.tiny import tiny_model
+    from model.transforms import ClipTransform, SamTransform
+    from training.validate import see_metrics
+
+    prompts = []
+
+    class Backend:
+        queries_per_batch = max_images_per_batch = 1
+
+        def run(self, works, max_new_tokens):
+            works = list(works)
+            prompts.extend(p for w in works for p in w.prompts)
+            return [[SimpleNamespace(exists=True) for _ in w.prompts] for w in works]
+
+    query = EvalQuery(ref_id=1, sent_id=1, sentence="s", question="<image>\nWhere is s?", gt_exists=True,
+                      gt_sent=None, gt_mask=np.zeros((2, 2), np.uint8))
+    image = EvalImage("a.jpg", 1, 2, 2, [query])
+    model = tiny_model(token_ids, len(tokenizer))
+    loaded = LoadedSesame(model, tokenizer, ClipTransform(112), SamTransform(128))
+    for use_mm_start_end in (True, False):
+        prompts.clear()
+        model.config.use_mm_start_end = use_mm_start_end
+        predictor = SesamePredictor(loaded, conv_type="llava_v1", max_new_tokens=4, backend=Backend())
+        sums = see_metrics(predictor, [image], lambda im: np.zeros((2, 2, 3), np.uint8))
+        assert sums.total == sums.correct == 1
+        assert (token_ids.im_start in prompts[0]) == use_mm_start_end
 
 
 def test_data_left_out_is_counted_per_source(capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from model.sasp import add_sasp_arguments
+from utils.errors import add_debug_flag
 
 from .deepspeed_config import PRECISIONS
 from .loop import BEST_METRICS
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sasp_arguments(p)  # READ: --use_sasp --num_points --t_pos --t_neg --down_sample
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_dir", default="./dataset")
+    g.add_argument("--dataset_dir", default="./data", help="the data root (layout: dataset/README.md)")
     g.add_argument("--dataset", default="refer_seg||correct_refer_seg||vqa||neg_refer_seg")
     g.add_argument("--sample_rates", default="12,2,2,1")
     g.add_argument("--sem_seg_data", default="ade20k||cocostuff||pascal_part||paco_lvis")
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto_resume", action=on_off, default=True,
                    help="continue from {log_base_dir}/{exp_name}/ckpt_model when it exists")
     g.add_argument("--resume", default=None, help="a DeepSpeed checkpoint directory to continue from")
+    g.add_argument("--allow_resume_mismatch", action="store_true",
+                   help="resume a checkpoint written with another --batch_size or --grad_accumulation_steps (refused "
+                        "otherwise: the data stream then differs from the uninterrupted run's); the number of "
+                        "processes must match in any case")
     g.add_argument("--save_steps", type=int, default=0,
                    help="also save the latest checkpoint every N steps (0: at the end of each epoch)")
     g.add_argument("--print_freq", type=int, default=3)
@@ -108,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb_run_name", default=None, help="default: --exp_name")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_debug_flag(g)
     return p
 
 

@@ -18,6 +18,7 @@ from utils import distributed as dist_utils
 from .checkpoints import BEST, LATEST, RunCheckpoints, TrainState, set_rng_state
 
 LOSS_PARTS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
+WEIGHTED_PARTS = {"ce_loss": "ce_loss_weight", "mask_bce_loss": "bce_loss_weight", "mask_dice_loss": "dice_loss_weight"}
 BEST_METRICS = ("giou", "ciou", "see")
 
 
@@ -74,9 +75,15 @@ class DataCounts:
 
 
 class LossMeter:
-    """Sums of the loss parts over the micro-steps since the last report."""
+    """Sums of the loss parts over the micro-steps since the last report.
 
-    def __init__(self) -> None:
+    Reported on the original's scale: it logged ce_loss, mask_bce_loss and mask_dice_loss each
+    multiplied by its loss weight (so mask_loss = mask_bce_loss + mask_dice_loss and loss = ce_loss
+    + mask_loss). The model's per-mask means come out as train/unweighted/<part>.
+    """
+
+    def __init__(self, weights) -> None:
+        self.weights = weights  # model.config.LossConfig
         self.sums: dict[str, torch.Tensor | float] = {k: 0.0 for k in LOSS_PARTS}
         self.count = 0
         self.samples = 0
@@ -91,7 +98,10 @@ class LossMeter:
     def report(self) -> dict[str, float]:
         n = max(self.count, 1)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {**{f"train/{k}": float(v) / n for k, v in self.sums.items()},
+        means = {k: float(v) / n for k, v in self.sums.items()}
+        weighted = {k: getattr(self.weights, w) * means[k] for k, w in WEIGHTED_PARTS.items()}
+        return {**{f"train/{k}": weighted.get(k, v) for k, v in means.items()},
+                **{f"train/unweighted/{k}": means[k] for k in WEIGHTED_PARTS},
                 "train/samples_per_sec": self.samples / elapsed}
 
 
@@ -131,7 +141,8 @@ def train_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: i
     batches = iter(io.batches(state.global_step * accum, (epoch + 1) * cfg.steps_per_epoch * accum))
     bar = _progress_bar(io.progress, epoch, cfg, first)
     engine.train()
-    meter = LossMeter()
+    loss_weights = engine.module.config.loss
+    meter = LossMeter(loss_weights)
     data_counts = DataCounts()
     for step_in_epoch in range(first, last):
         lr = float(engine.get_lr()[0])  # the rate this optimizer step uses
@@ -155,7 +166,7 @@ def train_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: i
             io.sink.log(metrics, step=state.global_step)
             if bar is not None:
                 bar.set_postfix(_postfix(metrics), refresh=False)
-            meter = LossMeter()
+            meter = LossMeter(loss_weights)
         if bar is not None:
             bar.update(1)
         if cfg.save_steps and state.global_step % cfg.save_steps == 0 and done_in_epoch != last:

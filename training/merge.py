@@ -2,7 +2,8 @@
 
 1. Consolidate the ZeRO shards into one fp32 state dict of the training model (LoRA-wrapped LLM,
    CLIP, SAM, text_hidden_fcs), with DeepSpeed's own `zero_to_fp32`. Stage-1 checkpoints keep the
-   frozen weights only in the module file, so those are filled in from there.
+   frozen weights only in the module file, so those are filled in from there. Every file is read
+   weights-only (training/safe_load.py): a tampered checkpoint is refused, never run.
 2. Rebuild the same network on the meta device from the `sesame_config.json` the run stored next to
    its checkpoints (no base model download, no full-size random init), wrap it with the same LoRA,
    and assign the state dict strictly: every key must match.
@@ -23,6 +24,7 @@ from model.lora import apply_lora, merge_lora
 from model.sesame import SesameModel
 
 from .checkpoints import CONFIG_FILE, TOKENIZER_DIR, read_latest_tag
+from .safe_load import load_checkpoint_file, refuse_unsafe_files, weights_only_loading
 
 
 def training_state_dict(ckpt_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -37,10 +39,13 @@ def training_state_dict(ckpt_dir: str, tag: Optional[str] = None) -> dict[str, t
     model_files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
     if not model_files:
         raise FileNotFoundError(f"{tag_dir} holds no mp_rank_00_model_states.pt")
+    refuse_unsafe_files(tag_dir)
     has_zero_shards = bool(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")))
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag) if has_zero_shards else {}
-    # Our own training output (it also holds DeepSpeed's config objects, hence not weights_only).
-    module = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+    state = {}
+    if has_zero_shards:
+        with weights_only_loading(tag_dir):
+            state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    module = load_checkpoint_file(model_files[0])["module"]
     for name, tensor in module.items():
         if name not in state:  # frozen weights of ZeRO-0/1 checkpoints, or everything without ZeRO
             state[name] = tensor.float() if tensor.is_floating_point() else tensor

@@ -76,14 +76,15 @@ def run_main(main: Callable[[list[str]], object], argv: Optional[Sequence[str]] 
              stderr: Optional[TextIO] = None) -> int:
     """Call `main(argv)` (default argv: sys.argv[1:]); returns the exit status for sys.exit.
 
-    main's own status when it returns an int (else 0); 1 with one `error:` line for a known error; 130 on Ctrl-C. Unknown errors
+    What main returns when that is an int (its own status), else 0; 1 with one `error:` line for a
+    known error; 130 on Ctrl-C. Unknown errors
     propagate (Python prints the traceback and exits 1); so does SystemExit (argparse's usage errors).
     Under a multi-process launcher the line says which rank failed.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     err = stderr or sys.stderr
     try:
-        status = main(argv)
+        result = main(argv)
     except KeyboardInterrupt:
         print("interrupted", file=err, flush=True)
         return INTERRUPTED_EXIT
@@ -92,7 +93,7 @@ def run_main(main: Callable[[list[str]], object], argv: Optional[Sequence[str]] 
             raise
         print(f"error: {_rank_prefix()}{one_line(e)}", file=err, flush=True)
         return 1
-    return status if isinstance(status, int) else 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def _rank_prefix() -> str:

@@ -3,6 +3,9 @@ JSONL file next to them. Only rank 0 writes; other ranks get a sink that drops e
 
 wandb honours WANDB_MODE (online / offline / disabled). `auto` picks wandb when it can log (an API
 key is configured, or WANDB_MODE=offline) so an unattended run never stops at a login prompt.
+
+A run resumed at step S logs steps S+1, ... again; what an earlier attempt logged after S is dropped
+when the sink opens: records past S leave metrics.jsonl, and TensorBoard purges events past S.
 """
 from __future__ import annotations
 
@@ -30,10 +33,15 @@ class NullSink:
 
 
 class JsonlSink:
-    """One JSON object per log call: {"step": ..., **metrics}."""
+    """One JSON object per log call: {"step": ..., **metrics}, appended after the records of steps
+    up to `start_step` that the file already holds (later ones are dropped: they are logged again)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, start_step: int = 0):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        dropped = drop_records_after(path, start_step)
+        if dropped:
+            print(f"{path}: dropped {dropped} records past step {start_step} (the run continues from there)",
+                  flush=True)
         self.file = open(path, "a", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -44,11 +52,36 @@ class JsonlSink:
         self.file.close()
 
 
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrite the JSONL file at `path` without its records of steps after `step` (and without a
+    torn last line); returns how many lines went. The file is replaced atomically."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill mid-write
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 class TensorBoardSink:
-    def __init__(self, log_dir: str):
+    def __init__(self, log_dir: str, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir)
+        # purge_step: TensorBoard hides the events of steps > start_step that an earlier attempt wrote
+        self.writer = SummaryWriter(log_dir, purge_step=start_step + 1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
@@ -125,15 +158,16 @@ def resolve_logger(kind: str) -> str:
     return kind
 
 
-def open_sink(kind: str, log_dir: str, *, is_main: bool, project: str = "sesame", run_name: str = "sesame",
-              config: Optional[dict] = None, resume_id: Optional[str] = None):
-    """The metric sink for this process. `kind` is one of LOGGERS; returns (sink, resolved kind)."""
+def open_sink(kind: str, log_dir: str, *, is_main: bool, start_step: int = 0, project: str = "sesame",
+              run_name: str = "sesame", config: Optional[dict] = None, resume_id: Optional[str] = None):
+    """The metric sink for this process. `kind` is one of LOGGERS; `start_step` the step the run
+    continues from (0 for a fresh run); returns (sink, resolved kind)."""
     if not is_main:
         return NullSink(), "none"
     resolved = resolve_logger(kind)
-    sinks: list = [JsonlSink(os.path.join(log_dir, "metrics.jsonl"))]
+    sinks: list = [JsonlSink(os.path.join(log_dir, "metrics.jsonl"), start_step)]
     if resolved == "wandb":
         sinks.append(WandbSink(project, run_name, log_dir, config or {}, resume_id))
     elif resolved == "tensorboard":
-        sinks.append(TensorBoardSink(log_dir))
+        sinks.append(TensorBoardSink(log_dir, start_step))
     return MultiSink(sinks), resolved
