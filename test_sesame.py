@@ -45,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the question-template choice of the eval set")
     p.add_argument("--reason_seg_template", choices=("lisa", "sesame"), default="lisa",
                    help="ReasonSeg question wording: LISA's fixed prompts (what READ reports) or SESAME's templates")
-    p.add_argument("--queries_per_batch", type=int, default=engine.queries_per_batch,
-                   help="queries decoded together (KV memory grows with it)")
+    p.add_argument("--queries_per_batch", type=int, default=None,
+                   help="queries decoded together (KV memory grows with it); default: as many as free GPU memory "
+                        "allows, up to 256")
+    p.add_argument("--sam_batch", type=int, default=None, help="images per CLIP / SAM encoder call (default: from "
+                   "free GPU memory, up to 8)")
+    p.add_argument("--prefix_batch", type=int, default=None, help="images per LLM prefix pass (default: from free GPU "
+                   "memory, up to 32)")
     p.add_argument("--slots_per_group", type=int, default=engine.slots_per_group,
                    help="queries of one image sharing one cached prefix")
     p.add_argument("--cuda_graphs", action="store_true",
@@ -69,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_config(args):
     from engine.config import EngineConfig
 
-    return EngineConfig(queries_per_batch=args.queries_per_batch, slots_per_group=args.slots_per_group,
+    return EngineConfig(queries_per_batch=args.queries_per_batch, sam_batch=args.sam_batch,
+                        prefix_batch=args.prefix_batch, slots_per_group=args.slots_per_group,
                         cuda_graphs=args.cuda_graphs, compile_sam=args.compile_sam)
 
 
@@ -115,8 +121,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.world_size is not None and args.world_size < 1:
         raise InputError(f"--world_size must be >= 1, got {args.world_size}")
-    if args.max_new_tokens < 1 or args.queries_per_batch < 1 or args.limit_images < 0:
-        raise InputError("--max_new_tokens and --queries_per_batch must be >= 1, --limit_images >= 0")
+    if args.limit_images < 0:
+        raise InputError(f"--limit_images must be >= 0, got {args.limit_images}")
+    try:
+        engine_config(args)
+    except ValueError as e:  # a batch size below 1
+        raise InputError(str(e).replace("EngineConfig.", "--")) from None
     if args.cmd == "metrics":
         run_metrics(args)
         return 0

@@ -57,6 +57,7 @@ from model.transforms import normalize_and_pad
 from .cache import GroupKVCache, StepBuffers
 from .config import EngineConfig
 from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
+from .memory import batch_sizes
 from .plan import Plan, plan_groups, round_up, split_prompt
 from .timing import StageTimer
 
@@ -86,13 +87,26 @@ class BatchedInference:
         self.graph_failure: Optional[str] = None  # why a capture failed, if one did (then: eager steps)
         self.graph_captures = 0
         self._layers_of: Optional[LlamaLayers] = None
+        self.sizes = batch_sizes(model, config)  # from free GPU memory where config leaves them unset
         self._sam_encoder = None
         if config.compile_sam:
             self._sam_encoder = torch.compile(model.visual_model.image_encoder, dynamic=False)
 
     @property
     def queries_per_batch(self) -> int:
-        return self.config.queries_per_batch
+        return self.sizes.queries_per_batch
+
+    def on_out_of_memory(self) -> bool:
+        """After a run ran out of GPU memory: drop the cache and captured steps and halve the batch
+        sizes. False when they are at their smallest already (nothing left to try)."""
+        self._release()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        smaller = self.sizes.halved()
+        if smaller == self.sizes:
+            return False
+        self.sizes = smaller
+        return True
 
     @property
     def max_images_per_batch(self) -> int:
@@ -123,10 +137,13 @@ class BatchedInference:
             by_prefix.setdefault(prefix, []).append(q)
         predictions: list[Optional[QueryPrediction]] = [None] * len(flat)
         for prefix, queries in by_prefix.items():  # one template -> one prefix, the normal case
-            preds = self._run_prefix(images, clip_features, sam_embeddings, prefix,
-                                     [(flat[q][0], split[q][1], q) for q in queries], max_new_tokens)
-            for q, p in zip(queries, preds):
-                predictions[q] = p
+            # at most queries_per_batch queries decode together (an image's queries may be split)
+            for start in range(0, len(queries), self.sizes.queries_per_batch):
+                part = queries[start:start + self.sizes.queries_per_batch]
+                preds = self._run_prefix(images, clip_features, sam_embeddings, prefix,
+                                         [(flat[q][0], split[q][1], q) for q in part], max_new_tokens)
+                for q, p in zip(part, preds):
+                    predictions[q] = p
         out: list[list[QueryPrediction]] = [[] for _ in images]
         for (i, _), p in zip(flat, predictions):
             out[i].append(p)
@@ -136,7 +153,7 @@ class BatchedInference:
     def _encode(self, images: Iterable[ImageWork]) -> tuple[list[ImageWork], torch.Tensor, torch.Tensor]:
         """Both encoders over chunks of `sam_batch` images, each chunk as soon as it has arrived (CUDA
         work is queued, so the host goes back to waiting for the next images while the GPU runs)."""
-        device, chunk = self.model.device, self.config.sam_batch
+        device, chunk = self.model.device, self.sizes.sam_batch
         seen: list[ImageWork] = []
         clip_features, sam_embeddings = [], []
 
@@ -171,7 +188,7 @@ class BatchedInference:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         if self._sam_encoder is None:
             return self.model.encode_images_sam(pixels)
-        count, batch = pixels.shape[0], self.config.sam_batch
+        count, batch = pixels.shape[0], self.sizes.sam_batch
         if count < batch:  # one shape for the compiled encoder: pad the last chunk with blank images
             pixels = torch.cat([pixels, pixels.new_zeros((batch - count, *pixels.shape[1:]))])
         weight = self.model.visual_model.image_encoder.patch_embed.proj.weight
@@ -299,8 +316,8 @@ class BatchedInference:
         P = text_len + num_patches
         keep_image_hidden = model.config.sasp is not None
         image_hidden: dict[int, torch.Tensor] = {}
-        for a in range(0, len(image_ids), cfg.prefix_batch):
-            chunk = image_ids[a:a + cfg.prefix_batch]
+        for a in range(0, len(image_ids), self.sizes.prefix_batch):
+            chunk = image_ids[a:a + self.sizes.prefix_batch]
             feats = clip_features[torch.tensor(chunk, device=device)].to(text.dtype)
             x = torch.cat([text[None].expand(len(chunk), -1, -1), feats], dim=1)
             positions = torch.arange(P, device=device)[None].expand(len(chunk), -1)

@@ -50,6 +50,12 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                    help="system prompt: vicuna_v1 is what the original evaluation and demo used, llava_v1 what "
                         "training used")
     g.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
+    bits = g.add_mutually_exclusive_group()
+    bits.add_argument("--load_in_8bit", action="store_true",
+                      help="LLM weights in 8 bits (per-channel int8; about 9.5 GiB of GPU memory for a 7B model)")
+    bits.add_argument("--load_in_4bit", action="store_true",
+                      help="LLM weights in 4 bits (groups of 128; about 6 GiB for a 7B model); CLIP and SAM stay in "
+                           "--precision")
     add_sasp_arguments(parser)  # --use_sasp --num_points --t_pos --t_neg --down_sample (READ)
 
 
@@ -62,6 +68,7 @@ def load_predictor(args: argparse.Namespace, *, config: Optional[EngineConfig] =
 
     from model.builder import load_pretrained
     from model.config import PRECISIONS
+    from model.quantize import check_quantization, quantize_llm
     from model.sasp import sasp_config_from_args
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,8 +80,16 @@ def load_predictor(args: argparse.Namespace, *, config: Optional[EngineConfig] =
         raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     if args.max_new_tokens < 1:
         raise InputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    loaded = load_pretrained(args.pretrained_model_path, vision_tower=args.vision_tower,
-                             dtype=PRECISIONS[args.precision], device=device)
+    bits = 8 if getattr(args, "load_in_8bit", False) else 4 if getattr(args, "load_in_4bit", False) else None
+    dtype = PRECISIONS[args.precision]
+    check_quantization(bits, torch.device(device), dtype)
+    # quantised: read the checkpoint into host memory and bring the LLM over one quantised layer at a time,
+    # so the GPU never holds the full-precision weights
+    loaded = load_pretrained(args.pretrained_model_path, vision_tower=args.vision_tower, dtype=dtype,
+                             device="cpu" if bits else device)
+    if bits:
+        quantize_llm(loaded.model.language_model, bits, torch.device(device))
+        loaded.model.to(device)
     try:
         loaded.model.config.sasp = sasp_config_from_args(args, loaded.model.config.sasp)
     except ValueError as e:  # SasP knobs out of range, or given for a model without SasP

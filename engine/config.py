@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
 class EngineConfig:
     """How the engine groups and batches work. Answers do not depend on these (tests check it),
-    only speed and memory do."""
+    only speed and memory do. Sizes left None are chosen from free GPU memory (engine/memory.py)."""
 
-    queries_per_batch: int = 256  # queries decoded together (KV memory grows with it)
+    queries_per_batch: Optional[int] = None  # queries decoded together (KV memory grows with it); max 256
     max_images_per_batch: int = 64
     slots_per_group: int = 8  # queries of one image that share one cached prefix; more -> another group
-    sam_batch: int = 8  # images per CLIP and SAM encoder call
-    prefix_batch: int = 32  # images per prefix forward
+    sam_batch: Optional[int] = None  # images per CLIP and SAM encoder call; max 8
+    prefix_batch: Optional[int] = None  # images per prefix forward; max 32
     first_capacity: int = 32  # decode steps the cache is sized for at first; doubles when reached
     # On CUDA, replay each decode step as a captured CUDA graph (opt-in: each new step shape costs a
     # capture, see benchmarks/RESULTS.md). The cache, the mask and the step's inputs then live at
@@ -28,5 +29,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("queries_per_batch", "max_images_per_batch", "slots_per_group", "sam_batch", "prefix_batch",
                      "first_capacity", "column_block", "row_block", "max_graphs"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {value}")
+
+    @classmethod
+    def interactive(cls) -> "EngineConfig":
+        """One question at a time (demo, web demo): decode steps replayed as CUDA graphs on a one-row
+        cache read in small blocks (the step is launch-bound, not bandwidth-bound, at batch 1)."""
+        return cls(queries_per_batch=8, max_images_per_batch=1, cuda_graphs=True, column_block=128, row_block=1)

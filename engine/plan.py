@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -52,17 +52,19 @@ def plan_groups(queries: list[tuple[int, list[int], int]], slots_per_group: int)
 T = TypeVar("T")
 
 
-def batch_images(items: Iterable[T], queries_of: Callable[[T], int], queries_per_batch: int,
+def batch_images(items: Iterable[T], queries_of: Callable[[T], int], queries_per_batch: Union[int, Callable[[], int]],
                  max_images: int = 64) -> Iterator[list[T]]:
     """Group a stream of images into batches of about `queries_per_batch` queries (an image is never
-    split across batches; one with more queries than the budget is a batch of its own)."""
-    if queries_per_batch < 1 or max_images < 1:
-        raise ValueError(f"queries_per_batch and max_images must be >= 1, got {queries_per_batch}, {max_images}")
+    split across batches; one with more queries than the budget is a batch of its own). A callable
+    budget is asked again for every batch (it may shrink while the stream is consumed)."""
+    budget = queries_per_batch if callable(queries_per_batch) else (lambda: queries_per_batch)
+    if budget() < 1 or max_images < 1:
+        raise ValueError(f"queries_per_batch and max_images must be >= 1, got {budget()}, {max_images}")
     batch: list[T] = []
     count = 0
     for item in items:
         n = queries_of(item)
-        if batch and (count + n > queries_per_batch or len(batch) >= max_images):
+        if batch and (count + n > budget() or len(batch) >= max_images):
             yield batch
             batch, count = [], 0
         batch.append(item)

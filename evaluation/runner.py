@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from engine.plan import batch_images
 from model.predictor import SesamePredictor
@@ -153,27 +154,45 @@ def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callab
         saving = None
         # batches are planned from the query counts before any image is loaded, so that the backend
         # takes each batch's images as they arrive (the engine's encoders start on the first few)
-        plan = batch_images(range(len(pending)), lambda i: len(pending[i][1]), backend.queries_per_batch,
+        plan = batch_images(range(len(pending)), lambda i: len(pending[i][1]), lambda: backend.queries_per_batch,
                             backend.max_images_per_batch)
 
-        skipped_queries = 0
-
-        def arriving(count: int, batch: list):
-            nonlocal skipped_queries
+        def arriving(count: int, batch: list, pulled: list):
             for _ in range(count):
                 t0 = time.perf_counter()
                 item = next(loader)
                 waited["loader"] += time.perf_counter() - t0
-                if item.work is None:  # unreadable, skipped and counted by read_rgb
-                    skipped_queries += sum(missing[item.index])
-                    continue
-                batch.append(item)
-                yield item.work
+                pulled.append(item)
+                if item.work is not None:  # None: unreadable, skipped and counted by read_rgb
+                    batch.append(item)
+                    yield item.work
 
+        def smaller_runs(items: list, error: Exception) -> list:
+            """The predictions of `items` after a run ran out of GPU memory: the backend takes less work
+            per run, and the items go in runs of that size (each retried the same way)."""
+            if not backend.on_out_of_memory():
+                raise error
+            print(f"note: out of GPU memory; retrying with {backend.queries_per_batch} queries per batch "
+                  "(no record lost)", file=sys.stderr, flush=True)
+            out = []
+            for part in batch_images(items, lambda it: len(it.work.prompts), backend.queries_per_batch,
+                                     backend.max_images_per_batch):
+                try:
+                    out += predictor.run([it.work for it in part])
+                except torch.cuda.OutOfMemoryError as e:
+                    out += smaller_runs(part, e)
+            return out
+
+        skipped_queries = 0
         try:
             for indices in plan:
-                batch: list = []
-                predictions = predictor.run(arriving(len(indices), batch))
+                batch, pulled = [], []
+                try:
+                    predictions = predictor.run(arriving(len(indices), batch, pulled))
+                except torch.cuda.OutOfMemoryError as e:
+                    list(arriving(len(indices) - len(pulled), batch, pulled))  # the rest of this batch's images
+                    predictions = smaller_runs(batch, e)
+                skipped_queries += sum(sum(missing[it.index]) for it in pulled if it.work is None)
                 t0 = time.perf_counter()
                 if saving is not None:
                     done_now += saving.result()

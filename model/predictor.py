@@ -72,6 +72,10 @@ class Backend(Protocol):
     def run(self, images: Iterable[ImageWork], max_new_tokens: int) -> list[list[QueryPrediction]]:
         """Greedy answers for every prompt of every image, in input order."""
 
+    def on_out_of_memory(self) -> bool:
+        """A run ran out of GPU memory: free what can be freed and take less work per run from now on.
+        False when there is nothing smaller to try."""
+
 
 class ReferenceBackend:
     """`SesameModel.predict`, one call per image (all of its prompts as one left-padded batch)."""
@@ -81,6 +85,9 @@ class ReferenceBackend:
 
     def __init__(self, model: SesameModel, logits_hook: Optional[RowLogitsHook] = None):
         self.model, self.logits_hook = model, logits_hook
+
+    def on_out_of_memory(self) -> bool:
+        return False  # one image per run already
 
     def run(self, images: Iterable[ImageWork], max_new_tokens: int) -> list[list[QueryPrediction]]:
         out, first = [], 0

@@ -6,6 +6,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import test_sesame
 from dataset.eval_report import EvalDataError, EvalSetReport
@@ -290,3 +291,36 @@ def test_gil_handoff_is_scoped():
     with quick_gil_handoff(0.0005):
         assert sys.getswitchinterval() == min(before, 0.0005)
     assert sys.getswitchinterval() == before
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_record(tmp_path, loaded, monkeypatch, capsys):
+    """A run that runs out of GPU memory is retried in smaller runs (the engine halves its sizes, and
+    splits an image's queries when they alone are too many); the records are those of a run that
+    never ran out."""
+    from engine.batched import BatchedInference
+
+    images = _images(str(tmp_path))
+    _run(loaded, images, tmp_path / "full", "--queries_per_batch", "8")
+    original = BatchedInference._run_prefix
+    sizes = []
+
+    def tight(self, images, clip, sam, prefix, queries, max_new_tokens):
+        sizes.append(len(queries))
+        if len(queries) > 3:  # "memory" for 3 queries decoding together
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, images, clip, sam, prefix, queries, max_new_tokens)
+
+    monkeypatch.setattr(BatchedInference, "_run_prefix", tight)
+    summary = _run(loaded, images, tmp_path / "tight", "--queries_per_batch", "8")
+    assert summary["queries_run"] == sum(QUERIES)
+    err = capsys.readouterr().err
+    assert "out of GPU memory; retrying with 4 queries per batch" in err and "with 2 queries" in err
+    full = read_shard(shard_path(str(tmp_path / "full"), "fprefcoco", "val", 0, 1))
+    tight_records = read_shard(shard_path(str(tmp_path / "tight"), "fprefcoco", "val", 0, 1))
+    assert _by_key(tight_records) == _by_key(full) and [r.key for r in tight_records] == [r.key for r in full]
+    assert max(sizes) > 3 and 5 not in sizes[sizes.index(2):]  # image 2's 5 queries went in smaller parts
+    # nothing fits even at the smallest sizes: the error stands
+    monkeypatch.setattr(BatchedInference, "_run_prefix", lambda *a: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _run(loaded, images[:1], tmp_path / "none", "--queries_per_batch", "8")

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from dataset.synthetic import generate
-from utils.records import shard_dir
+from evaluation.records import shard_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -77,3 +77,20 @@ def test_bad_requests_are_one_line(monkeypatch):
         check_quantization(8, torch.device("cpu"), torch.bfloat16)
     check_quantization(None, torch.device("cpu"), torch.float32)
     check_quantization(4, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("flag,bits", [("--load_in_8bit", 8), ("--load_in_4bit", 4)])
+def test_the_flags_load_a_quantised_predictor(flag, bits):
+    """demo.py / test_sesame.py / web_demo.py share these flags (engine.build.add_predictor_arguments)."""
+    import numpy as np
+
+    import demo
+    from engine.build import load_predictor
+
+    predictor = load_predictor(demo.parse_args(["--pretrained_model_path", "tiny-random", "--device", "cpu",
+                                                "--precision", "fp32", "--max_new_tokens", "3", flag]))
+    assert quantized_bits(predictor.model.language_model) == bits
+    answer = predictor.ask((np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8), "Is there a cat?")
+    assert len(answer.output_ids) <= 3 and answer.masks.shape[1:] == (30, 40)
+    with pytest.raises(SystemExit):  # one or the other
+        demo.parse_args(["--load_in_8bit", "--load_in_4bit"])
