@@ -142,9 +142,9 @@ def sync(device: str) -> None:
 
 
 def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
-    argv = ["--vis_save_path", out_dir, "--max_new_tokens", str(args.max_new_tokens), "--queries_per_batch",
-            str(args.queries_per_batch), "--slots_per_group", str(args.slots_per_group), "--num_workers",
-            str(args.num_workers), "--no_progress"]
+    argv = ["--vis_save_path", out_dir, "--max_new_tokens", str(args.max_new_tokens), "--slots_per_group",
+            str(args.slots_per_group), "--num_workers", str(args.num_workers), "--no_progress"]
+    argv += ["--queries_per_batch", str(args.queries_per_batch)] if args.queries_per_batch else []
     argv += (["--cuda_graphs"] if args.cuda_graphs else []) + (["--compile_sam"] if args.compile_sam else [])
     eval_args = test_sesame.build_parser().parse_args(argv)
     cfg = loaded.model.config
@@ -154,6 +154,7 @@ def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
     sync(args.device)
     summary = run_shard(test_sesame.eval_run(eval_args), predictor, images, test_sesame.image_reader(eval_args, None))
     sync(args.device)
+    summary["engine_sizes"] = vars(predictor.backend.sizes)
     return summary
 
 
@@ -286,7 +287,12 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=None, help="default 64 (tiny: 6)")
     ap.add_argument("--queries_per_image", type=int, default=None, help="default 8 (tiny: 3)")
     ap.add_argument("--max_new_tokens", type=int, default=None, help="default 24 (tiny: 8)")
-    ap.add_argument("--queries_per_batch", type=int, default=256)
+    ap.add_argument("--queries_per_batch", type=int, default=None, help="default: from free GPU memory")
+    ap.add_argument("--memory_cap_gib", type=float, default=None,
+                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), as a smaller card")
+    bits = ap.add_mutually_exclusive_group()
+    bits.add_argument("--load_in_8bit", action="store_true", help="LLM weights in 8 bits")
+    bits.add_argument("--load_in_4bit", action="store_true", help="LLM weights in 4 bits")
     ap.add_argument("--slots_per_group", type=int, default=8)
     ap.add_argument("--num_workers", type=int, default=None, help="default 8 (tiny: 0)")
     ap.add_argument("--original_images", type=int, default=None,
@@ -309,16 +315,27 @@ def main(argv=None) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for but no GPU is visible")
 
+    if args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2 ** 30 / total))
     t0 = time.perf_counter()
     loaded = build_tiny_model() if tiny else build_full_model(args.device)
+    quant = 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
+    if quant:
+        from model.quantize import quantize_llm
+
+        quantize_llm(loaded.model.language_model, quant, torch.device(args.device))
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     sync(args.device)
     build_s = time.perf_counter() - t0
+    resident = torch.cuda.memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
     sizes = [(48, 64), (64, 40)] if tiny else [(480, 640), (640, 427), (427, 640), (500, 375)]
     with tempfile.TemporaryDirectory() as tmp:
         images = synthetic_images(os.path.join(tmp), args.images, args.queries_per_image, sizes)
         # warm-up: one full batch (kernels chosen, allocator pools sized, compilation if asked for), so
         # the figures are what a long evaluation sees per batch; its own time is reported as "cold"
-        warm = first_batch(images, args.queries_per_batch)
+        warm = first_batch(images, args.queries_per_batch or 256)
         cold = run_engine(loaded, warm, args, os.path.join(tmp, "warmup"))
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -346,7 +363,9 @@ def main(argv=None) -> None:
         "device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
         "model": "tiny random (fp32)" if tiny else "LLaMA-7B + CLIP ViT-L/14-336 + SAM ViT-H, random bf16",
         "build_s": build_s, "images": args.images, "queries": queries, "max_new_tokens": args.max_new_tokens,
-        "queries_per_batch": args.queries_per_batch, "slots_per_group": args.slots_per_group,
+        "queries_per_batch": args.queries_per_batch, "engine_sizes": summary["engine_sizes"],
+        "slots_per_group": args.slots_per_group, "memory_cap_gib": args.memory_cap_gib,
+        "llm_weights": f"int{quant}" if quant else "bf16", "resident_gib": resident,
         "cuda_graphs": args.cuda_graphs, "compile_sam": args.compile_sam,
         "engine_seconds": summary["seconds"], "engine_queries_per_s": qps, "decode_graphs": summary.get("decode_graphs"),
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
@@ -356,8 +375,12 @@ def main(argv=None) -> None:
     print("\n| what | figure |\n|---|---|")
     print(f"| device | {device_name}, torch {torch.__version__}, transformers {transformers.__version__} |")
     print(f"| model | {figures['model']} (build {build_s:.1f} s) |")
+    sizes = summary["engine_sizes"]
     print(f"| work | {args.images} images x {args.queries_per_image} queries = {queries}, answers "
-          f"{args.max_new_tokens} new tokens, [SEG] in half, {args.queries_per_batch} queries per batch |")
+          f"{args.max_new_tokens} new tokens, [SEG] in half; engine: {sizes['queries_per_batch']} queries per batch, "
+          f"{sizes['sam_batch']} images per encoder call, {sizes['prefix_batch']} per prefix pass |")
+    print(f"| GPU memory | cap {args.memory_cap_gib or 'none'} GiB; LLM weights {figures['llm_weights']}; "
+          f"resident {resident if resident is None else round(resident, 2)} GiB |")
     print(f"| engine | **{qps:.1f} queries/s** ({summary['seconds']:.2f} s, real loop incl. loading and records; "
           f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, SAM {'compiled' if args.compile_sam else 'eager'}) |")
     print(f"| warm-up run (first batch, cold) | {cold['queries_run']} queries in {cold['seconds']:.2f} s |")

@@ -64,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--image_hw", type=int, nargs=2, default=(480, 640), help="original image size (masks)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--grad_accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step (a step's figures cover all of them)")
+    p.add_argument("--memory_cap_gib", type=float, default=None,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), as a smaller card")
     p.add_argument("--zero_stage", type=int, default=2)
     p.add_argument("--offload_optimizer", action="store_true")
     p.add_argument("--offload_param", action="store_true", help="with --zero_stage 3")
@@ -162,6 +166,9 @@ def main(argv=None) -> dict:
     dist_utils.init_distributed()
     device = dist_utils.accelerator_device()
     world, main_rank = dist_utils.world_size(), dist_utils.is_main()
+    if args.memory_cap_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2 ** 30 / total), device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cfg = SesameConfig.tiny(vocab_size=515) if args.tiny else SesameConfig.preset("llama-7b", "clip-l-336", "vit_h")
     cfg.seg_token_id = cfg.llm.vocab_size - 3  # [SEG] is the first of the three added tokens
@@ -178,8 +185,10 @@ def main(argv=None) -> dict:
     n_trainable = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
     n_all = sum(p.numel() for p in model.parameters())
     ds_optimizer = not args.torch_adam and (device.type != "cpu" or args.offload_optimizer)
+    accum = args.grad_accumulation_steps
     engine = build_engine(model, DeepSpeedRecipe(
-        micro_batch_size=args.batch_size, precision=precision, zero_stage=args.zero_stage,
+        micro_batch_size=args.batch_size, grad_accumulation_steps=accum, precision=precision,
+        zero_stage=args.zero_stage,
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param, total_steps=10_000,
         ds_optimizer=ds_optimizer))
     num_patches = cfg.vision.num_patches
@@ -190,18 +199,19 @@ def main(argv=None) -> dict:
 
     times, losses = [], []
     for i in range(args.warmup + args.steps):
-        batch = batches[i % 2]
         sync()
         t = time.perf_counter()
-        out = engine(batch)
-        engine.backward(out.loss)
-        engine.step()
+        for micro in range(accum):  # DeepSpeed updates the weights at the last one
+            out = engine(batches[(i * accum + micro) % 2])
+            engine.backward(out.loss)
+            engine.step()
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
             losses.append(float(out.loss.detach().float()))
     step_s = statistics.median(times)
-    flops_frozen, flops_6n = (sum(x) / len(batches) for x in zip(*(llm_flops(cfg, b, num_patches) for b in batches)))
+    flops_frozen, flops_6n = (accum * sum(x) / len(batches)
+                              for x in zip(*(llm_flops(cfg, b, num_patches) for b in batches)))
     peak = peak_tflops(device, args.peak_tflops)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
     seq = (batches[0].attention_mask.sum(1) + num_patches - 1).float()
@@ -219,13 +229,16 @@ def main(argv=None) -> dict:
         "optimizer": f"{'DeepSpeed' if ds_optimizer else 'torch'} AdamW in {type(engine.optimizer).__name__}",
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "images_per_gpu": args.batch_size,
+        "grad_accumulation_steps": accum,
+        "images_per_gpu_step": args.batch_size * accum,
         "conversations_per_gpu": args.batch_size * args.convs_per_image,
+        "memory_cap_gib": args.memory_cap_gib,
         "mean_seq_len": float(seq.mean()),
         "step_s_median": step_s,
         "step_s_mean": statistics.mean(times),
         "step_s_min": min(times),
-        "samples_per_s": args.batch_size * world / step_s,
-        "conversations_per_s": args.batch_size * args.convs_per_image * world / step_s,
+        "samples_per_s": args.batch_size * accum * world / step_s,
+        "conversations_per_s": args.batch_size * accum * args.convs_per_image * world / step_s,
         "peak_gpu_mem_GiB": peak_mem,
         "llm_tflops_per_step_per_gpu_frozen_aware": flops_frozen / 1e12,
         "llm_tflops_per_step_per_gpu_6N": flops_6n / 1e12,

@@ -11,10 +11,12 @@ A quantised model runs in the same code paths (predict, the engine); it is for i
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils.errors import InputError
 
@@ -23,8 +25,21 @@ INT4_GROUP_SIZE = 128
 INT4_INNER_K_TILES = 8  # tinygemm's tile count along K on CUDA (K must be a multiple of 8 * 16 = 128 there)
 
 
+@functools.lru_cache(maxsize=None)
+def int8_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build has `_weight_int8pack_mm` for `device` and `dtype` (tried once)."""
+    try:
+        torch._weight_int8pack_mm(torch.zeros(1, 32, dtype=dtype, device=device),
+                                  torch.zeros(16, 32, dtype=torch.int8, device=device),
+                                  torch.ones(16, dtype=dtype, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 class Int8Linear(nn.Module):
-    """y = x W^T (+ b) with W stored as int8 rows and one scale per row."""
+    """y = x W^T (+ b) with W stored as int8 rows and one scale per row: PyTorch's int8 kernel where
+    the build has one for the device, else the weight converted in the product (same result)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -34,10 +49,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.kernel = int8_kernel_runs(linear.weight.device, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale.to(x.dtype))
+        flat, scale = x.reshape(-1, shape[-1]), self.scale.to(x.dtype)
+        y = torch._weight_int8pack_mm(flat, self.weight, scale) if self.kernel else \
+            F.linear(flat, self.weight.to(x.dtype)) * scale
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -199,8 +199,7 @@ def test_merged_checkpoint_gives_the_engine_outputs(tmp_path):
         engine.step()
     lora_b = [p for n, p in engine.module.named_parameters() if "lora_B" in n]
     assert lora_b and all(float(p.detach().abs().sum()) > 0 for p in lora_b)  # the merge has something to fold in
-    ckpts = RunCheckpoints(str(tmp_path / "run"), lambda d: write_model_recipe(d, model.config.to_dict(), tok,
-                                                                                model.seg_token_id),
+    ckpts = RunCheckpoints(str(tmp_path / "run"), lambda d: write_model_recipe(d, model.config.to_dict(), tok),
                            StreamLayout(batch_size=2, world_size=1, grad_accumulation_steps=1))
     ckpts.save(engine, TrainState(global_step=5))
     merge_checkpoint(ckpts.path(LATEST), str(tmp_path / "merged"), dtype=torch.float32)
@@ -350,8 +349,7 @@ def saved_run(tmp_path_factory, tokenizer, token_ids):
     engine.backward(out.loss)
     engine.step()
     run = tmp_path_factory.mktemp("saved_run")
-    ckpts = RunCheckpoints(str(run), lambda d: write_model_recipe(d, model.config.to_dict(), tokenizer,
-                                                                  model.seg_token_id),
+    ckpts = RunCheckpoints(str(run), lambda d: write_model_recipe(d, model.config.to_dict(), tokenizer),
                            StreamLayout(batch_size=2, world_size=1, grad_accumulation_steps=1))
     ckpts.save(engine, TrainState(global_step=1))
     return engine, ckpts

@@ -246,7 +246,7 @@ def broken_data(inputs, tmp_path):
     ("unknown validation set", {"val_dataset": "refcoco||nope"}, "--val_dataset 'nope'"),
     ("unknown training source", {"dataset": "refer_seg||nope", "sample_rates": "1,1"}, "nope"),
     ("missing data root", {"dataset_dir": "/nonexistent/data"}, "/nonexistent/data"),
-    ("invalid JSON", {}, "instances.json: not valid JSON"),
+    ("invalid JSON", {}, "instances.json (dataset refcoco): not valid JSON"),
     ("truncated refs pickle", {}, "refs(unc_exclude_unified).p"),
 ])
 def test_data_faults_stop_with_one_line_before_the_model_is_built(inputs, broken_data, monkeypatch, fault, flag,
