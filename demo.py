@@ -120,6 +120,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from engine.build import load_predictor
+    from engine.config import EngineConfig
 
     args = parse_args(argv)
     # Typed bytes the terminal's encoding cannot decode, and odd characters in answers or paths,
@@ -129,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
     print(f"Loading {args.pretrained_model_path} ({args.precision}) ...", file=sys.stderr, flush=True)
-    predictor = load_predictor(args)
+    predictor = load_predictor(args, config=EngineConfig.interactive())
     if args.pretrained_model_path == TINY_RANDOM:
         print("note: tiny-random is an untrained, randomly initialised model: its answers are gibberish, "
               "but every step of inference is the real one.", file=sys.stderr, flush=True)
