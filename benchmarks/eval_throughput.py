@@ -24,6 +24,7 @@ Prints a Markdown table to paste into benchmarks/RESULTS.md and one JSON line wi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -142,6 +143,11 @@ def sync(device: str) -> None:
 
 
 def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
+    """One evaluation run with a new predictor; the last run's engine (and its KV cache) is freed
+    first, so each run sizes its batches from the same free memory."""
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     argv = ["--vis_save_path", out_dir, "--max_new_tokens", str(args.max_new_tokens), "--slots_per_group",
             str(args.slots_per_group), "--num_workers", str(args.num_workers), "--no_progress"]
     argv += ["--queries_per_batch", str(args.queries_per_batch)] if args.queries_per_batch else []

@@ -42,6 +42,7 @@ Outputs equal `SesameModel.predict` run one query at a time (tests/test_eval_eng
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -100,6 +101,7 @@ class BatchedInference:
         """After a run ran out of GPU memory: drop the cache and captured steps and halve the batch
         sizes. False when they are at their smallest already (nothing left to try)."""
         self._release()
+        gc.collect()  # tensors of the failed run that only reference cycles still hold
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
         smaller = self.sizes.halved()

@@ -169,7 +169,8 @@ def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callab
 
         def smaller_runs(items: list, error: Exception) -> list:
             """The predictions of `items` after a run ran out of GPU memory: the backend takes less work
-            per run, and the items go in runs of that size (each retried the same way)."""
+            per run, and the items go in runs of that size (each retried the same way). `error` comes
+            without its traceback: the failed run's frames would keep its tensors alive."""
             if not backend.on_out_of_memory():
                 raise error
             print(f"note: out of GPU memory; retrying with {backend.queries_per_batch} queries per batch "
@@ -177,21 +178,28 @@ def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callab
             out = []
             for part in batch_images(items, lambda it: len(it.work.prompts), backend.queries_per_batch,
                                      backend.max_images_per_batch):
-                try:
-                    out += predictor.run([it.work for it in part])
-                except torch.cuda.OutOfMemoryError as e:
-                    out += smaller_runs(part, e)
+                out += run_or_shrink(lambda: predictor.run([it.work for it in part]), part)
             return out
+
+        def run_or_shrink(run_batch, items_of) -> list:
+            """run_batch(), or, if it runs out of GPU memory, the same work in smaller runs."""
+            try:
+                return run_batch()
+            except torch.cuda.OutOfMemoryError as e:
+                error = e.with_traceback(None)
+            return smaller_runs(items_of() if callable(items_of) else items_of, error)
 
         skipped_queries = 0
         try:
             for indices in plan:
                 batch, pulled = [], []
-                try:
-                    predictions = predictor.run(arriving(len(indices), batch, pulled))
-                except torch.cuda.OutOfMemoryError as e:
-                    list(arriving(len(indices) - len(pulled), batch, pulled))  # the rest of this batch's images
-                    predictions = smaller_runs(batch, e)
+
+                def all_of_batch(count=len(indices), batch=batch, pulled=pulled):
+                    list(arriving(count - len(pulled), batch, pulled))  # the rest of this batch's images
+                    return batch
+
+                predictions = run_or_shrink(lambda: predictor.run(arriving(len(indices), batch, pulled)),
+                                            all_of_batch)
                 skipped_queries += sum(sum(missing[it.index]) for it in pulled if it.work is None)
                 t0 = time.perf_counter()
                 if saving is not None:

@@ -23,6 +23,9 @@ from utils.errors import InputError
 BITS = (8, 4)
 INT4_GROUP_SIZE = 128
 INT4_INNER_K_TILES = 8  # tinygemm's tile count along K on CUDA (K must be a multiple of 8 * 16 = 128 there)
+# PyTorch's int8 kernel is for a few rows (decode steps); for more (a prompt) converting the weight
+# once and running the ordinary product is faster
+INT8_KERNEL_MAX_ROWS = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,8 +41,9 @@ def int8_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T (+ b) with W stored as int8 rows and one scale per row: PyTorch's int8 kernel where
-    the build has one for the device, else the weight converted in the product (same result)."""
+    """y = x W^T (+ b) with W stored as int8 rows and one scale per row: PyTorch's int8 kernel for up
+    to INT8_KERNEL_MAX_ROWS rows where the build has one for the device, else the weight converted
+    for an ordinary product (the same result)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -54,8 +58,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat, scale = x.reshape(-1, shape[-1]), self.scale.to(x.dtype)
-        y = torch._weight_int8pack_mm(flat, self.weight, scale) if self.kernel else \
-            F.linear(flat, self.weight.to(x.dtype)) * scale
+        if self.kernel and flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            y = torch._weight_int8pack_mm(flat, self.weight, scale)
+        else:
+            y = F.linear(flat, self.weight.to(x.dtype)) * scale
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

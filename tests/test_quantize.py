@@ -31,8 +31,10 @@ def test_kernels_equal_the_dequantised_product(dtype, bias):
     w8 = (linear.weight.detach().float() / scale[:, None]).round().clamp(-128, 127) * scale[:, None]
     b = None if linear.bias is None else linear.bias.float()
     tol = dict(atol=5e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(q8(x).float(), F.linear(x.float(), w8, b), **tol)
-    q8.kernel = False  # the conversion path of builds without the int8 kernel
+    torch.testing.assert_close(q8(x).float(), F.linear(x.float(), w8, b), **tol)  # 10 rows: the kernel
+    many = torch.randn(40, 256, dtype=dtype)  # more rows than INT8_KERNEL_MAX_ROWS: the converted weight
+    torch.testing.assert_close(q8(many).float(), F.linear(many.float(), w8, b), **tol)
+    q8.kernel = False  # builds without the int8 kernel for the device
     torch.testing.assert_close(q8(x).float(), F.linear(x.float(), w8, b), **tol)
     q4 = Int4Linear(linear)
     assert q4.group_size == 128 and q4(x).shape == (2, 5, 96) and q4(x).dtype == dtype
