@@ -25,7 +25,7 @@ from starlette.datastructures import UploadFile
 
 from utils.errors import one_line
 
-from .web_page import CSS, build_page
+from .web_page import CSS, build_page, theme
 from .web_service import AnswerService, WebInputError
 
 LOG = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def build_app(service: AnswerService, *, title: str = "SESAME: See, Say and Segm
 
     page = build_page(service, title, model_note)
     page.queue(max_size=service.settings.max_queue, default_concurrency_limit=1)
-    return gr.mount_gradio_app(app, page, path="/", css=CSS, ssr_mode=False, show_error=True,
+    return gr.mount_gradio_app(app, page, path="/", css=CSS, theme=theme(), ssr_mode=False, show_error=True,
                                max_file_size=service.settings.max_upload_bytes,
                                footer_links=["gradio", "settings"])
 

@@ -40,6 +40,13 @@ CSS = """
 """
 
 
+def theme() -> gr.themes.Theme:
+    """Gradio's default look in the system's own fonts (its bundled bold face draws some letters
+    oddly in Chromium)."""
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "monospace"])
+
+
 def example_images(examples_dir: str = EXAMPLES_DIR) -> list[str]:
     """The images in `examples_dir` (sorted by name), if it exists, then the bundled assets/shapes.jpg."""
     found = []
@@ -80,14 +87,15 @@ def result_pictures(result: WebAnswer) -> tuple[np.ndarray, list, list]:
 
 
 def _outputs(*, error: str = "", result: Optional[WebAnswer] = None) -> tuple:
-    """Values for (error, see, answer, overlay, per-[SEG] masks, SasP, notes)."""
+    """Values for (error, see, answer, overlay, per-[SEG] masks, SasP, notes); the notes name the
+    question, so a result is never mistaken for the answer to what the box holds now."""
     if result is None:
         return (gr.update(value=error_box(error), visible=True), gr.update(value="", visible=False), "", None,
                 gr.update(value=None, visible=False), gr.update(value=None, visible=False), "")
     overlay, per_seg, sasp = result_pictures(result)
     answer = result.answered.answer
-    notes = "\n".join(f"- note: {n}" for n in result.notes)
-    notes += f"\n\n{answer.num_seg} [SEG], answered in {result.seconds:.1f} s"
+    notes = f"Asked: {html.escape(answer.question)}\n\n{answer.num_seg} [SEG], answered in {result.seconds:.1f} s"
+    notes += "".join(f"\n- note: {html.escape(n)}" for n in result.notes)
     return (gr.update(value="", visible=False), gr.update(value=see_badge(answer.see), visible=True), answer.say,
             overlay, gr.update(value=per_seg or None, visible=bool(per_seg)),
             gr.update(value=sasp or None, visible=bool(sasp)), notes)
@@ -125,7 +133,8 @@ def build_page(service: AnswerService, title: str, model_note: str) -> gr.Blocks
                 error = gr.HTML(visible=False, elem_id="error")
                 see = gr.HTML(visible=False, elem_id="see")
                 answer = gr.Textbox(label="Answer (Say)", interactive=False, elem_id="answer")
-                overlay = gr.Image(label="Mask overlay (Segment)", format="png", interactive=False, elem_id="overlay")
+                overlay = gr.Image(label="Mask overlay (Segment)", format="png", interactive=False, elem_id="overlay",
+                                   buttons=["download", "fullscreen"])
                 per_seg = gr.Gallery(label="Each [SEG]'s mask", format="png", visible=False, columns=3,
                                      elem_id="seg-masks")
                 sasp = gr.Gallery(label="SasP: similarity map and points (green positive, red negative)",

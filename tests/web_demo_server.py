@@ -116,14 +116,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(service: AnswerService, upload_dir: str) -> Iterator[str]:
+def running_server(service: AnswerService, upload_dir: str, model_note: str = "test server") -> Iterator[str]:
     """The web demo's app (page + API) served by uvicorn in a thread on a free port; yields its URL."""
     from app.web import build_app, make_server
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", upload_dir)  # Gradio keeps uploads and outputs there
         port = free_port()
-        server = make_server(build_app(service, model_note="test server"), "127.0.0.1", port)
+        server = make_server(build_app(service, model_note=model_note), "127.0.0.1", port)
         thread = threading.Thread(target=server.run, name="web-demo-server", daemon=True)
         thread.start()
         deadline = time.monotonic() + SERVER_START_S
