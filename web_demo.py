@@ -42,8 +42,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add_debug_flag(p)
     args = p.parse_args(argv)
     for name in ("max_queue", "max_upload_mb", "max_image_pixels"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            p.error(f"--{name} must be {'>= 0' if name == 'max_queue' else 'positive'}, got {getattr(args, name)}")
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
     if not 1 <= args.port <= 65535:
         p.error(f"--port must be in 1..65535, got {args.port}")
     return args

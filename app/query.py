@@ -60,7 +60,8 @@ class ImageAnswer:
         if not self.image.downscaled:
             return ""
         (height, width), (h, w) = self.image.original_size, self.image.rgb.shape[:2]
-        return f"image downscaled from {width}x{height} to {w}x{h} for the model (--max_image_pixels {max_image_pixels})"
+        return (f"image downscaled from {width}x{height} to {w}x{h} for the model "
+                f"(--max_image_pixels {max_image_pixels})")
 
 
 def ask_image(predictor: SesamePredictor, image_source: str, question: str, max_image_pixels: int) -> ImageAnswer:

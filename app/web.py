@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from utils.errors import one_line
 
@@ -48,7 +49,10 @@ async def _form_fields(request: Request, service: AnswerService) -> tuple[Upload
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise WebInputError("send a multipart form with the fields 'image' (a file) and 'question' "
                             "(e.g. curl -F image=@photo.jpg -F question='...')")
-    form = await request.form(max_files=1, max_fields=2)
+    try:
+        form = await request.form(max_files=1, max_fields=2)
+    except HTTPException as e:  # a malformed body, or more parts than the two fields
+        raise WebInputError(f"unreadable form: {e.detail}", e.status_code) from None
     image, question = form.get("image"), form.get("question")
     if not isinstance(image, UploadFile):
         raise WebInputError("image: missing; send the picture as the file field 'image'")

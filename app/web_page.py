@@ -123,8 +123,8 @@ def build_page(service: AnswerService, title: str, model_note: str) -> gr.Blocks
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="image")
-                question = gr.Textbox(label="Question", lines=2, placeholder="Is there a red square? If so, segment it.",
-                                      elem_id="question")
+                question = gr.Textbox(label="Question", lines=2, elem_id="question",
+                                      placeholder="Is there a red square? If so, segment it.")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
                 gr.Examples([[p] for p in example_images()], inputs=[image], label="Example images")
                 gr.Examples([[q] for _, q in EXAMPLE_QUESTIONS], inputs=[question], label="Example questions",

@@ -11,6 +11,22 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from web_demo_server import (
+    FALSE_PREMISE,
+    FORCED_ANSWERS,
+    MODELS,
+    POSITIVE,
+    ROOT,
+    SHAPES,
+    TWO_OBJECTS,
+    check_trained_mask,
+    demo_model,
+    forced_predictor,
+    free_port,
+    huge_png,
+    running_server,
+    service_for,
+)
 
 import web_demo
 from app.query import QuerySettings, ask_image, run_query
@@ -19,9 +35,6 @@ from app.web_service import AnswerService, WebSettings
 from model.builder import LoadedSesame
 from utils.errors import InputError
 from utils.mask_io import decode_rle
-from web_demo_server import (FALSE_PREMISE, FORCED_ANSWERS, MODELS, POSITIVE, ROOT, SHAPES, TWO_OBJECTS,
-                             check_trained_mask, demo_model, forced_predictor, free_port, huge_png, running_server,
-                             service_for)
 
 API = "/api/segment"
 MAX_IMAGE_PIXELS = 300_000  # shapes.jpg (480 x 320) is answered at its size, the 1200 x 800 test image downscaled
@@ -132,6 +145,8 @@ def test_api_bad_input_gets_an_error_and_the_server_goes_on(tiny_server, tmp_pat
          "image: missing"),
         (requests.post(tiny_server + API, files={"image": ("a.jpg", open(SHAPES, "rb"))}), 400, "question: missing"),
         (requests.post(tiny_server + API, json={"question": POSITIVE}), 400, "send a multipart form"),
+        (requests.post(tiny_server + API, data={"question": POSITIVE},
+                       files={"image": ("a.jpg", b"x"), "more": ("b.jpg", b"y")}), 400, "unreadable form: Too many files"),
     ]
     for reply, status, message in cases:
         assert reply.status_code == status, (message, reply.text)
@@ -195,7 +210,8 @@ def test_api_queue_is_bounded(tiny, tmp_path):
                 time.sleep(0.02)
             busy = post(url, SHAPES, POSITIVE, timeout=10)
             assert busy.status_code == 503 and busy.headers["Retry-After"]
-            assert busy.json() == {"error": "server busy: the queue is full (1 waiting for the model); try again shortly"}
+            full = "server busy: the queue is full (1 waiting for the model); try again shortly"
+            assert busy.json() == {"error": full}
             gate.set()
             for t in threads:
                 t.join(HTTP_TIMEOUT_S)
@@ -256,7 +272,7 @@ def test_flags(monkeypatch, tmp_path):
     assert args.pretrained_model_path == os.path.join(ROOT, "assets", "shapes_sesame")
     assert (args.host, args.port, args.precision, args.max_queue) == ("127.0.0.1", 7860, "bf16", 16)
     assert args.use_sasp is False and args.num_points is None  # READ's SasP flags are there
-    for argv in (["--port", "0"], ["--max_queue", "-1"], ["--max_upload_mb", "0"], ["--precision", "fp8"]):
+    for argv in (["--port", "0"], ["--max_queue", "0"], ["--max_upload_mb", "0"], ["--precision", "fp8"]):
         with pytest.raises(SystemExit):
             web_demo.parse_args(argv)
     monkeypatch.setattr(web_demo, "BUILT_IN_MODEL", str(tmp_path / "shapes_sesame"))

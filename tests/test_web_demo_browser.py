@@ -22,11 +22,22 @@ from selenium.common.exceptions import StaleElementReferenceException, TimeoutEx
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from web_demo_server import (
+    FALSE_PREMISE,
+    FORCED_ANSWERS,
+    MODELS,
+    POSITIVE,
+    SHAPES,
+    TWO_OBJECTS,
+    check_trained_mask,
+    demo_model,
+    huge_png,
+    running_server,
+    service_for,
+)
 
 from app.query import ask_image
 from utils.image_io import load_image
-from web_demo_server import (FALSE_PREMISE, FORCED_ANSWERS, MODELS, POSITIVE, SHAPES, TWO_OBJECTS,
-                             check_trained_mask, demo_model, huge_png, running_server, service_for)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -249,8 +260,8 @@ def test_page_shows_each_seg_mask(tiny, tiny_url, browser):
         check_overlay(shown[..., :3], load_image(SHAPES).rgb, mask)
 
 
-def test_bad_input_shows_an_error_and_the_page_goes_on(tiny, tiny_url, browser, tmp_path):
-    model, url = tiny, tiny_url
+def test_bad_input_shows_an_error_and_the_page_goes_on(tiny_url, browser, tmp_path):
+    url = tiny_url
     text_as_jpg = tmp_path / "notes.jpg"
     text_as_jpg.write_text("not an image")
     text_file = tmp_path / "notes.txt"
@@ -261,9 +272,13 @@ def test_bad_input_shows_an_error_and_the_page_goes_on(tiny, tiny_url, browser, 
     page.ask(POSITIVE)
     page.wait_for_error("error: notes.jpg: not an image file Pillow can read")
 
-    page.find("#image input[type=file]").send_keys(str(text_file))  # refused by the page itself
-    page.wait_for(lambda: "Invalid file type: notes.txt" in page.driver.find_element(By.TAG_NAME, "body").text,
-                  "no message for a non-image upload")
+    heavy = tmp_path / "heavy.jpg"
+    heavy.write_bytes(os.urandom(1_200_000))  # over the server's --max_upload_mb 1
+    for path, message in ((text_file, "Invalid file type: notes.txt"),  # refused by the page itself
+                          (heavy, 'exceed the maximum allowed size of 1.0 Mb: "heavy.jpg"')):  # by Gradio's server
+        page.find("#image input[type=file]").send_keys(str(path))
+        page.wait_for(lambda: message in page.driver.find_element(By.TAG_NAME, "body").text,
+                      f"no message for {path.name}")
 
     page.upload(huge_png(str(tmp_path / "huge.png")))
     page.ask(POSITIVE)
