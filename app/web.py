@@ -69,6 +69,7 @@ async def api_segment(request: Request, service: AnswerService) -> JSONResponse:
             path = os.path.join(directory, "upload" + os.path.splitext(name)[1][:16])
             with open(path, "wb") as f:
                 shutil.copyfileobj(image.file, f)
+            await image.close()
             result = await anyio.to_thread.run_sync(lambda: service.ask(path, question, name=name))
             return JSONResponse(result.to_json())
     except WebInputError as e:

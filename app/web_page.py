@@ -104,7 +104,7 @@ def _outputs(*, error: str = "", result: Optional[WebAnswer] = None) -> tuple:
 def answer_on_page(service: AnswerService, upload: Optional[dict], question: str,
                    progress: gr.Progress) -> tuple:
     path, name = upload_path_and_name(upload)
-    progress(0.1, desc="Waiting for the model" if service.waiting else "Answering")
+    progress(0.1, desc="Waiting for the model" if service.in_flight else "Answering")
     try:
         result = service.ask(path, question, name=name)
     except WebInputError as e:

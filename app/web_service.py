@@ -90,10 +90,15 @@ class AnswerService:
         self._inside = 0  # requests answered or waiting
 
     @property
+    def in_flight(self) -> int:
+        """Requests being answered or waiting for the model."""
+        with self._count_lock:
+            return self._inside
+
+    @property
     def waiting(self) -> int:
         """Requests waiting for the model (not counting the one being answered)."""
-        with self._count_lock:
-            return max(0, self._inside - 1)
+        return max(0, self.in_flight - 1)
 
     @contextlib.contextmanager
     def _turn(self) -> Iterator[None]:

@@ -146,7 +146,8 @@ def test_api_bad_input_gets_an_error_and_the_server_goes_on(tiny_server, tmp_pat
         (requests.post(tiny_server + API, files={"image": ("a.jpg", open(SHAPES, "rb"))}), 400, "question: missing"),
         (requests.post(tiny_server + API, json={"question": POSITIVE}), 400, "send a multipart form"),
         (requests.post(tiny_server + API, data={"question": POSITIVE},
-                       files={"image": ("a.jpg", b"x"), "more": ("b.jpg", b"y")}), 400, "unreadable form: Too many files"),
+                       files={"image": ("a.jpg", b"x"), "more": ("b.jpg", b"y")}), 400,
+         "unreadable form: Too many files"),
     ]
     for reply, status, message in cases:
         assert reply.status_code == status, (message, reply.text)
