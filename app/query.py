@@ -1,6 +1,7 @@
 """One typed question about one image file, the way the demo answers it: the image loaded (EXIF,
 odd formats, huge files downscaled), the predictor asked, masks saved at the image file's size, an
-overlay, the answer text and a result.json written into a new folder per query."""
+overlay, the answer text and a result.json written into a new folder per query. `ask_image` is the
+part without files, which the web demo shares."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from model.predictor import SesamePredictor, check_typed_question
-from utils.image_io import load_image
+import numpy as np
+
+from model.predictor import Answer, SesamePredictor, check_typed_question
+from utils.image_io import LoadedImage, load_image
 from utils.mask_io import resize_masks
 from utils.text import clean_source
 from utils.visualize import new_query_dir, write_query_outputs
@@ -43,20 +46,45 @@ class QueryResult:
     seconds: float = 0.0
 
 
+@dataclass
+class ImageAnswer:
+    """A typed question answered about an image file (the demo's and the web demo's common path)."""
+
+    image: LoadedImage  # image.rgb: what the model saw, downscaled when the file is over max_image_pixels
+    answer: Answer
+    masks: np.ndarray  # (n_seg, h, w) bool at image.rgb's size
+    file_masks: np.ndarray  # (n_seg, H, W) bool at the file's own size, image.original_size
+
+    def downscale_note(self, max_image_pixels: int) -> str:
+        """'' when the model saw the file at its own size."""
+        if not self.image.downscaled:
+            return ""
+        (height, width), (h, w) = self.image.original_size, self.image.rgb.shape[:2]
+        return (f"image downscaled from {width}x{height} to {w}x{h} for the model "
+                f"(--max_image_pixels {max_image_pixels})")
+
+
+def ask_image(predictor: SesamePredictor, image_source: str, question: str, max_image_pixels: int) -> ImageAnswer:
+    """Check the question, load the image, answer. Raises PromptError / ImageLoadError on bad input."""
+    question = check_typed_question(question)
+    image = load_image(image_source, max_pixels=max_image_pixels)
+    answer = predictor.ask(image.rgb, question)
+    masks = answer.masks.numpy().astype(bool)
+    file_masks = resize_masks(masks, image.original_size) if image.downscaled else masks
+    return ImageAnswer(image=image, answer=answer, masks=masks, file_masks=file_masks)
+
+
 def run_query(predictor: SesamePredictor, settings: QuerySettings, image_source: str, question: str) -> QueryResult:
     """Load the image, answer, write the files. Raises PromptError / ImageLoadError on bad input."""
     start = time.perf_counter()
-    question = check_typed_question(question)
     image_source = clean_source(image_source)
-    image = load_image(image_source, max_pixels=settings.max_image_pixels)
+    answered = ask_image(predictor, image_source, question, settings.max_image_pixels)
+    image, answer, masks, saved = answered.image, answered.answer, answered.masks, answered.file_masks
+    question = answer.question  # stripped
     notes = []
-    answer = predictor.ask(image.rgb, question)
-    masks = saved = answer.masks.numpy().astype(bool)
-    if image.rgb.shape[:2] != tuple(image.original_size):
-        notes.append(f"image downscaled from {image.original_size[1]}x{image.original_size[0]} to "
-                     f"{image.rgb.shape[1]}x{image.rgb.shape[0]} for the model (--max_image_pixels "
-                     f"{settings.max_image_pixels}); masks are saved at the original size, the overlay at the smaller")
-        saved = resize_masks(masks, image.original_size)
+    if image.downscaled:
+        notes.append(answered.downscale_note(settings.max_image_pixels)
+                     + "; masks are saved at the original size, the overlay at the smaller")
     directory = new_query_dir(settings.vis_save_dir, image_source, question)
     files = write_query_outputs(directory, image.rgb, masks, answer.say, saved_masks=saved)
     sasp_paths = []

@@ -1,0 +1,154 @@
+"""What the web demo's tests share: the models they serve, a server in a thread, pictures to post.
+
+`demo_model(name)` gives the predictor a test serves and what it should answer:
+- "tiny-random": the untrained model, with its answers forced per question by a logits hook
+  (`forced`), so that the positive question gets one [SEG], the two-object question two, and the
+  false premise none; its masks are whatever the random SAM draws.
+- "shapes": the built-in Shapes model (assets/shapes_sesame), answering on its own; a trained model
+  must See the red square, segment it inside its box, and not See the yellow star.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import pytest
+import torch
+
+from app.web_page import EXAMPLE_QUESTIONS
+from app.web_service import AnswerService, WebSettings
+from engine.build import build_predictor
+from model.builder import load_pretrained
+from model.predictor import SesamePredictor
+from model.tokenizer import SEG_TOKEN
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = os.path.join(ROOT, "assets", "shapes.jpg")
+SHAPES_MODEL = os.path.join(ROOT, "assets", "shapes_sesame")
+POSITIVE = EXAMPLE_QUESTIONS[0][1]  # the red square
+FALSE_PREMISE = EXAMPLE_QUESTIONS[1][1]  # a yellow star
+TWO_OBJECTS = "Please segment the red square and the green triangle."
+RED_SQUARE_BOX = (40, 60, 171, 201)  # x0, y0, x1, y1 (exclusive) of the red square in assets/shapes.jpg
+FORCED_ANSWERS = {POSITIVE: "Sure, it is [SEG].", FALSE_PREMISE: "No, there is no yellow star in this image.",
+                  TWO_OBJECTS: "Sure, [SEG] and [SEG]."}
+MODELS = ["tiny-random"] + (["shapes"] if os.path.isdir(SHAPES_MODEL) else [])
+SERVER_START_S = 60
+
+
+@dataclass
+class DemoModel:
+    name: str
+    predictor: SesamePredictor
+    forced: dict[str, str] = field(default_factory=dict)  # question -> answer the hook makes the model give
+
+    @property
+    def trained(self) -> bool:
+        return not self.forced
+
+
+def forced_predictor(loaded, answers: dict[str, str], max_new_tokens: int = 24) -> SesamePredictor:
+    """An engine predictor over `loaded` that gives `answers[question]` for the listed questions
+    (greedy decoding pushed onto each answer's tokens) and its own answer otherwise. One question per
+    call, as the web demo asks."""
+    tokenizer, cfg = loaded.tokenizer, loaded.model.config
+    scripts = {}
+    for question, text in answers.items():
+        pieces = [tokenizer(p, add_special_tokens=False).input_ids for p in (" " + text).split(SEG_TOKEN)]
+        tokens = pieces[0]
+        for piece in pieces[1:]:
+            tokens = tokens + [cfg.seg_token_id] + piece
+        scripts[question] = tokens + [cfg.llm.eos_token_id]
+    current: dict[str, Optional[list[int]]] = {"script": None}
+
+    def hook(step, logits, rows):
+        script = current["script"]
+        if script is None:
+            return logits
+        logits = logits.clone()
+        logits[:, script[min(step, len(script) - 1)]] += 1e4
+        return logits
+
+    predictor = build_predictor(loaded, max_new_tokens=max_new_tokens, logits_hook=hook)
+    ask_many = predictor.ask_many
+
+    def forced_ask_many(items):
+        items = [(image, list(questions)) for image, questions in items]
+        asked = {q.strip() for _, questions in items for q in questions}
+        assert len(asked) == 1, "forced answers need one question per call"
+        current["script"] = scripts.get(asked.pop())
+        try:
+            return ask_many(items)
+        finally:
+            current["script"] = None
+    predictor.ask_many = forced_ask_many  # ask() goes through it
+    return predictor
+
+
+def demo_model(name: str) -> DemoModel:
+    if name == "tiny-random":
+        loaded = load_pretrained("tiny-random", device="cpu", dtype=torch.float32)
+        return DemoModel(name, forced_predictor(loaded, FORCED_ANSWERS), dict(FORCED_ANSWERS))
+    loaded = load_pretrained(SHAPES_MODEL, device="cpu", dtype=torch.float32)
+    return DemoModel(name, build_predictor(loaded, max_new_tokens=64))
+
+
+def check_trained_mask(model: DemoModel, mask: np.ndarray) -> None:
+    """A trained model's mask for POSITIVE on assets/shapes.jpg lies on the red square."""
+    if not model.trained:
+        return
+    x0, y0, x1, y1 = RED_SQUARE_BOX
+    inside = mask[y0:y1, x0:x1].sum()
+    assert inside > 0.8 * (x1 - x0) * (y1 - y0) and inside > 0.9 * mask.sum(), "the mask misses the red square"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(service: AnswerService, upload_dir: str, model_note: str = "test server") -> Iterator[str]:
+    """The web demo's app (page + API) served by uvicorn in a thread on a free port; yields its URL."""
+    from app.web import build_app, make_server
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", upload_dir)  # Gradio keeps uploads and outputs there
+        port = free_port()
+        server = make_server(build_app(service, model_note=model_note), "127.0.0.1", port)
+        thread = threading.Thread(target=server.run, name="web-demo-server", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + SERVER_START_S
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the web demo server did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=15)
+
+
+def service_for(model: DemoModel, **settings) -> AnswerService:
+    return AnswerService(model.predictor, WebSettings(**settings))
+
+
+def huge_png(path: str, width: int = 20_000, height: int = 10_000) -> str:
+    """A valid 1-bit PNG of width x height (200 megapixels, over every decode limit) in a few kB."""
+    row = b"\x00" + bytes((width + 7) // 8)  # filter byte + packed pixels
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height, 9))
+                + chunk(b"IEND", b""))
+    return path
