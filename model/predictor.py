@@ -110,7 +110,8 @@ def say_text(raw_answer: str) -> str:
     """'Sure, it is [SEG] .' -> 'Sure, it is.': the [SEG] marker and the space around it go."""
     marker = re.escape(SEG_TOKEN)
     text = re.sub(r"\s*" + marker + r"\s*(?=[.,;:!?])", "", raw_answer)
-    return re.sub(r"\s*" + marker, "", text).strip()
+    text = re.sub(r"\s*" + marker, "", text)
+    return re.sub(r"(?<=\S) {2,}(?=\S)", " ", text).strip()  # no double space where a marker went
 
 
 @dataclass

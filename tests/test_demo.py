@@ -76,6 +76,7 @@ def test_say_text_drops_the_marker():
     assert say_text("[SEG]") == ""
     assert say_text("Here: [SEG] and [SEG], done") == "Here: and, done"
     assert say_text("No, there is no dog, but a cat.") == "No, there is no dog, but a cat."
+    assert say_text("Sure,  [SEG] and [SEG] .") == "Sure, and."
     assert printable("a\x1bb\nc") == "a\\x1bb\nc"
 
 
