@@ -1,7 +1,8 @@
 """See, Say and Segment from the command line, interactively or once per call.
 
     python demo.py --pretrained_model_path tsunghanwu/SESAME            # asks for a question, then an image
-    python demo.py --pretrained_model_path assets/shapes_sesame --image assets/shapes.jpg --query "Is there a red square?"
+    python demo.py --pretrained_model_path assets/shapes_sesame --image assets/shapes.jpg \\
+        --query "Is there a red square?"
 
 For each query it prints See (is the object there: a [SEG] was generated and its mask is not
 empty), Say (the answer text, without the [SEG] marker) and Segment (the folder holding

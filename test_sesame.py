@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     from utils.errors import add_debug_flag
 
     engine = EngineConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cmd", choices=("inference", "metrics"), default="inference")
     p.add_argument("--process_num", type=int, default=0, help="this process's shard")
     p.add_argument("--world_size", type=int, default=None,
@@ -137,9 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if rc == 0:
             run_metrics(args)
         return rc
-    from evaluation.runner import run_shard
-
     from engine.build import load_predictor
+    from evaluation.runner import run_shard
 
     images, report = load_eval_images(args)
     predictor = load_predictor(args, config=engine_config(args), max_text_tokens=args.model_max_length)

@@ -20,8 +20,15 @@ import sys
 import torch
 
 from training.args import parse_args
-from training.build import (build_model, data_from_args, engine_io, loop_config_from_args, recipe_from_args,
-                            train_batches_from_args, validation_from_args)
+from training.build import (
+    build_model,
+    data_from_args,
+    engine_io,
+    loop_config_from_args,
+    recipe_from_args,
+    train_batches_from_args,
+    validation_from_args,
+)
 from training.checkpoints import RunCheckpoints, StreamLayout, TrainState, write_model_recipe
 from training.engine import build_engine
 from training.loop import LoopIO, run_training

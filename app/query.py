@@ -96,7 +96,8 @@ def run_query(predictor: SesamePredictor, settings: QuerySettings, image_source:
         sasp_paths = save_sasp_pngs(directory, image.rgb, answer.sasp, answer.masks.numpy())
     result = QueryResult(image=image_source, question=question, see=answer.see, say=answer.say,
                          raw_answer=answer.text, num_seg=answer.num_seg,
-                         mask_pixels=int(saved[0].sum()) if saved.shape[0] else 0, image_size=tuple(image.original_size),
+                         mask_pixels=int(saved[0].sum()) if saved.shape[0] else 0,
+                         image_size=tuple(image.original_size),
                          output_dir=directory, mask_path=files.mask, overlay_path=files.overlay,
                          answer_path=files.answer, extra_mask_paths=files.extra_masks, sasp_paths=sasp_paths,
                          notes=notes, seconds=round(time.perf_counter() - start, 3))

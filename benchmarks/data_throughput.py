@@ -86,7 +86,8 @@ def main(argv=None) -> None:
         results[name] = time_items(ds, args.items, args.batch_size, tokenizer, args.model_max_length)
     print("| source | items/s (1 process) | collate ms/item | conversations/item |\n|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['items_per_s']:.1f} | {r['collate_ms_per_item']:.2f} | {r['conversations_per_item']:.2f} |")
+        print(f"| {name} | {r['items_per_s']:.1f} | {r['collate_ms_per_item']:.2f} | "
+              f"{r['conversations_per_item']:.2f} |")
     print(json.dumps({"clip_size": args.clip_size, "sam_size": args.sam_size, "results": results}))
     if tmp is not None:
         tmp.cleanup()

@@ -78,7 +78,7 @@ class SyntheticTokenizer:
             ids.extend(3 + zlib.crc32(p.encode()) % 31997 for p in parts)
         return SimpleNamespace(input_ids=ids)
 
-    def decode(self, ids, skip_special_tokens=True) -> str:
+    def decode(self, ids, skip_special_tokens=True) -> str:  # noqa: ARG002 - the tokenizer API's signature
         return " ".join(str(i) for i in ids)
 
 
@@ -273,7 +273,8 @@ def profile_one_batch(loaded, images, args, out_dir: str, trace_dir: str) -> lis
     print("|---|---|---|---|---|---|")
     for r in rows:
         top = "; ".join(f"{k} {v:.1f}" for k, v in r["top"])
-        print(f"| {r['stage']} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels']} | {r['launches']} | {top} |")
+        print(f"| {r['stage']} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels']} | {r['launches']} "
+              f"| {top} |")
     return rows
 
 
@@ -295,7 +296,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max_new_tokens", type=int, default=None, help="default 24 (tiny: 8)")
     ap.add_argument("--queries_per_batch", type=int, default=None, help="default: from free GPU memory")
     ap.add_argument("--memory_cap_gib", type=float, default=None,
-                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), as a smaller card")
+                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), "
+                         "as a smaller card")
     bits = ap.add_mutually_exclusive_group()
     bits.add_argument("--load_in_8bit", action="store_true", help="LLM weights in 8 bits")
     bits.add_argument("--load_in_4bit", action="store_true", help="LLM weights in 4 bits")
@@ -373,7 +375,8 @@ def main(argv=None) -> None:
         "slots_per_group": args.slots_per_group, "memory_cap_gib": args.memory_cap_gib,
         "llm_weights": f"int{quant}" if quant else "bf16", "resident_gib": resident,
         "cuda_graphs": args.cuda_graphs, "compile_sam": args.compile_sam,
-        "engine_seconds": summary["seconds"], "engine_queries_per_s": qps, "decode_graphs": summary.get("decode_graphs"),
+        "engine_seconds": summary["seconds"], "engine_queries_per_s": qps,
+        "decode_graphs": summary.get("decode_graphs"),
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
         "breakdown_s": breakdown, "waited_s": waits, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
         "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,

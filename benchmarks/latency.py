@@ -37,15 +37,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from eval_throughput import QUESTION, build_full_model, build_tiny_model, sync  # noqa: E402
+
 from app.query import QuerySettings, run_query  # noqa: E402
 from engine import EngineConfig, build_predictor  # noqa: E402
-from eval_throughput import QUESTION, build_full_model, build_tiny_model, sync  # noqa: E402
 from model.quantize import quantize_llm  # noqa: E402
 
 
 def forced_answer(seg_id: int, eos_id: int, length: int, seg_step: int = 3):
     """Row hook: [SEG] at `seg_step`, EOS only at the last step, so answers have `length` tokens."""
-    def hook(step, logits, rows):
+    def hook(step, logits, rows):  # noqa: ARG001 - the engine's hook signature
         logits = logits.clone()
         logits[:, eos_id] = float("-inf") if step < length - 1 else 1e4
         if step == seg_step:

@@ -14,9 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the library reference encoder
 
+from sam_reference import library_encoder  # noqa: E402
+
 from model.config import SAM_PRESETS  # noqa: E402
 from model.sam import SdpaSamAttention, build_sam  # noqa: E402
-from sam_reference import library_encoder  # noqa: E402
 
 
 def timeit(fn, x, iters):
@@ -45,7 +46,8 @@ def main():
     t_sdpa, out_sdpa = timeit(encoder, x, args.iters)
     diff = (out_lib.float() - out_sdpa.float()).abs().max().item()
     print(f"| SAM ViT-H encoder, batch {args.batch}, bf16 | library blocks {1000 * t_lib / args.batch:.1f} ms/image "
-          f"| this project's blocks (SDPA attention, WindowedBlock) {1000 * t_sdpa / args.batch:.1f} ms/image | max |diff| {diff:.3g} |")
+          f"| this project's blocks (SDPA attention, WindowedBlock) {1000 * t_sdpa / args.batch:.1f} ms/image "
+          f"| max |diff| {diff:.3g} |")
     if args.compile:
         compiled = torch.compile(encoder)
         t0 = time.time()

@@ -41,7 +41,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     clip = torch.randn(2, 3, 336, 336, generator=g).to(dev, torch.bfloat16)
     sam = torch.randn(2, 3, 1024, 1024, generator=g).to(dev, torch.bfloat16)
-    prompts = [[1] + list(range(100, 100 + n)) + [32001, IMAGE_TOKEN_INDEX, 32002] + list(range(200, 230)) for n in (40, 45, 38, 50)]
+    prompts = [[1] + list(range(100, 100 + n)) + [32001, IMAGE_TOKEN_INDEX, 32002] + list(range(200, 230))
+               for n in (40, 45, 38, 50)]
 
     def hook(step, logits):
         logits = logits.clone()
@@ -51,8 +52,10 @@ def main():
             logits[:, eos] += 1e4
         return logits
     for _ in range(2):
-        torch.cuda.synchronize(); t0 = time.time()
-        preds = model.predict(clip, sam, [(768, 1024)] * 2, [(480, 640)] * 2, prompts, [0, 0, 1, 1], max_new_tokens=24, logits_hook=hook)
+        torch.cuda.synchronize()
+        t0 = time.time()
+        preds = model.predict(clip, sam, [(768, 1024)] * 2, [(480, 640)] * 2, prompts, [0, 0, 1, 1], max_new_tokens=24,
+                              logits_hook=hook)
         torch.cuda.synchronize()
     print(f"predict 4 queries: {time.time() - t0:.2f}s  segs={[p.output_ids.count(seg) for p in preds]} "
           f"mask shapes={[tuple(p.masks.shape) for p in preds]}")
@@ -64,7 +67,8 @@ def main():
     b = args.batch
     rows = []
     for i in range(b):
-        ids = [1] + list(range(100, 140)) + [32001, IMAGE_TOKEN_INDEX, 32002] + list(range(200, 240)) + [300, 301, seg, 302, eos]
+        ids = ([1] + list(range(100, 140)) + [32001, IMAGE_TOKEN_INDEX, 32002] + list(range(200, 240))
+               + [300, 301, seg, 302, eos])
         rows.append(ids)
     ids = torch.tensor(rows, device=dev)
     labels = ids.clone()
@@ -78,7 +82,8 @@ def main():
                         original_sizes=[(480, 640)] * b)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
-        torch.cuda.synchronize(); t0 = time.time()
+        torch.cuda.synchronize()
+        t0 = time.time()
         out = model(batch)
         out.loss.backward()
         torch.cuda.synchronize()

@@ -15,7 +15,8 @@ If DeepSpeed cannot JIT-build its fused AdamW on a machine, --torch_adam uses to
 The whole training script on 2 GPUs (data, validation, checkpoints, merge), with a tiny model:
     python -m dataset.synthetic /tmp/data && python -m model.tiny /tmp/tiny
     deepspeed --num_gpus 2 train_sesame.py --version /tmp/tiny --dataset_dir /tmp/data --epochs 2 \
-        --steps_per_epoch 10 --batch_size 4 --exp_name two_gpus && bash merge_lora_weight.sh runs/two_gpus/ckpt_model /tmp/m
+        --steps_per_epoch 10 --batch_size 4 --exp_name two_gpus
+    bash merge_lora_weight.sh runs/two_gpus/ckpt_model /tmp/m
 
 MFU counts the LLM's model FLOPs per step (gradient-checkpoint recomputation not counted):
   frozen-aware: forward 2*N + input-gradient 2*N per token (the base weights are frozen, so no

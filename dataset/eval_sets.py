@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from model.transforms import SamInput
+
 from .coco_masks import decode_rles, union_rle
 from .eval_report import EvalDataError, EvalSetReport, SkippedItem, check_on_error
 from .image_io import SkipItem, SkipLog, count_skip, image_header, read_image_rgb
@@ -45,7 +47,6 @@ from .reason_seg import load_reason_seg_annotation, read_json_text, reason_quest
 from .refer import FALSE_PREMISE_DATASETS, REFER_DATASETS, ReferData, sentence_exists
 from .sample import IGNORE_LABEL, RawSample, Sample, choice, to_sample
 from .templates import LISA_EVAL, Templates, resolve_templates
-from model.transforms import SamInput
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +335,9 @@ def read_eval_image(image: EvalImage, on_error: str = "stop",
     try:
         rgb = read_image_rgb(image.image_path, source)
         if rgb.shape[:2] != (image.height, image.width):
-            raise SkipItem(source, image.image_path, "size_mismatch", f"image is {rgb.shape[0]}x{rgb.shape[1]} but "
-                                                                      f"the annotation says {image.height}x{image.width}")
+            raise SkipItem(source, image.image_path, "size_mismatch",
+                           f"image is {rgb.shape[0]}x{rgb.shape[1]} but the annotation says "
+                           f"{image.height}x{image.width}")
         return rgb
     except SkipItem as skip:
         if on_error == "stop":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from model.conversation import SYSTEM_PROMPTS
+from model.transforms import SamInput
 
 from .image_io import SkipItem, SkipLog, count_skip
 from .paths import check_data_root
@@ -26,7 +27,6 @@ from .refer_seg import ReferSegSource
 from .sample import Sample, to_sample
 from .sem_seg import SemSegSource
 from .templates import SEG, Templates, resolve_templates
-from model.transforms import SamInput
 from .vqa import VqaSource
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+
 import cv2
 import numpy as np
 

@@ -26,7 +26,7 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
-def _numeric_dtype(spec, *args):
+def _numeric_dtype(spec, *_args):
     dt = np.dtype(spec) if isinstance(spec, str) else None
     if dt is None or dt.kind not in "biuf":
         raise pickle.UnpicklingError(f"refused numpy dtype {spec!r}: only numeric values are allowed")
@@ -39,7 +39,7 @@ def _numeric_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
-def _empty_array(subtype, shape=(0,), dtype_code=b"b"):
+def _empty_array(subtype, _shape=(0,), _dtype_code=b"b"):
     """numpy's array reconstructor, for plain ndarrays only; BUILD then fills it from raw bytes
     with a dtype that went through `_numeric_dtype`."""
     if subtype is not np.ndarray:

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from model.conversation import IMAGE_TOKEN, Conversation
+from model.transforms import SamInput
 
 from .image_io import SkipItem
 from .templates import SEG
-from model.transforms import SamInput
 
 IGNORE_LABEL = 255
 

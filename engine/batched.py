@@ -1,4 +1,5 @@
-"""The batched engine, the predictor's fast path: many images, many queries per image, one shared prompt prefix per image.
+"""The batched engine, the predictor's fast path: many images, many queries per image, one shared
+prompt prefix per image.
 
 Every SESAME prompt of an image starts with the same tokens:
 
@@ -310,7 +311,7 @@ class BatchedInference:
                                 images)
 
     def _prefill_prefix(self, decoder, prefix, image_ids, clip_features, cache: GroupKVCache, plan: Plan):
-        model, cfg = self.model, self.config
+        model = self.model
         device = model.device
         prefix_ids = torch.tensor(prefix, dtype=torch.long, device=device)
         text = model.language_model.get_input_embeddings()(prefix_ids)
@@ -417,7 +418,8 @@ class BatchedInference:
             is_seg = (next_ids == seg_id) & ~finished
             finished = finished | (next_ids == eos_id)
             group_done = finished.all(1)
-            flags = torch.stack([group_done.all().long(), is_seg.any().long(), group_done.sum()]).tolist()  # one sync per step
+            # one host sync per step
+            flags = torch.stack([group_done.all().long(), is_seg.any().long(), group_done.sum()]).tolist()
             if flags[1]:
                 seg_steps.append((step, active, is_seg, hidden.clone()))  # graph outputs are overwritten
             if flags[0] or step == max_new_tokens - 1:

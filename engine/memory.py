@@ -69,7 +69,7 @@ def usable_bytes(device: torch.device) -> int:
     allocator, within the per-process fraction cap, less a reserve."""
     free, total = torch.cuda.mem_get_info(device)
     reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _device: 1.0)(device)
     usable = min(free + reserved - allocated, int(fraction * total) - allocated)
     return max(0, int(usable * (1 - RESERVE_FRACTION)) - RESERVE_BYTES)
 

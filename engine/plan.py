@@ -20,7 +20,8 @@ def split_prompt(ids: Sequence[int], where: str) -> tuple[tuple[int, ...], list[
                          f"found {len(positions)}")
     k = positions[0]
     if k + 1 == len(ids):
-        raise ValueError(f"{where}: the prompt has no text after the image (expected '<im_end>\\n{{question}} ASSISTANT:')")
+        raise ValueError(f"{where}: the prompt has no text after the image "
+                         f"(expected '<im_end>\\n{{question}} ASSISTANT:')")
     return tuple(ids[:k]), list(ids[k + 1:])
 
 

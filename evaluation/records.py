@@ -204,7 +204,8 @@ def merge_shards(directory: str, world_size: Optional[int] = None) -> MergedShar
             raise ValueError(f"{directory} holds shards of several world sizes {sorted(found)}; pass --world_size")
         world_size = next(iter(found))
     shards = found.get(world_size, {})
-    missing = [os.path.join(directory, f"shard_{p}_of_{world_size}.jsonl") for p in range(world_size) if p not in shards]
+    missing = [os.path.join(directory, f"shard_{p}_of_{world_size}.jsonl")
+               for p in range(world_size) if p not in shards]
     if missing:
         raise FileNotFoundError(f"missing shard files: {', '.join(missing)}")
     records, seen, incomplete, set_reports = [], {}, [], []

@@ -45,7 +45,8 @@ class ClipTransform:
         """uint8 HxWx3 RGB -> float32 3xSxS."""
         # channels last, said explicitly: left to guess, transformers takes a 3-pixel-high image
         # (3, W, 3) or a (1, 3, 3) one for channels-first and mixes up its pixels
-        return self.processor(images=image_rgb, return_tensors="pt", input_data_format="channels_last")["pixel_values"][0]
+        out = self.processor(images=image_rgb, return_tensors="pt", input_data_format="channels_last")
+        return out["pixel_values"][0]
 
 
 @dataclass(frozen=True)

@@ -34,3 +34,13 @@ def sp_model(tmp_path_factory):
     from model.tiny import llama_sized_sentencepiece
 
     return llama_sized_sentencepiece(str(tmp_path_factory.mktemp("sp")))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """The synthetic data root (every on-disk format the loaders read), generated once."""
+    from dataset.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic_data")
+    generate(str(root), seed=0, num_images=12)
+    return str(root)

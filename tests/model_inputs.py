@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
-from model.transforms import ClipTransform, SamTransform
 from model.batch import SesameBatch
 from model.conversation import IGNORE_INDEX, build_prompt, tokenize_with_image
+from model.transforms import ClipTransform, SamTransform
 
 
 def random_image(h, w, seed=0):

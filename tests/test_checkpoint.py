@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_checkpoint_tokenizer import SESAME_TOKENS, write_431_tokenizer
 
 from model import checkpoint as ckpt
 from model.builder import build_for_training, load_pretrained, sam_config_from_shapes
@@ -21,7 +22,6 @@ from model.lora import apply_lora, merge_lora
 from model.sesame import SesameModel
 from model.tiny import tiny_model, write_clip_checkpoint, write_tiny_llava_base, write_tiny_sam
 from model.tokenizer import SpecialTokenIds, add_sesame_tokens, load_tokenizer
-from test_checkpoint_tokenizer import SESAME_TOKENS, write_431_tokenizer
 
 VOCAB = 32003
 RELEASED_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.", "model.mm_projector.",
@@ -216,7 +216,8 @@ def test_bf16_safetensors_release_equals_eager_bf16_model(source, sp_model, tmp_
     assert_same_model(got.model, eager)
     assert got.model.visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
     assert got.model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
-    assert_same_prediction(predict_once(got.model, got.tokenizer, config_ids(got), got.clip_transform, got.sam_transform),
+    assert_same_prediction(predict_once(got.model, got.tokenizer, config_ids(got), got.clip_transform,
+                                        got.sam_transform),
                            predict_once(eager, tok, ids, got.clip_transform, got.sam_transform))
 
 

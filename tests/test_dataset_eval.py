@@ -8,11 +8,16 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest_data import synthetic_root  # noqa: F401
 from dataset.collate import collate_fn
 from dataset.eval_report import EvalDataError, EvalSetReport
-from dataset.eval_sets import (EVAL_DATASETS, EvalImage, EvalQuery, build_eval_dataset, read_eval_image,
-                               teacher_forced_samples)
+from dataset.eval_sets import (
+    EVAL_DATASETS,
+    EvalImage,
+    EvalQuery,
+    build_eval_dataset,
+    read_eval_image,
+    teacher_forced_samples,
+)
 from dataset.refer import ReferData, sentence_exists
 from dataset.templates import DEFAULT_TEMPLATES, LISA_EVAL
 from model.transforms import ClipTransform, SamTransform
@@ -69,7 +74,8 @@ def test_refer_eval_sets(synthetic_root, name):
 
 
 def test_refer_test_splits(synthetic_root):
-    assert build_eval_dataset("refcoco", synthetic_root, "testA") and build_eval_dataset("refcoco+", synthetic_root, "testB")
+    assert build_eval_dataset("refcoco", synthetic_root, "testA")
+    assert build_eval_dataset("refcoco+", synthetic_root, "testB")
     assert build_eval_dataset("refcocog", synthetic_root, "test")
     # "test" on RefCOCO / RefCOCO+ is testA and testB together, as the REFER API selects it
     for name in ("refcoco", "refcoco+"):
@@ -123,7 +129,8 @@ def test_reason_seg_eval(synthetic_root):
             # the false-premise phrase as written (the original does not lower-case it)
             assert fp_q.question == LISA_EVAL.short_question.format(class_name=fp_q.sentence)
             assert fp_q.sentence != fp_q.sentence.lower()
-    sesame = build_eval_dataset("ReasonSeg", synthetic_root, "val", question_style="sesame", include_false_premise=False)
+    sesame = build_eval_dataset("ReasonSeg", synthetic_root, "val", question_style="sesame",
+                                include_false_premise=False)
     assert all(len(im.queries) == 1 for im in sesame)
     q = sesame[0].queries[0]
     pool = DEFAULT_TEMPLATES.long_question if q.extra["is_sentence"] else DEFAULT_TEMPLATES.short_question
@@ -147,7 +154,8 @@ def test_reason_seg_malformed_json_stops_or_is_skipped(synthetic_root, tmp_path)
 
 
 def test_eval_sets_pickle_with_lazy_masks(synthetic_root):
-    images = build_eval_dataset("R-refcoco", synthetic_root, "val") + build_eval_dataset("ReasonSeg", synthetic_root, "val")
+    images = (build_eval_dataset("R-refcoco", synthetic_root, "val")
+              + build_eval_dataset("ReasonSeg", synthetic_root, "val"))
     back = pickle.loads(pickle.dumps(images))
     for a, b in zip(images, back):
         for qa, qb in zip(a.queries, b.queries):
@@ -176,11 +184,13 @@ def test_eval_query_takes_plain_arrays():
 
 def test_teacher_forced_samples(synthetic_root, tokenizer, token_ids):
     clip, sam = ClipTransform(32), SamTransform(64)
-    images = build_eval_dataset("fprefcoco", synthetic_root, "val") + build_eval_dataset("ReasonSeg", synthetic_root, "val")
+    images = (build_eval_dataset("fprefcoco", synthetic_root, "val")
+              + build_eval_dataset("ReasonSeg", synthetic_root, "val"))
     samples = list(teacher_forced_samples(images, clip, sam))
     assert len(samples) == len(images)
     for im, s in zip(images, samples):
-        assert s.image_path == im.image_path and [c.questions[0] for c in s.conversations] == [q.question for q in im.queries]
+        assert s.image_path == im.image_path
+        assert [c.questions[0] for c in s.conversations] == [q.question for q in im.queries]
         for q, c in zip(im.queries, s.conversations):
             a = c.answers[0]
             assert ("[SEG]" in a) == q.gt_exists
@@ -215,6 +225,7 @@ def test_an_image_whose_only_ref_is_rle_stays_in_the_set(synthetic_root):
     """The generator gives one val image a single ref stored as a list of RLE dicts: the image is in
     every refer set, with the mask pycocotools decodes (the union of its parts)."""
     from pycocotools import mask as mask_utils
+
     from dataset.synthetic import LONE_REF_SCENE
     for name in [n for n in EVAL_DATASETS if n != "ReasonSeg"]:
         data = ReferData(synthetic_root, name)
@@ -303,7 +314,7 @@ def test_unreadable_eval_items_are_skipped_and_counted(synthetic_root, tmp_path)
 
 
 def _unreadable(tmp_path, kind):
-    from conftest_data import jpeg_claiming, jpeg_cut_after_header
+    from image_files import jpeg_claiming, jpeg_cut_after_header
     path = tmp_path / f"{kind}.jpg"
     if kind == "empty":
         path.write_bytes(b"")

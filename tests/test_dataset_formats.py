@@ -9,9 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest_data import synthetic_root  # noqa: F401
-from dataset.image_io import DatasetFileError, SkipItem, read_image_rgb
 from dataset.coco_masks import decode_segmentation
+from dataset.image_io import DatasetFileError, SkipItem, read_image_rgb
 from dataset.refer import REFER_DATASETS, ReferData, default_split_by, sentence_exists
 from dataset.safe_pickle import safe_load, safe_load_path
 from dataset.templates import DEFAULT_TEMPLATES, load_templates
@@ -37,7 +36,8 @@ def _form(segm) -> str:
 def test_synthetic_root_has_every_format(synthetic_root):
     expect = ["refer_seg/refcoco/refs(unc_exclude_unified).p", "refer_seg/refcoco+/instances.json",
               "refer_seg/refcocog/refs(umd_exclude_unified).p", "refer_seg/refclef/refs(unc).p",
-              "refer_seg/fprefcoco/refs(berkeley_exclude_unified).p", "refer_seg/R-refcocog/refs(umd_exclude_unified).p",
+              "refer_seg/fprefcoco/refs(berkeley_exclude_unified).p",
+              "refer_seg/R-refcocog/refs(umd_exclude_unified).p",
               "refer_seg/images/mscoco/images/train2014/COCO_train2014_000000000001.jpg",
               "refer_seg/images/saiapr_tc-12/00/images/1.jpg", "llava_dataset/llava_instruct_150k.json",
               "coco/train2017/000000000001.jpg", "reason_seg/ReasonSeg/train/shapes_0001.json",
@@ -180,7 +180,8 @@ def test_existence_flags(synthetic_root):
     r = ReferData(synthetic_root, "R-refcoco")
     negs = [rf for rf in r.refs if not sentence_exists(rf["sentences"][0])]
     assert negs and all(rf["ann_id"] == [-1] for rf in negs)
-    assert any(isinstance(rf["ann_id"], int) and rf["ann_id"] == -1 for rf in ReferData(synthetic_root, "R-refcoco+").refs)
+    refs = ReferData(synthetic_root, "R-refcoco+").refs
+    assert any(isinstance(rf["ann_id"], int) and rf["ann_id"] == -1 for rf in refs)
     assert sentence_exists({"sent": "x"}) and not sentence_exists({"exist": False})
 
 
@@ -224,6 +225,7 @@ def test_every_form_decodes_as_pycocotools_does(synthetic_root):
 
 def test_decode_segmentation_forms_and_errors():
     from pycocotools import mask as mask_utils
+
     from dataset.coco_masks import compressed_rle_total
     m = np.zeros((20, 30), np.uint8)
     m[5:12, 7:20] = 1
@@ -312,7 +314,8 @@ def test_unreadable_annotations_are_skip_items_naming_ids(synthetic_root, tmp_pa
 
 
 def test_missing_files_name_the_path_and_dataset(synthetic_root, tmp_path):
-    with pytest.raises(DatasetFileError, match=r"refcoco.*refs\(unc_exclude_unified\)\.p|refs\(unc_exclude_unified\)\.p.*"):
+    with pytest.raises(DatasetFileError,
+                       match=r"refcoco.*refs\(unc_exclude_unified\)\.p|refs\(unc_exclude_unified\)\.p.*"):
         root = tmp_path / "r"
         shutil.copytree(os.path.join(synthetic_root, "refer_seg", "refcoco"), root / "refer_seg" / "refcoco")
         os.remove(root / "refer_seg" / "refcoco" / "refs(unc_exclude_unified).p")
@@ -482,6 +485,7 @@ def _file_json(path):
 
 def test_reason_seg_reads_cp1252_files_as_the_original(synthetic_root, tmp_path):
     import glob
+
     from dataset.reason_seg import load_reason_seg_annotation
     paths = sorted(glob.glob(os.path.join(synthetic_root, "reason_seg", "ReasonSeg", "*", "*.json")))
     not_utf8 = 0

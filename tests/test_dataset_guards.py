@@ -5,9 +5,9 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+from image_files import jpeg_claiming, png_claiming
 from PIL import Image, ImageFile
 
-from conftest_data import jpeg_claiming, png_claiming, synthetic_root  # noqa: F401
 from dataset.image_io import SkipItem, image_size, read_image_rgb, read_label_map
 from dataset.paths import PACKAGE_DIR, DataRootError, check_data_root
 from model.transforms import ClipTransform, SamTransform

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest_data import synthetic_root  # noqa: F401
 from dataset.collate import collate_fn, encode_conversation, truncation_point
 from dataset.hybrid import HYBRID_SOURCES, HybridDataset
 from dataset.sample import Sample
-from model.transforms import ClipTransform, SamTransform
 from model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation
+from model.transforms import ClipTransform, SamTransform
 
 ALL = "sem_seg||refer_seg||correct_refer_seg||vqa||neg_refer_seg||reason_seg"
 
@@ -29,9 +28,9 @@ def _hybrid(root, tokenizer, transforms, **kw):
 
 def _supervised_spans(ids, labels):
     spans, cur = [], []
-    for i, l in zip(ids, labels):
-        if l != IGNORE_INDEX:
-            assert l == i
+    for i, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == i
             cur.append(i)
         elif cur:
             spans.append(cur)
@@ -91,7 +90,8 @@ def test_bad_arguments(synthetic_root, tokenizer, transforms):
     with pytest.raises(ValueError, match="sample_rates has 3 values for 4 datasets"):
         _hybrid(synthetic_root, tokenizer, transforms, sample_rates="9,3,3")
     with pytest.raises(ValueError, match="known: refclef"):
-        _hybrid(synthetic_root, tokenizer, transforms, datasets="refer_seg", sample_rates=[1], refer_seg_data="refcocoX")
+        _hybrid(synthetic_root, tokenizer, transforms, datasets="refer_seg", sample_rates=[1],
+                refer_seg_data="refcocoX")
     with pytest.raises(ValueError, match="conv_template"):
         _hybrid(synthetic_root, tokenizer, transforms, conv_template="llava_v2")
     with pytest.raises(IndexError):
@@ -145,8 +145,9 @@ def test_multi_turn_labels(tokenizer, token_ids):
         _assert_decodes_to(tokenizer, span, a + "</s>")
     assert [s[-1] for s in spans] == [token_ids.eos] * 3 and ends[-1] == len(ids)
     # the user turns and the system prompt are never supervised
-    unsupervised = [i for i, l in zip(ids, labels) if l == IGNORE_INDEX and i >= 0]
-    assert "curious user" in tokenizer.decode(unsupervised) and "Where is the red square" in tokenizer.decode(unsupervised)
+    unsupervised = [i for i, label in zip(ids, labels) if label == IGNORE_INDEX and i >= 0]
+    text = tokenizer.decode(unsupervised)
+    assert "curious user" in text and "Where is the red square" in text
 
 
 def test_vqa_sample_labels_through_collate(synthetic_root, tokenizer, token_ids, transforms):

@@ -228,7 +228,8 @@ def test_one_shot_script_json(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "demo.py"), "--pretrained_model_path", "tiny-random", "--device", "cpu",
            "--precision", "fp32", "--image", SHAPES, "--query", "Is there a red square?", "--json",
            "--max_new_tokens", FEW_TOKENS, "--vis_save_dir", str(vis)]
-    run = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, env=_script_env())
+    run = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+                         env=_script_env())
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)  # stdout holds exactly one JSON object
     assert set(result) >= {"see", "say", "raw_answer", "output_dir", "mask_path", "overlay_path", "answer_path"}
@@ -305,8 +306,9 @@ def test_sasp_flags_and_visualize(loaded, tmp_path):
     assert [os.path.basename(p) for p in result.sasp_paths] == ["sasp.png"]
     assert os.path.dirname(result.sasp_paths[0]) == result.output_dir
     assert np.asarray(Image.open(result.sasp_paths[0])).ndim == 3
-    no_seg = run_query(_predictor(loaded_read, lambda step, logits: logits.index_fill(
-        1, torch.tensor([cfg.seg_token_id]), -1e4)), _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?")
+    seg = torch.tensor([cfg.seg_token_id])
+    never_seg = _predictor(loaded_read, lambda step, logits: logits.index_fill(1, seg, -1e4))
+    no_seg = run_query(never_seg, _settings(tmp_path, visualize=True), SHAPES, "Is there a red square?")
     assert no_seg.num_seg == 0 and no_seg.sasp_paths == [] and any("no [SEG]" in n for n in no_seg.notes)
 
 

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.visualize import (image_folder_name, new_query_dir, overlay_mask, save_mask_png, slugify,
-                             write_query_outputs)
+from utils.visualize import image_folder_name, new_query_dir, overlay_mask, save_mask_png, slugify, write_query_outputs
 
 
 def test_overlay_is_point3_image_plus_point7_red_on_mask_only():

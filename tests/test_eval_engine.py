@@ -89,8 +89,10 @@ def test_engine_equals_predict_forced_seg(tokenizer, token_ids, slots, first_cap
     calls = {"grow": 0, "select": 0}
     for name in calls:
         original = getattr(GroupKVCache, name)
-        monkeypatch.setattr(GroupKVCache, name, (lambda f, key: lambda self, *a: (calls.__setitem__(key, calls[key] + 1),
-                                                                                 f(self, *a))[1])(original, name))
+        def counted(self, *a, f=original, key=name):
+            calls[key] += 1
+            return f(self, *a)
+        monkeypatch.setattr(GroupKVCache, name, counted)
     model = tiny_model(token_ids, len(tokenizer), seed=1)
     works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77), (50, 50)], [3, 1, 7, 2])
     hook = _hook(token_ids)

@@ -4,13 +4,12 @@ this file; the CPU tests cover the same bookkeeping with a stand-in for the grap
 (test_eval_engine.py)."""
 import pytest
 import torch
+from test_eval_engine import _hook, _one_at_a_time, _work
 
 from engine.batched import BatchedInference
 from engine.config import EngineConfig
 from engine.llama_layers import pack_qkv
 from model.tiny import tiny_model
-
-from test_eval_engine import _hook, _one_at_a_time, _work
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -5,8 +5,15 @@ import os
 import numpy as np
 import pytest
 
-from evaluation.metrics import (evaluate_records, format_table, names_reference, normalize_text, score_record,
-                                summarize, token_f1)
+from evaluation.metrics import (
+    evaluate_records,
+    format_table,
+    names_reference,
+    normalize_text,
+    score_record,
+    summarize,
+    token_f1,
+)
 from evaluation.records import QueryRecord, ShardWriter, merge_shards, read_shard, shard_items, shard_path
 from utils.mask_io import decode_rle, encode_optional, encode_rle, rle_area
 from utils.metrics import intersection_union

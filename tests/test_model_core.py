@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 import torch
-
-from model.transforms import ClipTransform, SamTransform
-from model.conversation import IMAGE_TOKEN_INDEX, build_prompt, tokenize_with_image
-from model.lora import apply_lora, is_trainable, set_trainable
-from model.tiny import tiny_model
 from model_inputs import encoder_inputs as _inputs
 from model_inputs import random_image as _image
 from model_inputs import train_batch as _train_batch
+
+from model.conversation import IMAGE_TOKEN_INDEX, build_prompt, tokenize_with_image
+from model.lora import apply_lora, is_trainable, set_trainable
+from model.tiny import tiny_model
+from model.transforms import ClipTransform, SamTransform
 
 
 def _force_seg_at(step_to_force, seg_id, eos_id):
@@ -119,7 +119,8 @@ def test_seg_embedding_kv_cache_equals_teacher_forced(tokenizer, token_ids):
     full = torch.tensor([prompt + pred.output_ids])
     feats = model.encode_images_clip(clip)
     spliced = model.splice_image_features(full, torch.ones_like(full), feats)
-    hidden = model.language_model.model(inputs_embeds=spliced.embeds, attention_mask=spliced.attention_mask).last_hidden_state
+    hidden = model.language_model.model(inputs_embeds=spliced.embeds,
+                                        attention_mask=spliced.attention_mask).last_hidden_state
     before_seg = (spliced.token_ids[0, 1:] == token_ids.seg).nonzero()[0, 0]
     torch.testing.assert_close(pred.seg_hidden[0], hidden[0, before_seg], atol=1e-5, rtol=1e-4)
     assert pred.masks.shape == (1, 45, 70)
@@ -249,9 +250,10 @@ def test_preprocessing_matches_independent_pil():
 def test_sdpa_sam_attention_equals_library_attention():
     """The SDPA image-encoder attention and the window handling of WindowedBlock give the library's
     outputs (windowed and global blocks)."""
+    from sam_reference import library_encoder
+
     from model.config import SAM_PRESETS
     from model.sam import SdpaSamAttention, WindowedBlock, build_sam
-    from sam_reference import library_encoder
     torch.manual_seed(0)
     sam = build_sam(SAM_PRESETS["tiny"])
     encoder = sam.image_encoder

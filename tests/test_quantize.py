@@ -45,10 +45,10 @@ def test_kernels_equal_the_dequantised_product(dtype, bias):
 
 
 def test_quantised_tiny_model_runs_predict(tokenizer, token_ids):
+    import numpy as np
+
     from model.conversation import build_prompt, tokenize_with_image
     from model.transforms import ClipTransform, SamTransform
-
-    import numpy as np
 
     image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
     clip, sam = ClipTransform(112)(image)[None], SamTransform(128)(image)

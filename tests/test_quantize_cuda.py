@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_quantize import _int4_reference
 
 from model.quantize import Int4Linear, Int8Linear, int8_kernel_runs
-from test_quantize import _int4_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

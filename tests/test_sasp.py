@@ -5,20 +5,34 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from model_inputs import encoder_inputs as _inputs
+from model_inputs import random_image as _image
+from model_inputs import train_batch as _batch
 
 from model.batch import SesameBatch
 from model.config import SasPConfig
 from model.conversation import build_prompt, tokenize_with_image
 from model.lora import apply_lora, set_trainable
 from model.sam import decode_masks, masks_at_original_size
-from model.sasp import (FullMapFactors, add_sasp_arguments, cell_centres, coarse_grid, crop_padding,
-                        full_map_factors, full_resolution_map, linear_resize_matrix, min_max, refine_points,
-                        refine_points_dense, sasp_config_from_args, select_cells, similarity_as_points, to_sam_frame,
-                        validate_sasp_config)
+from model.sasp import (
+    FullMapFactors,
+    add_sasp_arguments,
+    cell_centres,
+    coarse_grid,
+    crop_padding,
+    full_map_factors,
+    full_resolution_map,
+    linear_resize_matrix,
+    min_max,
+    refine_points,
+    refine_points_dense,
+    sasp_config_from_args,
+    select_cells,
+    similarity_as_points,
+    to_sam_frame,
+    validate_sasp_config,
+)
 from model.tiny import tiny_model
-from model_inputs import encoder_inputs as _inputs
-from model_inputs import random_image as _image
-from model_inputs import train_batch as _batch
 
 TINY_CLIP = 112  # tiny CLIP crop side: an 8 x 8 grid of image tokens
 
@@ -254,7 +268,8 @@ def _force_segs(seg_steps, eos_step, seg_id, eos_id):
 
 def _masks(model, embedding, seg, resized, original, points=None):
     """Mask logits (n, H, W) of n [SEG] states on one image: decode_masks + SAM's postprocessing."""
-    low_res = decode_masks(model.visual_model, embedding.expand(seg.shape[0], -1, -1, -1), model.project_seg(seg), points)
+    low_res = decode_masks(model.visual_model, embedding.expand(seg.shape[0], -1, -1, -1), model.project_seg(seg),
+                           points)
     return masks_at_original_size(model.visual_model, low_res, resized, original)
 
 
@@ -272,7 +287,8 @@ def test_point_prompts_shape_dtype_device_and_plain_sesame_none(tokenizer, token
         model.seg_masks(embedding, seg, [0, 0, 0], [(96, 128)], [(30, 40)], image_hidden=None)
     with torch.no_grad():
         (read,) = model.seg_masks(embedding, seg, [0, 0, 0], [(96, 128)], [(30, 40)], image_hidden=img)
-    assert read.sasp is not None and torch.equal(read.sasp.cells, model.sasp_points(seg, img, (96, 128), (30, 40)).cells)
+    assert read.sasp is not None
+    assert torch.equal(read.sasp.cells, model.sasp_points(seg, img, (96, 128), (30, 40)).cells)
     plain = tiny_model(token_ids, len(tokenizer))
     with torch.no_grad():
         (masks,) = plain.seg_masks(embedding, seg, [0, 0, 0], [(96, 128)], [(30, 40)], image_hidden=img)

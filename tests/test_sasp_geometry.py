@@ -9,9 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from model.config import SasPConfig, SesameConfig
-from model.sasp import (FullMapFactors, add_sasp_arguments, coarse_grid, full_map_factors, full_resolution_map,
-                        read_padding, refine_points, refine_points_dense, sasp_config_from_args,
-                        similarity_as_points, uncrop_resize_matrix, validate_sasp_config)
+from model.sasp import (
+    FullMapFactors,
+    add_sasp_arguments,
+    coarse_grid,
+    full_map_factors,
+    full_resolution_map,
+    read_padding,
+    refine_points,
+    refine_points_dense,
+    sasp_config_from_args,
+    similarity_as_points,
+    uncrop_resize_matrix,
+    validate_sasp_config,
+)
 from model.tiny import tiny_model
 
 READ_CLIP = 336  # READ's full-resolution map side (its CLIP crop)

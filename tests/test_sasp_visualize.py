@@ -8,8 +8,15 @@ from PIL import Image
 
 from model.config import SasPConfig
 from model.sasp import similarity_as_points
-from utils.visualize_sasp import (LEGEND_HEIGHT, PANEL_GAP, POINT_COLOURS, display_scale, heatmap_overlay,
-                                  render_sasp, save_sasp_pngs)
+from utils.visualize_sasp import (
+    LEGEND_HEIGHT,
+    PANEL_GAP,
+    POINT_COLOURS,
+    display_scale,
+    heatmap_overlay,
+    render_sasp,
+    save_sasp_pngs,
+)
 
 TINY_CLIP = 112
 
@@ -93,9 +100,9 @@ def test_save_one_png_per_seg_and_errors(tmp_path):
 
 
 def test_predict_output_can_be_visualised(tmp_path, tokenizer, token_ids):
-    from model.transforms import ClipTransform, SamTransform
     from model.conversation import build_prompt, tokenize_with_image
     from model.tiny import tiny_model
+    from model.transforms import ClipTransform, SamTransform
     model = tiny_model(token_ids, len(tokenizer), sasp=SasPConfig(num_points=5))
     image = (np.random.default_rng(1).random((33, 47, 3)) * 255).astype(np.uint8)
     sam_in = SamTransform(model.config.sam.image_size)(image)

@@ -9,16 +9,23 @@ import os
 import numpy as np
 import pytest
 import torch
+from cpu_deepspeed import cpu_process_group, cpu_subprocess_env
 
 from dataset.collate import collate_fn
 from dataset.sample import Sample
-from model.transforms import ClipTransform, SamTransform
 from model.conversation import Conversation
 from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable
 from model.tiny import tiny_model
-from cpu_deepspeed import cpu_process_group, cpu_subprocess_env
-from training.checkpoints import (BEST, LATEST, RunCheckpoints, StreamLayout, TrainState, read_latest_tag,
-                                  write_model_recipe)
+from model.transforms import ClipTransform, SamTransform
+from training.checkpoints import (
+    BEST,
+    LATEST,
+    RunCheckpoints,
+    StreamLayout,
+    TrainState,
+    read_latest_tag,
+    write_model_recipe,
+)
 from training.data_stream import stream_loader
 from training.deepspeed_config import DeepSpeedRecipe
 from training.engine import build_engine

@@ -14,9 +14,9 @@ import time
 
 import pytest
 import torch
+from cpu_deepspeed import cpu_process_group, cpu_subprocess_env
 
 import train_sesame
-from cpu_deepspeed import cpu_process_group, cpu_subprocess_env
 from training.checkpoints import LATEST, read_latest_tag
 from training.merge import training_state_dict
 from utils import distributed as dist_utils

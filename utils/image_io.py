@@ -119,6 +119,21 @@ def _too_large(source: str, claim: str, limit: int) -> ImageLoadError:
                                   f"limit of {limit:,} pixels (utils.image_io.MAX_IMAGE_PIXELS)", "too_large")
 
 
+# leading bytes of the formats everyday images come in (JPEG, PNG, GIF, BMP, TIFF, WebP's RIFF)
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+def _starts_like_an_image(source: str) -> bool:
+    if is_url(source):
+        return False
+    try:
+        with open(source, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return head.startswith(IMAGE_SIGNATURES)
+
+
 def open_image(source: str, limit: Optional[int] = None) -> Image.Image:
     """The Pillow image opened lazily (header read, no pixel decoded), refused with an ImageLoadError
     if it claims more than `limit` pixels (default MAX_IMAGE_PIXELS). Use it as a context manager."""
@@ -134,6 +149,9 @@ def open_image(source: str, limit: Optional[int] = None) -> Image.Image:
         claim = f"{int(claimed.group(1)):,} pixels" if claimed else "more pixels than Pillow allows"
         raise _too_large(source, claim, min(limit, 2 * Image.MAX_IMAGE_PIXELS)) from None
     except UnidentifiedImageError:
+        if _starts_like_an_image(source):  # a known image signature Pillow could not parse: cut off or corrupt
+            raise ImageLoadError(source, "cannot decode image (its header is cut off or corrupt)",
+                                 "cannot_decode") from None
         raise ImageLoadError(source, "not an image file Pillow can read", "not_an_image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # a header that is cut off or corrupt
         raise ImageLoadError(source, f"cannot decode image ({_reason(e)})", "cannot_decode") from None

@@ -56,7 +56,8 @@ def point_radius(canvas_shape: tuple[int, ...]) -> int:
     return max(3, round(0.012 * max(canvas_shape[:2])))
 
 
-def draw_points(canvas: np.ndarray, points: np.ndarray, labels: np.ndarray, valid: np.ndarray, scale: int) -> np.ndarray:
+def draw_points(canvas: np.ndarray, points: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+                scale: int) -> np.ndarray:
     """Draw (K, 2) original-pixel (x, y) points on a canvas `scale` times the original size.
     Neutral first, positives last, so positives are never hidden."""
     out = np.ascontiguousarray(canvas.copy())

@@ -1,24 +1,10 @@
-"""Shared test data: the synthetic data root (every on-disk format), generated once, and small
-image files whose headers claim huge sizes (decompression bombs, without allocating anything).
-
-Use the root from a test module with `from conftest_data import synthetic_root  # noqa: F401`.
-"""
+"""Small image files whose headers claim huge sizes (decompression bombs, without allocating anything)."""
 import io
 import struct
 import zlib
 
 import numpy as np
-import pytest
 from PIL import Image
-
-
-@pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory):
-    from dataset.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synthetic_data")
-    generate(str(root), seed=0, num_images=12)
-    return str(root)
 
 
 def _jpeg_and_frame_header() -> tuple[bytearray, int]:
