@@ -21,7 +21,7 @@ import torch
 
 from .config import SAM_PRESETS, SesameConfig
 from .sesame import SesameModel
-from .tokenizer import SpecialTokenIds, add_sesame_tokens, load_tokenizer
+from .tokenizer import TOKENIZER_MODEL, SpecialTokenIds, add_sesame_tokens, load_tokenizer
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER_DIR = os.path.join(_REPO_ROOT, "assets", "tiny_tokenizer")  # the bundled 512-piece tokenizer
@@ -40,22 +40,28 @@ What is in this image? Please output segmentation mask. Please respond with segm
 """
 
 
-def train_tiny_sentencepiece(out_dir: str, vocab_size: int = 512, extra_text: str = "") -> str:
-    """Train a byte-fallback BPE sentencepiece model like LLaMA's; returns the tokenizer.model path."""
+def train_sentencepiece(out_dir: str, lines: list[str], vocab_size: int, repeat: int = 1) -> str:
+    """Train a byte-fallback BPE sentencepiece model like LLaMA's (unk 0, bos 1, eos 2, digits split,
+    dummy prefix) on `lines`; returns the tokenizer.model path. Deterministic for the same input."""
     import sentencepiece as spm
 
     os.makedirs(out_dir, exist_ok=True)
-    lines = [line for line in (_CORPUS + extra_text).splitlines() if line.strip()] * 10
+    lines = [line for line in lines if line.strip()] * repeat
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         minloglevel=2, num_threads=1)
-    path = os.path.join(out_dir, "tokenizer.model")
+    path = os.path.join(out_dir, TOKENIZER_MODEL)
     with open(path, "wb") as f:
         f.write(buf.getvalue())
     return path
+
+
+def train_tiny_sentencepiece(out_dir: str, vocab_size: int = 512, extra_text: str = "") -> str:
+    """The tiny tokenizer of the tests: 512 pieces trained on a few prompts and answers."""
+    return train_sentencepiece(out_dir, (_CORPUS + extra_text).splitlines(), vocab_size, repeat=10)
 
 
 def llama_sized_sentencepiece(out_dir: str, vocab_size: int = LLAMA_VOCAB_SIZE) -> str:
