@@ -238,10 +238,11 @@ def vqa_rounds(rng: np.random.Generator, scene: Scene, colors: Sequence[str] = t
     return [qa[int(i)] for i in rng.permutation(len(qa))]
 
 
-def vqa_conversation(rng: np.random.Generator, scene: Scene, rounds: int) -> list[dict]:
+def vqa_conversation(rng: np.random.Generator, scene: Scene, rounds: int, colors: Sequence[str] = tuple(COLORS),
+                     kinds: Sequence[str] = KINDS) -> list[dict]:
     """LLaVA-Instruct turns: `rounds` question-answer pairs, `<image>` in the first question."""
     turns = []
-    for k, (q, a) in enumerate(vqa_rounds(rng, scene)[:rounds]):
+    for k, (q, a) in enumerate(vqa_rounds(rng, scene, colors, kinds)[:rounds]):
         if k == 0:
             q = "<image>\n" + q if rng.random() < 0.5 else q + "\n<image>"
         turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]

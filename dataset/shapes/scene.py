@@ -45,6 +45,12 @@ class SceneSpec:
     backgrounds: tuple[str, ...] = BACKGROUND_STYLES[1:]
     color_jitter: int = 8  # per-channel jitter of a shape's colour
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_shapes <= self.max_shapes:
+            raise ValueError(f"shapes per image: need 1 <= min ({self.min_shapes}) <= max ({self.max_shapes})")
+        if self.unique_attributes and self.max_shapes > min(len(self.kinds), len(self.colors)):
+            raise ValueError(f"{self.max_shapes} shapes with unique colours and kinds need as many of each")
+
 
 @dataclass
 class SceneObject:

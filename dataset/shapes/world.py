@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from .language import candidate_expressions, false_premises, pick_expressions, vqa_conversation
-from .scene import KINDS, make_scene
+from .scene import KINDS, SceneSpec, make_scene
 
 SPLITS = ("train", "val", "test")
 REFER_SETS = {"refcoco": "unc_exclude_unified", "fprefcoco": "berkeley_exclude_unified"}
@@ -41,6 +41,7 @@ class WorldConfig:
     false_premises_per_object: int = 2  # at most (another colour, another kind)
     vqa_rounds: tuple[int, int] = (2, 4)
     jpeg_quality: int = 95
+    scene: SceneSpec = SceneSpec()  # a reduced world: fewer shapes, kinds or colours
 
     def __post_init__(self) -> None:
         if self.images < 1:
@@ -77,7 +78,8 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
     """Draw image `index`, write its JPEG (and the VQA copy), return its annotations (JSON-able)."""
     rng = np.random.default_rng([config.seed, index])
     split = _split(float(rng.random()), config)
-    scene = make_scene(rng)
+    spec = config.scene
+    scene = make_scene(rng, spec)
     image_id = index + 1
     write_jpg(os.path.join(image_dir(root), coco_file(image_id)), scene.image, config.jpeg_quality)
     objects, refs = [], []
@@ -86,7 +88,7 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
                         "center": [round(obj.center[0], 2), round(obj.center[1], 2)], "bbox": obj.bbox(),
                         "area": obj.area, "covered": obj.covered, "segmentation": obj.segmentation})
         positives = pick_expressions(rng, candidate_expressions(scene, j), config.positives_per_object)
-        premises = false_premises(rng, scene, j)[:config.false_premises_per_object]
+        premises = false_premises(rng, scene, j, spec.colors, spec.kinds)[:config.false_premises_per_object]
         if positives:
             refs.append({"object": j, "positives": [[e.text(), e.kind] for e in positives],
                          "false_premises": [[p.expression.text(), p.gt_sent] for p in premises]})
@@ -94,7 +96,7 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
               "width": scene.width, "background": scene.background, "objects": objects, "refs": refs}
     if split == "train":
         lo, hi = config.vqa_rounds
-        record["vqa"] = vqa_conversation(rng, scene, int(rng.integers(lo, hi + 1)))
+        record["vqa"] = vqa_conversation(rng, scene, int(rng.integers(lo, hi + 1)), spec.colors, spec.kinds)
         _link(os.path.join(image_dir(root), coco_file(image_id)),
               os.path.join(root, "coco", "train2017", f"{image_id:012d}.jpg"))
     return record
@@ -171,8 +173,11 @@ def generate_world(root: str, config: WorldConfig, workers: int = 1) -> list[dic
     for name, split_by in REFER_SETS.items():
         folder = os.path.join(root, "refer_seg", name)
         _write_json(os.path.join(folder, "instances.json"), instances)
+        # through JSON first: pickle's memo follows object identity, which differs between
+        # records drawn here and records sent back by worker processes
+        canonical = json.loads(json.dumps(refs[name]))
         with open(os.path.join(folder, f"refs({split_by}).p"), "wb") as f:
-            pickle.dump(refs[name], f, protocol=2)  # as the released (Python 2 era) files
+            pickle.dump(canonical, f, protocol=2)  # as the released (Python 2 era) files
     _write_json(os.path.join(root, "llava_dataset", VQA_FILE + ".json"), vqa_records(records))
     manifest = [{k: v for k, v in rec.items() if k != "vqa"} for rec in records]
     for rec in manifest:
