@@ -22,11 +22,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .class_names import ade20k_class_names, cocostuff_class_names
+from .shapes.scene import COLORS, SceneSpec
+from .shapes.scene import make_scene as draw_scene
 
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-          "purple": (140, 50, 170), "orange": (245, 140, 20)}
 KINDS = ("square", "rectangle", "triangle", "circle")
-BACKGROUNDS = ((235, 235, 235), (250, 245, 230), (215, 225, 235), (245, 245, 250))
+# The shapes world's drawing, kept simple: plain background, 2-3 shapes apart, colours and kinds unique.
+SCENE_SPEC = SceneSpec(min_shapes=2, max_shapes=3, kinds=KINDS, unique_attributes=True, allow_overlap=False,
+                       min_side=(96, 144), max_aspect=1.5, backgrounds=("plain",), color_jitter=0)
 # Refer splits by scene index (first half train); refcoco/+ use testA/testB, refcocog/refclef test.
 SPLITS_UNC = ("train", "train", "train", "train", "train", "train", "val", "val", "val", "testA", "testA", "testB")
 SPLITS_UMD = ("train", "train", "train", "train", "train", "train", "val", "val", "val", "test", "test", "test")
@@ -72,51 +74,10 @@ class Scene:
         return colors[int(rng.integers(len(colors)))], kinds[int(rng.integers(len(kinds)))]
 
 
-def _polygon(kind: str, x: int, y: int, size: int) -> list[float]:
-    if kind == "square":
-        return [x, y, x + size, y, x + size, y + size, x, y + size]
-    if kind == "rectangle":
-        h = max(6, size // 2)
-        return [x, y, x + size, y, x + size, y + h, x, y + h]
-    if kind == "triangle":
-        return [x + size // 2, y, x + size, y + size, x, y + size]
-    r, cx, cy = size / 2, x + size / 2, y + size / 2
-    t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
-    return [float(v) for p in zip(np.round(cx + r * np.cos(t)), np.round(cy + r * np.sin(t))) for v in p]
-
-
-def polygon_mask(polygon: list[float], height: int, width: int) -> np.ndarray:
-    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
-    return mask_utils.decode(rle).astype(np.uint8)
-
-
 def make_scene(scene_id: int, rng: np.random.Generator) -> Scene:
-    h, w = int(rng.integers(96, 161)), int(rng.integers(112, 193))
-    scene = Scene(scene_id, h, w, BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
-    n = int(rng.integers(2, 4))
-    kinds = [KINDS[i] for i in rng.choice(len(KINDS), n, replace=False)]
-    colors = [list(COLORS)[i] for i in rng.choice(len(COLORS), n, replace=False)]
-    occupied = np.zeros((h, w), bool)
-    for kind, color in zip(kinds, colors):
-        for _ in range(200):
-            size = int(rng.integers(min(h, w) // 5, min(h, w) // 2))
-            x, y = int(rng.integers(2, w - size - 2)), int(rng.integers(2, h - size - 2))
-            poly = _polygon(kind, x, y, size)
-            m = polygon_mask(poly, h, w)
-            grown = cv2.dilate(m, np.ones((5, 5), np.uint8)).astype(bool)
-            if m.sum() > 20 and not (grown & occupied).any():
-                occupied |= grown
-                ys, xs = np.nonzero(m)
-                center = (float(xs.mean()), float(ys.mean()))
-                scene.shapes.append(Shape(kind, color, [float(v) for v in poly], m, center))
-                break
-    if len(scene.shapes) < 2:
-        raise RuntimeError(f"could not place shapes in scene {scene_id}")
-    img = np.empty((h, w, 3), np.uint8)
-    img[:] = scene.background
-    for s in scene.shapes:
-        img[s.mask.astype(bool)] = COLORS[s.color]
-    scene.image = img
+    drawn = draw_scene(rng, SCENE_SPEC)
+    scene = Scene(scene_id, drawn.height, drawn.width, drawn.background_rgb, image=drawn.image)
+    scene.shapes = [Shape(o.kind, o.color, o.polygon, o.mask, o.center) for o in drawn.objects]
     return scene
 
 

@@ -13,6 +13,7 @@ weights (SAM geometry) and from the CLIP tower named by `vision_tower` (224 vs 3
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -26,6 +27,8 @@ from .config import (LLAVA_BASE_ARCHITECTURES, RELEASED_ARCHITECTURES, SAM_PRESE
                      SesameConfig, VisionTowerConfig)
 from .sesame import SesameModel
 from .tokenizer import add_sesame_tokens, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
@@ -173,11 +176,18 @@ def projector_type(config: dict, shapes: dict[str, tuple[int, ...]], directory: 
 
 def resolve_vision_tower(name: str, checkpoint_dir: Optional[str]) -> str:
     """A local CLIP directory (absolute, or relative to the checkpoint directory or the working
-    directory) when one exists, else `name` as a hub id."""
+    directory) when one exists, else `name` as a hub id. An absolute directory that no longer
+    exists (a checkpoint moved to another machine) falls back to `vision_tower/` beside the
+    checkpoint, with a note."""
     candidates = [name] if os.path.isabs(name) else [os.path.join(checkpoint_dir or "", name), name]
     for candidate in candidates:
         if os.path.isdir(candidate):
             return candidate
+    beside = os.path.join(checkpoint_dir or "", "vision_tower")
+    if os.path.isabs(name) and checkpoint_dir and os.path.isdir(beside):
+        log.warning("CLIP directory %s (named in %s) does not exist; using %s beside the checkpoint", name,
+                    os.path.join(checkpoint_dir, ckpt.CONFIG_FILE), beside)
+        return beside
     return name
 
 

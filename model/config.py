@@ -45,6 +45,9 @@ LLM_PRESETS: dict[str, LLMConfig] = {
                            num_attention_heads=40, num_key_value_heads=40),
     "tiny": LLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, max_position_embeddings=1024),
+    # the shapes world's model (dataset/shapes): 1000-piece tokenizer + the 3 SESAME tokens
+    "shapes": LLMConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=4, max_position_embeddings=512, vocab_size=1003),
 }
 
 
@@ -77,6 +80,10 @@ VISION_PRESETS: dict[str, VisionTowerConfig] = {
     "tiny": VisionTowerConfig(name_or_path="tiny-clip", image_size=112, patch_size=14, hidden_size=32,
                               intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               projection_dim=32),
+    # 140 px, patch 14: 10 x 10 = 100 image tokens
+    "shapes": VisionTowerConfig(name_or_path="vision_tower", image_size=140, patch_size=14, hidden_size=192,
+                                intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                                projection_dim=64),
 }
 
 
@@ -112,6 +119,10 @@ SAM_PRESETS: dict[str, SamConfig] = {
     "tiny": SamConfig(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
                       image_size=128, patch_size=16, window_size=4, prompt_embed_dim=32, decoder_mlp_dim=64,
                       decoder_num_heads=2, iou_head_hidden_dim=32),
+    # 256 px, patch 8: a 32 x 32 embedding grid, so 128 x 128 low-resolution mask logits
+    "shapes": SamConfig(encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(1, 3),
+                        image_size=256, patch_size=8, window_size=8, prompt_embed_dim=128, decoder_mlp_dim=512,
+                        decoder_num_heads=4, iou_head_hidden_dim=128),
 }
 
 

@@ -3,6 +3,9 @@
 LoRA (r 8, alpha 16, dropout 0.05) on LLaMA's q_proj/v_proj only; trained in full: lm_head,
 embed_tokens, the SAM mask decoder and text_hidden_fcs; frozen: CLIP, the projector, SAM's image
 and prompt encoders and every other LLaMA weight.
+
+Training from scratch (`train_all`, train_sesame.py's `--train_all`) has nothing to adapt: no
+LoRA, and every parameter is trained (the LLM in full, CLIP, the projector, all of SAM).
 """
 from __future__ import annotations
 
@@ -29,14 +32,20 @@ def is_trainable(name: str, train_mask_decoder: bool = True) -> bool:
     return train_mask_decoder and "visual_model.mask_decoder" in name
 
 
-def set_trainable(model: SesameModel) -> list[str]:
-    """Freeze everything, then unfreeze the trainable parts; returns the trainable names."""
+def set_trainable(model: SesameModel, train_all: bool = False) -> list[str]:
+    """Freeze everything, then unfreeze the trainable parts (every part with `train_all`); returns
+    the trainable names."""
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad = is_trainable(name, model.config.train_mask_decoder)
+        param.requires_grad = train_all or is_trainable(name, model.config.train_mask_decoder)
         if param.requires_grad:
             names.append(name)
     return names
+
+
+def has_lora(state_names) -> bool:
+    """Whether a model (its parameter or state-dict names) carries LoRA adapters."""
+    return any("lora_" in name for name in state_names)
 
 
 def merge_lora(model: SesameModel) -> None:

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out_dim", type=int, default=None,
                    help="text_hidden_fcs output width; default: SAM's prompt width (256 for every released SAM)")
     g.add_argument("--train_mask_decoder", action=on_off, default=True)
+    g.add_argument("--train_all", action="store_true",
+                   help="train every part, as for a model trained from scratch: no LoRA (the --lora_* flags do not "
+                        "apply), the LLM in full, CLIP, the projector and all of SAM (the released recipe freezes "
+                        "CLIP, the projector, SAM's image and prompt encoders and the LLM base)")
     g.add_argument("--use_mm_start_end", action=on_off, default=True)
     g.add_argument("--gradient_checkpointing", action=on_off, default=True)
     g.add_argument("--conv_type", default="llava_v1", choices=("llava_v1", "vicuna_v1"))
@@ -126,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch_size and --val_batch_size must be >= 1")
     if args.best_metric == "see" and not args.val_see_dataset:
         p.error("--best_metric see needs a --val_see_dataset")
+    if args.train_all and not args.train_mask_decoder:
+        p.error("--train_all trains every part, the mask decoder too: drop --no-train_mask_decoder")
     args.lora_target_modules = tuple(m.strip() for m in args.lora_target_modules.split(",") if m.strip())
     if not args.lora_target_modules:
         p.error("--lora_target_modules is empty")

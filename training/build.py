@@ -120,7 +120,8 @@ def validation_images_from_args(args: argparse.Namespace) -> tuple[list[EvalImag
 
 
 def build_model(args: argparse.Namespace, device: torch.device):
-    """The start point with LoRA applied and the trainable split set; returns model.builder.LoadedSesame.
+    """The start point with LoRA applied (not with --train_all) and the trainable split set; returns
+    model.builder.LoadedSesame.
 
     Under ZeRO-3 the model is built on the CPU and DeepSpeed partitions it onto the GPUs.
     """
@@ -144,13 +145,14 @@ def build_model(args: argparse.Namespace, device: torch.device):
     if cfg.use_mm_start_end != args.use_mm_start_end:  # a released start point keeps the prompt it was trained on
         _log(f"note: {args.version} was trained with use_mm_start_end={cfg.use_mm_start_end}; training and "
              f"validation keep it (--use_mm_start_end={args.use_mm_start_end} applies to a LLaVA base only)")
-    apply_lora(model)
-    adapted = [n for n, _ in model.named_parameters() if "lora_A" in n]
-    unmatched = [t for t in cfg.lora.target_modules if not any(f".{t}.lora_A" in n for n in adapted)]
-    if unmatched:
-        raise InputError(f"--lora_target_modules {','.join(unmatched)} matched no attention projection of the LLM "
-                         "(LoRA goes on LLaMA's self_attn q_proj/k_proj/v_proj/o_proj)")
-    set_trainable(model)
+    if not args.train_all:
+        apply_lora(model)
+        adapted = [n for n, _ in model.named_parameters() if "lora_A" in n]
+        unmatched = [t for t in cfg.lora.target_modules if not any(f".{t}.lora_A" in n for n in adapted)]
+        if unmatched:
+            raise InputError(f"--lora_target_modules {','.join(unmatched)} matched no attention projection of the "
+                             "LLM (LoRA goes on LLaMA's self_attn q_proj/k_proj/v_proj/o_proj)")
+    set_trainable(model, train_all=args.train_all)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()

@@ -8,7 +8,10 @@
    its checkpoints (no base model download, no full-size random init), wrap it with the same LoRA,
    and assign the state dict strictly: every key must match.
 3. Fold LoRA into q_proj/v_proj (in fp32), cast, and write the released layout with
-   `model.checkpoint.save_released` (CLIP is named in config.json, not stored, as in the releases).
+   `model.checkpoint.save_released`. CLIP is named in config.json, not stored, as in the releases,
+   unless the run trained it (a run without LoRA, `--train_all`, trained every part) or it is a local
+   directory: then the tower used is written to `OUT/vision_tower/` (a CLIPModel directory) and
+   config.json names it relatively ("vision_tower"), so the merged model is self-contained.
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ from typing import Optional
 import torch
 
 from model.config import SesameConfig
-from model.lora import apply_lora, merge_lora
+from model.lora import apply_lora, has_lora, merge_lora
 from model.sesame import SesameModel
 
 from .checkpoints import CONFIG_FILE, TOKENIZER_DIR, read_latest_tag
 from .safe_load import load_checkpoint_file, refuse_unsafe_files, weights_only_loading
+
+VISION_TOWER_DIR = "vision_tower"  # beside the merged weights; model.builder looks a relative name up there first
 
 
 def training_state_dict(ckpt_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -75,12 +80,16 @@ def read_model_recipe(ckpt_dir: str):
 
 
 def rebuild_training_model(cfg: SesameConfig, state: dict[str, torch.Tensor]) -> SesameModel:
-    """The LoRA-wrapped training model with `state` assigned (strict: every key must match)."""
+    """The training model, LoRA-wrapped when `state` holds adapters, with `state` assigned (strict:
+    every key must match)."""
     from model.checkpoint import build_on_meta
+
+    lora = has_lora(state)
 
     def build() -> SesameModel:
         m = SesameModel(cfg)
-        apply_lora(m)
+        if lora:
+            apply_lora(m)
         return m
     model = build_on_meta(build)
     expected = set(model.state_dict())
@@ -102,9 +111,24 @@ def merge_checkpoint(ckpt_dir: str, out_dir: str, *, tag: Optional[str] = None, 
     from model.checkpoint import cast_parameters, save_released
 
     cfg, tokenizer = read_model_recipe(ckpt_dir)
-    model = rebuild_training_model(cfg, training_state_dict(ckpt_dir, tag))
+    state = training_state_dict(ckpt_dir, tag)
+    clip_trained = not has_lora(state)
+    model = rebuild_training_model(cfg, state)
     merge_lora(model)  # in fp32
     cast_parameters(model, dtype)
+    if vision_tower is None and (clip_trained or os.path.isdir(cfg.vision.name_or_path)):
+        vision_tower = write_vision_tower(model, out_dir, dtype)
     save_released(model, tokenizer, out_dir, safe_serialization=safe_serialization, dtype=dtype,
                   vision_tower=vision_tower)
     return out_dir
+
+
+def write_vision_tower(model: SesameModel, out_dir: str, dtype: torch.dtype) -> str:
+    """The model's CLIP tower as `out_dir/vision_tower` (a CLIPModel directory, the preprocessor
+    config of the tower it was trained from when that is a directory); returns the relative name."""
+    from model.tiny import write_clip_checkpoint
+
+    source = model.config.vision.name_or_path
+    write_clip_checkpoint(model.vision_tower, os.path.join(out_dir, VISION_TOWER_DIR), dtype=dtype,
+                          processor_from=source if os.path.isdir(source) else None)
+    return VISION_TOWER_DIR

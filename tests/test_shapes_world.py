@@ -1,0 +1,238 @@
+"""The shapes world generator: deterministic, in the loaders' formats, every expression naming
+exactly one object, false premises naming nothing, ground truth = the visible pixels."""
+import functools
+import json
+import os
+import pickle
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dataset.image_io import read_image_rgb
+from dataset.coco_masks import decode_segmentation
+from dataset.refer import ReferData, sentence_exists
+from dataset.shapes.__main__ import main as shapes_main
+from dataset.shapes.language import DIRECTIONS, ORDINALS, RELATIONS, Description, Expression
+from dataset.shapes.scene import COLORS, KINDS, SIZES, pixel_outlines, polygon_mask
+from dataset.shapes.world import MANIFEST, WorldConfig, generate_world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "assets", "shapes_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes_world"))
+    generate_world(root, WorldConfig(images=80, seed=1, val_fraction=0.15, test_fraction=0.2), workers=2)
+    return root
+
+
+def _manifest(root):
+    with open(os.path.join(root, MANIFEST)) as f:
+        return {im["image_id"]: im for im in json.load(f)["images"]}
+
+
+def _refs(root, name):
+    split_by = {"refcoco": "unc_exclude_unified", "fprefcoco": "berkeley_exclude_unified"}[name]
+    with open(os.path.join(root, "refer_seg", name, f"refs({split_by}).p"), "rb") as f:
+        return pickle.load(f)
+
+
+def _files(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+    return out
+
+
+# --- text -> structure, independently of the generator's rendering --------------------------------
+def _description(text):
+    words = text.split()
+    kind = words.pop()
+    assert kind in KINDS or kind == "shape", text
+    size = words.pop(0) if words and words[0] in SIZES else None
+    color = words.pop(0) if words and words[0] in COLORS else None
+    assert not words, text
+    return Description(None if kind == "shape" else kind, color, size)
+
+
+def parse(text):
+    m = re.fullmatch(rf"({'|'.join(ORDINALS)}) (.+) from the ({'|'.join(DIRECTIONS)})", text)
+    if m:
+        return Expression(_description(m[2]), order=(ORDINALS.index(m[1]), m[3]))
+    m = re.fullmatch(rf"(.+?) ({'|'.join(RELATIONS)}) (.+)", text)
+    if m:
+        return Expression(_description(m[1]), (m[2], _description(m[3])))
+    return Expression(_description(text))
+
+
+def _objects(image):
+    return [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
+            for o in image["objects"]]
+
+
+# --- tests ----------------------------------------------------------------------------------------
+def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
+    config = WorldConfig(images=16, seed=7)
+    generate_world(str(tmp_path / "a"), config, workers=1)
+    generate_world(str(tmp_path / "b"), config, workers=3)
+    a, b = _files(str(tmp_path / "a")), _files(str(tmp_path / "b"))
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    generate_world(str(tmp_path / "c"), WorldConfig(images=16, seed=8), workers=1)
+    assert _files(str(tmp_path / "c"))["shapes_manifest.json"] != a["shapes_manifest.json"]
+
+
+def test_the_loaders_read_the_world(world):
+    from dataset.collate import collate_fn
+    from dataset.eval_sets import build_eval_dataset
+    from dataset.hybrid import HybridDataset
+    from model.transforms import ClipTransform, SamTransform
+    from model.tokenizer import add_sesame_tokens, load_tokenizer
+
+    for name in ("refcoco", "fprefcoco"):
+        data = ReferData(world, name)
+        assert data.splits() == ["test", "train", "val"] and data.bad_refs == []
+    manifest = _manifest(world)
+    fp = build_eval_dataset("fprefcoco", world, "test")
+    queries = [q for im in fp for q in im.queries]
+    assert any(q.gt_exists for q in queries) and any(not q.gt_exists and q.gt_sent for q in queries)
+    for im in fp:
+        areas = {o["area"] for o in manifest[im.image_id]["objects"]}
+        assert all(int(q.gt_mask.sum()) in areas for q in im.queries if q.gt_exists)
+    assert all(q.gt_exists for im in build_eval_dataset("refcoco", world, "val") for q in im.queries)
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    add_sesame_tokens(tokenizer)
+    train = HybridDataset(world, tokenizer, ClipTransform(140), SamTransform(256), datasets="refer_seg||correct_refer_seg||vqa",
+                          sample_rates=(1, 1, 1), refer_seg_data="refcoco", correct_refer_seg_data="fprefcoco",
+                          samples_per_epoch=30)
+    samples = [train[i] for i in range(30)]
+    assert {s.source for s in samples} == {"refer_seg", "correct_refer_seg", "vqa"}
+    assert not train.skipped_counts()
+    batch = collate_fn(samples, tokenizer)
+    assert batch.offset[-1] == batch.input_ids.shape[0] and sum(m.shape[0] for m in batch.masks) > 0
+
+
+def test_every_expression_names_exactly_one_object(world):
+    manifest = _manifest(world)
+    anns = {o["ann_id"]: (image_id, k) for image_id, im in manifest.items() for k, o in enumerate(im["objects"])}
+    kinds = {"attribute", "size", "relation", "order"}
+    seen_kinds, positives, premises = set(), 0, 0
+    for ref in _refs(world, "fprefcoco"):
+        image_id, index = anns[ref["ann_id"]]
+        image = manifest[image_id]
+        objects, side = _objects(image), min(image["height"], image["width"])
+        for sent in ref["sentences"]:
+            expr = parse(sent["sent"])
+            if sentence_exists(sent):
+                assert expr.resolve(objects, side) == [index], sent["sent"]
+                seen_kinds.add(expr.kind)
+                positives += 1
+                continue
+            premises += 1
+            target = expr.target
+            assert expr.resolve(objects, side) == [], sent["sent"]
+            assert not any(o.kind == target.kind and o.color == target.color for o in objects), sent["sent"]
+            gt = parse(sent["gt_sent"])
+            assert gt.resolve(objects, side) == [index], (sent["sent"], sent["gt_sent"])
+            # the nearest present object: the same kind in another colour, or the same colour in another kind
+            near = [i for i, o in enumerate(objects) if o.kind == target.kind or o.color == target.color]
+            assert near == [index], (sent["sent"], sent["gt_sent"])
+    assert seen_kinds == kinds and positives > 100 and premises > 50
+    positives_only = [s for ref in _refs(world, "refcoco") for s in ref["sentences"]]
+    assert positives_only and all(sentence_exists(s) and "gt_sent" not in s for s in positives_only)
+
+
+def test_ground_truth_is_the_visible_pixels(world):
+    manifest = _manifest(world)
+    with open(os.path.join(world, "refer_seg", "fprefcoco", "instances.json")) as f:
+        instances = json.load(f)
+    by_image = {}
+    for ann in instances["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    covered = 0
+    for image_id, anns in by_image.items():
+        im = manifest[image_id]
+        rgb = read_image_rgb(os.path.join(world, "refer_seg", "images", "mscoco", "images", "train2014",
+                                          im["file_name"]), "test").astype(int)
+        union = np.zeros((im["height"], im["width"]), np.uint8)
+        for ann, obj in zip(sorted(anns, key=lambda a: a["id"]), im["objects"]):
+            assert all(isinstance(p, list) for p in ann["segmentation"])  # polygons
+            mask = decode_segmentation(ann["segmentation"], im["height"], im["width"]).astype(bool)
+            assert mask.sum() == obj["area"] and not (union[mask]).any()  # visible parts never overlap
+            union[mask] = 1
+            error = np.abs(rgb[mask] - np.array(COLORS[obj["color"]])).sum(-1)
+            assert np.median(error) < 40, (image_id, obj)  # painted in its colour (JPEG, jitter)
+            covered += obj["covered"]
+        assert np.median(rgb[union == 0].min(-1)) > 140  # the rest is light background (shapes: a channel <= 70)
+    assert covered >= 5
+
+
+def test_pixel_outlines_decode_back_exactly():
+    rng, checked = np.random.default_rng(0), 0
+    for _ in range(300):
+        mask = np.zeros((24, 24), np.uint8)
+        for _ in range(3):
+            x, y = rng.integers(0, 20, 2)
+            mask[y:y + rng.integers(1, 8), x:x + rng.integers(1, 8)] = 1
+        for _ in range(rng.integers(0, 6)):
+            x, y = rng.integers(0, 24, 2)
+            mask[y, x] ^= 1  # single pixels: corners touching, holes
+        outlines = pixel_outlines(mask)
+        if outlines is not None:  # None: a hole, which COCO polygons cannot leave out
+            checked += 1
+            assert np.array_equal(polygon_mask(outlines, 24, 24), mask)
+    assert checked > 200
+    assert pixel_outlines(np.zeros((5, 5), np.uint8)) is None
+    ring = np.ones((5, 5), np.uint8)
+    ring[2, 2] = 0
+    assert pixel_outlines(ring) is None
+
+
+@functools.lru_cache(maxsize=None)
+def _sentencepiece():
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=os.path.join(TOKENIZER, "tokenizer.model"))
+
+
+def test_the_tokenizer_covers_the_world(world):
+    from dataset.templates import DEFAULT_TEMPLATES
+    from model.conversation import SYSTEM_PROMPTS
+    from model.tokenizer import add_sesame_tokens, load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    ids = add_sesame_tokens(tokenizer)
+    assert (ids.seg, ids.im_start, ids.im_end, len(tokenizer)) == (1000, 1001, 1002, 1003)
+    texts = list(SYSTEM_PROMPTS.values())
+    for entries in (DEFAULT_TEMPLATES.short_question, DEFAULT_TEMPLATES.short_answer, DEFAULT_TEMPLATES.neg_answer,
+                    DEFAULT_TEMPLATES.correct_answer, DEFAULT_TEMPLATES.long_question, DEFAULT_TEMPLATES.long_answer):
+        filled = (e.format(class_name="red circle", gt_name="blue star", sent="Where is the star?") for e in entries)
+        # the newline after <image> goes with it: next to <im_end> it is dropped when tokenising
+        texts += [t.replace("<image>", "").replace("[SEG]", "").strip() for t in filled]
+    texts += [s.get("gt_sent", s["sent"]) for ref in _refs(world, "fprefcoco") for s in ref["sentences"]]
+    texts += [s["sent"] for ref in _refs(world, "fprefcoco") for s in ref["sentences"]]
+    with open(os.path.join(world, "llava_dataset", "llava_instruct_150k.json")) as f:
+        texts += [t["value"].replace("<image>", "").strip() for rec in json.load(f) for t in rec["conversations"]]
+    sp = _sentencepiece()
+    fallback = [t for t in texts if any(sp.id_to_piece(i).startswith("<0x") for i in sp.encode(t))]
+    assert not fallback
+    assert len(sp.encode("Is there a small red star left of the blue circle?")) <= 12  # whole words
+
+
+def test_cli_writes_a_reduced_world_and_names_bad_arguments(tmp_path, capsys):
+    shapes_main([str(tmp_path / "w"), "--images", "12", "--workers", "1", "--max_shapes", "2",
+                 "--kinds", "circle,star", "--colors", "red,blue,green"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["train_images"] + summary["val_images"] + summary["test_images"] == 12
+    objects = [o for im in _manifest(str(tmp_path / "w")).values() for o in im["objects"]]
+    assert {o["kind"] for o in objects} <= {"circle", "star"} and max(
+        len(im["objects"]) for im in _manifest(str(tmp_path / "w")).values()) <= 2
+    for bad in (["--kinds", "circle,blob"], ["--images", "0"], ["--max_shapes", "0"], ["--test_fraction", "1.5"]):
+        with pytest.raises(SystemExit):
+            shapes_main([str(tmp_path / "x"), "--images", "4", *bad])
+        assert bad[0] in capsys.readouterr().err
