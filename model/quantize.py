@@ -23,8 +23,9 @@ from utils.errors import InputError
 BITS = (8, 4)
 INT4_GROUP_SIZE = 128
 INT4_INNER_K_TILES = 8  # tinygemm's tile count along K on CUDA (K must be a multiple of 8 * 16 = 128 there)
-# PyTorch's int8 kernel is for a few rows (decode steps); for more (a prompt) converting the weight
-# once and running the ordinary product is faster
+# PyTorch's int8 kernel (`_weight_int8pack_mm`) on the CPU for a few rows; on a GPU, converting the
+# weight and running the ordinary product was faster at every row count measured (H100: 0.17 vs 0.26 ms
+# at 1 row, 0.18 vs 25 ms at 256 rows; benchmarks/RESULTS.md)
 INT8_KERNEL_MAX_ROWS = 16
 
 
@@ -41,9 +42,9 @@ def int8_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T (+ b) with W stored as int8 rows and one scale per row: PyTorch's int8 kernel for up
-    to INT8_KERNEL_MAX_ROWS rows where the build has one for the device, else the weight converted
-    for an ordinary product (the same result)."""
+    """y = x W^T (+ b) with W stored as int8 rows and one scale per row: on the CPU PyTorch's int8
+    kernel for up to INT8_KERNEL_MAX_ROWS rows, otherwise the weight converted for an ordinary product
+    (the same result)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -53,7 +54,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.kernel = int8_kernel_runs(linear.weight.device, linear.weight.dtype)
+        device = linear.weight.device
+        self.kernel = device.type == "cpu" and int8_kernel_runs(device, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
