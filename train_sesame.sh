@@ -5,9 +5,13 @@
 # GPUS is a DeepSpeed --include string (localhost:0,1 ...; node1:0,1@node2:0,1 with HOSTFILE set).
 # Settings come from the environment (defaults = the original script):
 #   VERSION (liuhaotian/llava-v1.5-7b), VISION_PRETRAINED (./checkpoints/sam_vit_h_4b8939.pth; set it
-#   empty when VERSION is a released SESAME/READ checkpoint), DATASET_DIR (./dataset), EXP_NAME
+#   empty when VERSION is a released SESAME/READ checkpoint), DATASET_DIR (./data), EXP_NAME
 #   (sesame_bun), BATCH_SIZE (12), GRAD_ACCUMULATION_STEPS (1), NUM_CLASSES_PER_SAMPLE (3),
-#   HOSTFILE (multi-node), DRY_RUN=1 (print the command instead of running it).
+#   HOSTFILE (multi-node), DRY_RUN=1 (print the command instead of running it), ZERO_STAGE (2),
+#   OFFLOAD_OPTIMIZER=1 (the optimizer state in host memory).
+# One 24 GB GPU (RTX 3090/4090, A5000, L4), the same 12 images per step as the original's per-GPU batch:
+#   BATCH_SIZE=2 GRAD_ACCUMULATION_STEPS=6 OFFLOAD_OPTIMIZER=1 bash train_sesame.sh ReferSeg localhost:0 15990
+#   (gradient checkpointing is on by default; measured at a 22 GiB cap: benchmarks/RESULTS.md)
 # Shapes: the small model of the shapes world, every part trained from scratch (--train_all). Its
 #   defaults: VERSION ./checkpoints/shapes_start and VISION_PRETRAINED $VERSION/sam_shapes.pth (written
 #   by `python -m model.tiny ... --preset shapes` when missing), DATASET_DIR ./dataset_shapes
@@ -31,7 +35,7 @@ if [ "$RECIPE" = Shapes ]; then
 fi
 VERSION=${VERSION:-liuhaotian/llava-v1.5-7b}
 VISION_PRETRAINED=${VISION_PRETRAINED-./checkpoints/sam_vit_h_4b8939.pth}
-DATASET_DIR=${DATASET_DIR:-./dataset}
+DATASET_DIR=${DATASET_DIR:-./data}
 EXP_NAME=${EXP_NAME:-sesame_bun}
 BATCH_SIZE=${BATCH_SIZE:-12}
 GRAD_ACCUMULATION_STEPS=${GRAD_ACCUMULATION_STEPS:-1}
@@ -98,6 +102,8 @@ ARGS=("$HERE/train_sesame.py"
   --grad_accumulation_steps "$GRAD_ACCUMULATION_STEPS"
   --num_classes_per_sample "$NUM_CLASSES_PER_SAMPLE")
 if [ -n "$VISION_PRETRAINED" ]; then ARGS+=(--vision_pretrained "$VISION_PRETRAINED"); fi
+ARGS+=(--zero_stage "${ZERO_STAGE:-2}")
+if [ "${OFFLOAD_OPTIMIZER:-0}" = 1 ]; then ARGS+=(--offload_optimizer); fi
 ARGS+=(${RECIPE_FLAGS[@]+"${RECIPE_FLAGS[@]}"})
 
 if [ "${DRY_RUN:-0}" = 1 ]; then

@@ -164,7 +164,12 @@ def test_train_sesame_sh_keeps_the_original_usage():
     assert out.startswith("deepspeed --include localhost:0\\,1 --master_port=15990 ")
     assert "refer_seg\\|\\|correct_refer_seg\\|\\|vqa\\|\\|neg_refer_seg --sample_rates 12\\,2\\,2\\,1" in out
     assert "--batch_size 12 --grad_accumulation_steps 1 --num_classes_per_sample 3" in out
+    assert "--dataset_dir ./data " in out and "--zero_stage 2" in out and "--offload_optimizer" not in out
     assert out.strip().endswith("--epochs 1")
+    small = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "ReferSeg", "localhost:0", "15990"],
+                           env=dict(env, BATCH_SIZE="2", GRAD_ACCUMULATION_STEPS="6", OFFLOAD_OPTIMIZER="1"),
+                           capture_output=True, text=True, check=True).stdout  # the 24 GB recipe
+    assert "--batch_size 2 --grad_accumulation_steps 6" in small and "--offload_optimizer" in small
     out = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "ReasonSeg"], env=env, capture_output=True,
                          text=True, check=True).stdout
     assert "sem_seg\\|\\|refer_seg\\|\\|correct_refer_seg\\|\\|vqa\\|\\|neg_refer_seg\\|\\|reason_seg" in out
