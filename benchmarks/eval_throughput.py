@@ -103,14 +103,17 @@ def build_tiny_model() -> LoadedSesame:
                         SamTransform(model.config.sam.image_size))
 
 
-def synthetic_images(root: str, num_images: int, queries: int, sizes) -> list[EvalImage]:
-    """JPEG files with COCO-like sizes, Q queries each, half of them false premises."""
+def synthetic_images(root: str, num_images: int, queries: int, sizes, write: bool = True) -> list[EvalImage]:
+    """JPEG files with COCO-like sizes, Q queries each, half of them false premises (`write` False:
+    the same list for files written before)."""
     rng = np.random.default_rng(0)
     images, sent = [], 0
     for i in range(num_images):
         h, w = sizes[i % len(sizes)]
         path = os.path.join(root, f"{i:05d}.jpg")
-        cv2.imwrite(path, (rng.random((h, w, 3)) * 255).astype(np.uint8))
+        pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        if write:
+            cv2.imwrite(path, pixels)
         qs = []
         for k in range(queries):
             expr = EXPRESSIONS[(i + k) % len(EXPRESSIONS)]

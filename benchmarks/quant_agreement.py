@@ -9,7 +9,6 @@ Prints a Markdown table and one JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
