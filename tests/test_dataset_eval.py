@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from data_files import read_json_any_encoding
 
 from dataset.collate import collate_fn
 from dataset.eval_report import EvalDataError, EvalSetReport
@@ -33,15 +34,6 @@ def _copy(synthetic_root, tmp_path, name):
     shutil.copytree(os.path.join(synthetic_root, "refer_seg", name), root / "refer_seg" / name)
     shutil.copytree(os.path.join(synthetic_root, "refer_seg", "images"), root / "refer_seg" / "images")
     return root
-
-
-def _file_json(path):
-    """What a ReasonSeg file holds, decoded here on its own: UTF-8, or cp1252 when it is not UTF-8."""
-    data = open(path, "rb").read()
-    try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        return json.loads(data.decode("cp1252"))
 
 
 @pytest.mark.parametrize("name", [n for n in EVAL_DATASETS if n != "ReasonSeg"])
@@ -115,7 +107,7 @@ def test_reason_seg_eval(synthetic_root):
         assert len(images) == 3
         for im in images:
             true_q, fp_q = im.queries
-            anno = _file_json(os.path.splitext(im.image_path)[0] + ".json")
+            anno = read_json_any_encoding(os.path.splitext(im.image_path)[0] + ".json")
             assert true_q.sentence == anno["text"][0] and true_q.gt_exists and not fp_q.gt_exists
             assert true_q.extra["is_sentence"] == anno["is_sentence"]
             if anno["is_sentence"]:
@@ -314,7 +306,7 @@ def test_unreadable_eval_items_are_skipped_and_counted(synthetic_root, tmp_path)
 
 
 def _unreadable(tmp_path, kind):
-    from image_files import jpeg_claiming, jpeg_cut_after_header
+    from data_files import jpeg_claiming, jpeg_cut_after_header
     path = tmp_path / f"{kind}.jpg"
     if kind == "empty":
         path.write_bytes(b"")

@@ -8,6 +8,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+from data_files import read_json_any_encoding
 
 from dataset.coco_masks import decode_segmentation
 from dataset.image_io import DatasetFileError, SkipItem, read_image_rgb
@@ -474,15 +475,6 @@ def test_reason_seg_source(synthetic_root):
     assert modes["false_premise_correction"] > 0 and modes["true_premise"] > modes["false_premise_correction"]
 
 
-def _file_json(path):
-    """What a ReasonSeg file holds, decoded here on its own: UTF-8, or cp1252 when it is not UTF-8."""
-    data = open(path, "rb").read()
-    try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        return json.loads(data.decode("cp1252"))
-
-
 def test_reason_seg_reads_cp1252_files_as_the_original(synthetic_root, tmp_path):
     import glob
 
@@ -496,7 +488,7 @@ def test_reason_seg_reads_cp1252_files_as_the_original(synthetic_root, tmp_path)
         except UnicodeDecodeError:
             not_utf8 += 1
         anno = load_reason_seg_annotation(path, 200, 200)
-        held = _file_json(path)
+        held = read_json_any_encoding(path)
         assert anno.texts == held["text"] and anno.is_sentence == held["is_sentence"]
         assert [list(x) for x in anno.false_premise_qa] == held["false_premise_QA"]
     assert not_utf8 == 2  # one train and one val file are cp1252, with characters UTF-8 cannot read

@@ -5,7 +5,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-from image_files import jpeg_claiming, png_claiming
+from data_files import jpeg_claiming, png_claiming
 from PIL import Image, ImageFile
 
 from dataset.image_io import SkipItem, image_size, read_image_rgb, read_label_map

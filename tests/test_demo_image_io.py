@@ -142,7 +142,7 @@ def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
 def test_huge_headers_are_refused_before_decoding(tmp_path, monkeypatch, claim):
     """The demos share the dataset readers' guard: a file claiming 65000 x 65000 or 30000 x 30000
     pixels is refused from its header (nothing is decoded or allocated), even with downscaling on."""
-    from image_files import jpeg_claiming, png_claiming
+    from data_files import jpeg_claiming, png_claiming
     from PIL import ImageFile
     write = jpeg_claiming if claim == "jpeg" else png_claiming
     for side in (65000, 30000):

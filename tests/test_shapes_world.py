@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from dataset.image_io import read_image_rgb
 from dataset.coco_masks import decode_segmentation
+from dataset.image_io import read_image_rgb
 from dataset.refer import ReferData, sentence_exists
 from dataset.shapes.__main__ import main as shapes_main
 from dataset.shapes.language import DIRECTIONS, ORDINALS, RELATIONS, Description, Expression
@@ -90,8 +90,8 @@ def test_the_loaders_read_the_world(world):
     from dataset.collate import collate_fn
     from dataset.eval_sets import build_eval_dataset
     from dataset.hybrid import HybridDataset
-    from model.transforms import ClipTransform, SamTransform
     from model.tokenizer import add_sesame_tokens, load_tokenizer
+    from model.transforms import ClipTransform, SamTransform
 
     for name in ("refcoco", "fprefcoco"):
         data = ReferData(world, name)

@@ -1,5 +1,7 @@
-"""Small image files whose headers claim huge sizes (decompression bombs, without allocating anything)."""
+"""Files for the data tests: small images whose headers claim huge sizes (decompression bombs, without
+allocating anything), and JSON read independently of the loaders."""
 import io
+import json
 import struct
 import zlib
 
@@ -42,3 +44,12 @@ def png_claiming(path, width: int, height: int) -> None:
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     with open(path, "wb") as f:
         f.write(bytes(data))
+
+
+def read_json_any_encoding(path):
+    """What a ReasonSeg file holds, decoded here on its own: UTF-8, or cp1252 when it is not UTF-8."""
+    data = open(path, "rb").read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return json.loads(data.decode("cp1252"))
