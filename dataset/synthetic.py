@@ -22,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .class_names import ade20k_class_names, cocostuff_class_names
-from .shapes.scene import COLORS, SceneSpec
+from .shapes.scene import COLORS, SceneSpec, polygon_mask
 from .shapes.scene import make_scene as draw_scene
 
 KINDS = ("square", "rectangle", "triangle", "circle")
@@ -140,7 +140,7 @@ def _inner_polygon(shape: Shape) -> list[float]:
     """A second part inside the shape: the triangle of its first three vertices when its pixels lie
     within the shape's, else the same polygon again (overlapping completely)."""
     triangle = shape.polygon[:6]
-    inside = polygon_mask(triangle, *shape.mask.shape)
+    inside = polygon_mask([triangle], *shape.mask.shape)
     return triangle if inside.any() and not (inside > shape.mask).any() else list(shape.polygon)
 
 

@@ -20,13 +20,20 @@ from typing import Any, Optional
 
 import torch
 
-from .transforms import ClipTransform, SamTransform
-
 from . import checkpoint as ckpt
-from .config import (LLAVA_BASE_ARCHITECTURES, RELEASED_ARCHITECTURES, SAM_PRESETS, LLMConfig, SamConfig, SasPConfig,
-                     SesameConfig, VisionTowerConfig)
+from .config import (
+    LLAVA_BASE_ARCHITECTURES,
+    RELEASED_ARCHITECTURES,
+    SAM_PRESETS,
+    LLMConfig,
+    SamConfig,
+    SasPConfig,
+    SesameConfig,
+    VisionTowerConfig,
+)
 from .sesame import SesameModel
 from .tokenizer import add_sesame_tokens, load_tokenizer
+from .transforms import ClipTransform, SamTransform
 
 log = logging.getLogger(__name__)
 

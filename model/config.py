@@ -183,7 +183,8 @@ class SesameConfig:
                              f"sam.prompt_embed_dim ({self.sam.prompt_embed_dim})")
 
     @classmethod
-    def preset(cls, llm: str = "llama-7b", vision: str = "clip-l-336", sam: str = "vit_h", **overrides) -> "SesameConfig":
+    def preset(cls, llm: str = "llama-7b", vision: str = "clip-l-336", sam: str = "vit_h",
+               **overrides) -> "SesameConfig":
         for name, table in (("llm", LLM_PRESETS), ("vision", VISION_PRESETS), ("sam", SAM_PRESETS)):
             key = locals()[name]
             if key not in table:

@@ -193,10 +193,12 @@ class SesameModel(nn.Module):
         rows_e, rows_m, rows_t, rows_l = [], [], [], []
         for b, p in enumerate(img_pos.tolist()):
             rows_e.append(torch.cat([text[b, :p], image_features[b].to(text.dtype), text[b, p + 1:]]))
-            rows_m.append(torch.cat([attention_mask[b, :p], attention_mask.new_ones(num_patches), attention_mask[b, p + 1:]]))
+            rows_m.append(torch.cat([attention_mask[b, :p], attention_mask.new_ones(num_patches),
+                                     attention_mask[b, p + 1:]]))
             rows_t.append(torch.cat([input_ids[b, :p], image_ids, input_ids[b, p + 1:]]))
             if labels is not None:
-                rows_l.append(torch.cat([labels[b, :p], labels.new_full((num_patches,), IGNORE_INDEX), labels[b, p + 1:]]))
+                ignored = labels.new_full((num_patches,), IGNORE_INDEX)
+                rows_l.append(torch.cat([labels[b, :p], ignored, labels[b, p + 1:]]))
         return SplicedInputs(embeds=torch.stack(rows_e), attention_mask=torch.stack(rows_m).long(),
                              token_ids=torch.stack(rows_t), labels=torch.stack(rows_l) if labels is not None else None,
                              image_start=img_pos)
@@ -289,8 +291,8 @@ class SesameModel(nn.Module):
         image_hidden = None
         if self.config.sasp is not None:
             image_hidden = self._image_hidden_rows(hidden, spliced, seg_rows, clip_features.shape[1])
-        per_image = self.seg_masks(sam_embeddings, seg_hidden_all, conv_to_image[seg_rows].tolist(), batch.resized_sizes,
-                                   batch.original_sizes, image_hidden)
+        per_image = self.seg_masks(sam_embeddings, seg_hidden_all, conv_to_image[seg_rows].tolist(),
+                                   batch.resized_sizes, batch.original_sizes, image_hidden)
 
         pred_masks, bce_sum, dice_sum, num_masks = [], hidden.new_zeros((), dtype=torch.float32), \
             hidden.new_zeros((), dtype=torch.float32), 0

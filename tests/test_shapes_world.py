@@ -107,7 +107,8 @@ def test_the_loaders_read_the_world(world):
 
     tokenizer = load_tokenizer(TOKENIZER)
     add_sesame_tokens(tokenizer)
-    train = HybridDataset(world, tokenizer, ClipTransform(140), SamTransform(256), datasets="refer_seg||correct_refer_seg||vqa",
+    train = HybridDataset(world, tokenizer, ClipTransform(140), SamTransform(256),
+                          datasets="refer_seg||correct_refer_seg||vqa",
                           sample_rates=(1, 1, 1), refer_seg_data="refcoco", correct_refer_seg_data="fprefcoco",
                           samples_per_epoch=30)
     samples = [train[i] for i in range(30)]
