@@ -37,8 +37,8 @@ def main(argv=None) -> None:
     if args.workers < 1:
         p.error("--workers must be >= 1")
     try:
-        spec = SceneSpec(min_shapes=args.min_shapes, max_shapes=args.max_shapes, kinds=_names(args.kinds, KINDS, "kinds"),
-                         colors=_names(args.colors, tuple(COLORS), "colors"))
+        spec = SceneSpec(min_shapes=args.min_shapes, max_shapes=args.max_shapes,
+                         kinds=_names(args.kinds, KINDS, "kinds"), colors=_names(args.colors, tuple(COLORS), "colors"))
         config = WorldConfig(images=args.images, seed=args.seed, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, scene=spec)
     except ValueError as e:
