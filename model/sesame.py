@@ -113,11 +113,6 @@ def build_projector(kind: str, vision_hidden: int, hidden: int) -> nn.Module:
     raise ValueError(f"unknown mm_projector_type {kind!r}; known: 'mlp2x_gelu', 'linear'")
 
 
-def _grad_for(module: nn.Module) -> bool:
-    """Whether autograd should record `module`: grad mode is on and some parameter is trained."""
-    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
-
-
 class SesameModel(nn.Module):
     def __init__(self, config: SesameConfig, vision_tower: Optional[CLIPVisionModel] = None):
         super().__init__()
@@ -160,19 +155,17 @@ class SesameModel(nn.Module):
     # --- encoders -------------------------------------------------------------------------
     def encode_images_clip(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, s, s) -> (N, P, hidden): CLIP layer `select_layer`, CLS dropped, projected.
-        Frozen parts (CLIP and the projector in the released recipe) run without autograd."""
-        with torch.set_grad_enabled(_grad_for(self.vision_tower)):
-            out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
-            feats = out.hidden_states[self.config.vision.select_layer][:, 1:]
-        with torch.set_grad_enabled(_grad_for(self.mm_projector)):
-            return self.mm_projector(feats.to(next(self.mm_projector.parameters()).dtype))
+        Autograd records only trained parameters: none here in the released recipe (CLIP and the
+        projector frozen), all with --train_all."""
+        out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config.vision.select_layer][:, 1:]
+        return self.mm_projector(feats.to(next(self.mm_projector.parameters()).dtype))
 
     def encode_images_sam(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, C, S/p, S/p) SAM image embeddings (p: SAM's patch size); without
-        autograd when the encoder is frozen (the released recipe)."""
+        """(N, 3, S, S) -> (N, C, S/p, S/p) SAM image embeddings (p: SAM's patch size); recorded by
+        autograd only when the encoder is trained (--train_all), as for CLIP."""
         enc = self.visual_model.image_encoder
-        with torch.set_grad_enabled(_grad_for(enc)):
-            return enc(pixel_values.to(enc.patch_embed.proj.weight.dtype))
+        return enc(pixel_values.to(enc.patch_embed.proj.weight.dtype))
 
     # --- sequence assembly ----------------------------------------------------------------
     def splice_image_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

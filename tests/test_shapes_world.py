@@ -7,6 +7,7 @@ import pickle
 import re
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 
@@ -161,11 +162,15 @@ def test_ground_truth_is_the_visible_pixels(world):
         rgb = read_image_rgb(os.path.join(world, "refer_seg", "images", "mscoco", "images", "train2014",
                                           im["file_name"]), "test").astype(int)
         union = np.zeros((im["height"], im["width"]), np.uint8)
+        by_color = {}
         for ann, obj in zip(sorted(anns, key=lambda a: a["id"]), im["objects"]):
             assert all(isinstance(p, list) for p in ann["segmentation"])  # polygons
             mask = decode_segmentation(ann["segmentation"], im["height"], im["width"]).astype(bool)
             assert mask.sum() == obj["area"] and not (union[mask]).any()  # visible parts never overlap
             union[mask] = 1
+            near = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            assert not (near & by_color.get(obj["color"], np.zeros_like(mask))).any()  # would look like one shape
+            by_color[obj["color"]] = by_color.get(obj["color"], np.zeros_like(mask)) | mask
             error = np.abs(rgb[mask] - np.array(COLORS[obj["color"]])).sum(-1)
             assert np.median(error) < 40, (image_id, obj)  # painted in its colour (JPEG, jitter)
             covered += obj["covered"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -206,8 +207,6 @@ def draw_background(rng: np.random.Generator, style: str, height: int, width: in
         t = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float32)
     elif style == "cloudy":
         coarse = rng.uniform(0, 1, (int(rng.integers(3, 7)), int(rng.integers(3, 7)), 1)).astype(np.float32)
-        import cv2
-
         t = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).clip(0, 1)
     else:
         raise ValueError(f"unknown background style {style!r}; known: {', '.join(BACKGROUND_STYLES)}")
@@ -296,6 +295,9 @@ def make_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec(), max_trie
             mask = polygon_mask([poly], height, width)
             if any((mask & m).any() for m in full) and not spec.allow_overlap:
                 continue
+            near = cv2.dilate(mask, np.ones((5, 5), np.uint8))
+            if any(c == color and (near & m).any() for (c, _), m in zip(attrs, full)):
+                continue  # same colour touching: the two would look like one shape
             trial = full + [mask]
             segs = _acceptable(trial, _visible_masks(trial), spec)
             if segs is None:
