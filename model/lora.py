@@ -55,4 +55,9 @@ def merge_lora(model: SesameModel) -> None:
 
 
 def enable_gradient_checkpointing(model: SesameModel) -> None:
-    model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llm = model.language_model
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
