@@ -9,14 +9,24 @@ Points: positive (label 1) green, negative (label 0) red, neutral (label -1) whi
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
-if TYPE_CHECKING:  # a type only: utils/ imports nothing above it
-    from model.sasp import SasPResult
+
+class SasPPicture(Protocol):
+    """What the pictures read of a SasP result (`model.sasp.SasPResult`; utils/ imports nothing above it)."""
+
+    original_size: tuple[int, int]
+    scores: torch.Tensor  # (n_seg, P) similarities: one row per [SEG]
+    points: torch.Tensor  # (n_seg, k, 2) x, y in original pixels
+    labels: torch.Tensor  # (n_seg, k): 1 positive, 0 negative, -1 neutral
+    valid: torch.Tensor  # (n_seg, k): False for fill entries
+
+    def full_map(self) -> torch.Tensor: ...
 
 HEATMAP_IMAGE_WEIGHT = 0.3
 POINT_COLOURS = {1: (0, 220, 0), 0: (230, 0, 0), -1: (255, 255, 255)}  # RGB
@@ -84,7 +94,7 @@ def _legend(width: int, labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return strip
 
 
-def render_sasp(image_rgb: np.ndarray, result: "SasPResult", seg_index: int = 0,
+def render_sasp(image_rgb: np.ndarray, result: SasPPicture, seg_index: int = 0,
                 mask: Optional[np.ndarray] = None) -> np.ndarray:
     """The picture for [SEG] number `seg_index`: heat map + points | mask + points, legend below."""
     height, width = image_rgb.shape[:2]
@@ -111,7 +121,7 @@ def render_sasp(image_rgb: np.ndarray, result: "SasPResult", seg_index: int = 0,
     return np.concatenate([row, _legend(row.shape[1], labels, valid)], axis=0)
 
 
-def save_sasp_pngs(directory: str, image_rgb: np.ndarray, result: "SasPResult", masks: Optional[np.ndarray] = None,
+def save_sasp_pngs(directory: str, image_rgb: np.ndarray, result: SasPPicture, masks: Optional[np.ndarray] = None,
                    stem: str = "sasp") -> list[str]:
     """Write one PNG per [SEG] into an existing `directory`: `{stem}.png` for the first, then
     `{stem}_1.png`, ... (the numbering of the demo's seg_mask*.png). masks: (n, H, W) bool or None."""
