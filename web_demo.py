@@ -65,8 +65,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = parse_args(argv)
     if args.pretrained_model_path == BUILT_IN_MODEL and not os.path.isdir(BUILT_IN_MODEL):
-        raise InputError(f"the built-in Shapes model is missing ({BUILT_IN_MODEL}); "
-                         "name a checkpoint with --pretrained_model_path")
+        raise InputError(f"the built-in Shapes model is missing ({BUILT_IN_MODEL}: not trained to its bars yet, "
+                         "see README 'The Shapes world'); name a checkpoint with --pretrained_model_path, e.g. "
+                         "tiny-random (untrained, for trying the page) or tsunghanwu/SESAME")
     print(f"Loading {args.pretrained_model_path} ({args.precision}) ...", file=sys.stderr, flush=True)
     predictor = load_predictor(args)
     if args.pretrained_model_path == TINY_RANDOM:
