@@ -55,9 +55,5 @@ def merge_lora(model: SesameModel) -> None:
 
 
 def enable_gradient_checkpointing(model: SesameModel) -> None:
-    llm = model.language_model
-    kwargs = {"use_reentrant": False}
-    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers' current name (requirements.txt: >= 5.17); gradient_checkpointing_enable is its deprecated alias
+    model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
