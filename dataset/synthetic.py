@@ -22,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .class_names import ade20k_class_names, cocostuff_class_names
-from .shapes.scene import COLORS, SceneSpec, polygon_mask
+from .shapes.scene import COLORS, SceneSpec, mask_bbox, polygon_mask
 from .shapes.scene import make_scene as draw_scene
 
 KINDS = ("square", "rectangle", "triangle", "circle")
@@ -54,8 +54,7 @@ class Shape:
         return f"{vert} {horiz}" if horiz != "middle" else f"{vert}"
 
     def bbox(self) -> list[int]:
-        ys, xs = np.nonzero(self.mask)
-        return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+        return mask_bbox(self.mask)
 
 
 @dataclass

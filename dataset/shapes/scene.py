@@ -73,8 +73,7 @@ class SceneObject:
         return int(self.mask.sum())
 
     def bbox(self) -> list[int]:
-        ys, xs = np.nonzero(self.mask)
-        return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+        return mask_bbox(self.mask)
 
 
 @dataclass
@@ -126,6 +125,12 @@ def shape_polygon(kind: str, cx: float, cy: float, extent: float, angle: float =
     if angle:
         pts = _rotate(pts, angle, (cx, cy))
     return [round(float(v), 2) for v in pts.reshape(-1)]
+
+
+def mask_bbox(mask: np.ndarray) -> list[int]:
+    """COCO [x, y, width, height] of a non-empty (H, W) mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
 def polygon_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
