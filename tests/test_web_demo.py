@@ -14,6 +14,7 @@ from PIL import Image
 from web_demo_server import (
     FALSE_PREMISE,
     FORCED_ANSWERS,
+    MAX_IMAGE_PIXELS,
     MODELS,
     POSITIVE,
     ROOT,
@@ -25,7 +26,7 @@ from web_demo_server import (
     free_port,
     huge_png,
     running_server,
-    service_for,
+    serve,
 )
 
 import web_demo
@@ -37,7 +38,6 @@ from utils.errors import InputError
 from utils.mask_io import decode_rle
 
 API = "/api/segment"
-MAX_IMAGE_PIXELS = 300_000  # shapes.jpg (480 x 320) is answered at its size, the 1200 x 800 test image downscaled
 HTTP_TIMEOUT_S = 120
 SCRIPT_START_S = 180
 
@@ -49,8 +49,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny, tmp_path_factory):
-    service = service_for(tiny, max_image_pixels=MAX_IMAGE_PIXELS, max_upload_mb=1, max_queue=3)
-    with running_server(service, str(tmp_path_factory.mktemp("gradio"))) as url:
+    with serve(tiny, str(tmp_path_factory.mktemp("gradio"))) as url:
         yield url
 
 
@@ -61,8 +60,7 @@ def served(request, tmp_path_factory):
         yield request.getfixturevalue("tiny"), request.getfixturevalue("tiny_server")
         return
     model = demo_model(request.param)
-    service = service_for(model, max_image_pixels=MAX_IMAGE_PIXELS, max_upload_mb=1, max_queue=3)
-    with running_server(service, str(tmp_path_factory.mktemp("gradio"))) as url:
+    with serve(model, str(tmp_path_factory.mktemp("gradio"))) as url:
         yield model, url
 
 

@@ -25,6 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from web_demo_server import (
     FALSE_PREMISE,
     FORCED_ANSWERS,
+    MAX_IMAGE_PIXELS,
     MODELS,
     POSITIVE,
     SHAPES,
@@ -32,8 +33,7 @@ from web_demo_server import (
     check_trained_mask,
     demo_model,
     huge_png,
-    running_server,
-    service_for,
+    serve,
 )
 
 from app.query import ask_image
@@ -43,7 +43,6 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1280,1000")
-MAX_IMAGE_PIXELS = 300_000
 WAIT_S = 90  # a page load or an answer on a loaded 2-core machine
 TINT_FLOOR = 178  # overlay_mask: red = 0.3 * red + 0.7 * 255 >= 178 on every tinted pixel
 
@@ -79,12 +78,6 @@ def browser(browsers):
     return browsers()
 
 
-def serve(model, tmp_path_factory):
-    service = service_for(model, max_image_pixels=MAX_IMAGE_PIXELS, max_upload_mb=1, max_queue=3)
-    note = f"Model: `{model.name}`" + (" · answers forced by the test" if model.forced else "")
-    return running_server(service, str(tmp_path_factory.mktemp("gradio")), note)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return demo_model("tiny-random")
@@ -92,7 +85,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_url(tiny, tmp_path_factory):
-    with serve(tiny, tmp_path_factory) as url:
+    with serve(tiny, str(tmp_path_factory.mktemp("gradio"))) as url:
         yield url
 
 
@@ -103,7 +96,7 @@ def served(request, tmp_path_factory):
         yield request.getfixturevalue("tiny"), request.getfixturevalue("tiny_url")
         return
     model = demo_model(request.param)
-    with serve(model, tmp_path_factory) as url:
+    with serve(model, str(tmp_path_factory.mktemp("gradio"))) as url:
         yield model, url
 
 

@@ -41,6 +41,7 @@ FORCED_ANSWERS = {POSITIVE: "Sure, it is [SEG].", FALSE_PREMISE: "No, there is n
                   TWO_OBJECTS: "Sure, [SEG] and [SEG]."}
 MODELS = ["tiny-random"] + (["shapes"] if os.path.isdir(SHAPES_MODEL) else [])
 SERVER_START_S = 60
+MAX_IMAGE_PIXELS = 300_000  # shapes.jpg (480 x 320) is answered at its size, the 1200 x 800 test image downscaled
 
 
 @dataclass
@@ -139,6 +140,14 @@ def running_server(service: AnswerService, upload_dir: str, model_note: str = "t
 
 def service_for(model: DemoModel, **settings) -> AnswerService:
     return AnswerService(model.predictor, WebSettings(**settings))
+
+
+def serve(model: DemoModel, upload_dir: str):
+    """The tests' server for `model`: small limits (MAX_IMAGE_PIXELS, 1 MiB uploads, 3 waiting), the
+    model named on the page; a context manager yielding its URL."""
+    service = service_for(model, max_image_pixels=MAX_IMAGE_PIXELS, max_upload_mb=1, max_queue=3)
+    note = f"Model: `{model.name}`" + (" · answers forced by the test" if model.forced else "")
+    return running_server(service, upload_dir, note)
 
 
 def huge_png(path: str, width: int = 20_000, height: int = 10_000) -> str:
