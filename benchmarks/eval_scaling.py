@@ -45,6 +45,7 @@ def content_hook(seg_id: int, eos_id: int, seg_step: int = 3):
 
 
 def worker(args) -> None:
+    entered = time.time()
     import torch
     from eval_throughput import build_full_model, build_tiny_model, synthetic_images
 
@@ -52,8 +53,12 @@ def worker(args) -> None:
     from engine import build_predictor
     from evaluation.runner import run_shard
 
+    imported = time.time()
     torch.manual_seed(0)  # the same random weights in every process
     loaded = build_tiny_model() if args.tiny else build_full_model("cuda")
+    if not args.tiny:
+        torch.cuda.synchronize()
+    built = time.time()
     images = synthetic_images(args.image_dir, args.images, args.queries_per_image, image_sizes(args.tiny), write=False)
     eval_args = test_sesame.build_parser().parse_args(
         ["--vis_save_path", args.out, "--max_new_tokens", str(args.max_new_tokens), "--num_workers",
@@ -64,12 +69,16 @@ def worker(args) -> None:
                                 max_text_tokens=eval_args.model_max_length,
                                 config=test_sesame.engine_config(eval_args),
                                 logits_hook=content_hook(cfg.seg_token_id, cfg.llm.eos_token_id))
+    print(f"worker {args.process_num}: Python start {entered - args.launched_at:.1f} s, imports "
+          f"{imported - entered:.1f} s, model built {built - imported:.1f} s, set-up before the loop "
+          f"{time.time() - built:.1f} s", file=sys.stderr, flush=True)
     print(json.dumps(run_shard(test_sesame.eval_run(eval_args), predictor, images,
                                test_sesame.image_reader(eval_args, None))), flush=True)
 
 
-def run_world(args, world: int, gpus: list[str], out: str) -> float:
-    """Seconds from starting `world` worker processes to the end of the metrics step."""
+def run_world(args, world: int, gpus: list[str], out: str) -> tuple[float, float]:
+    """Seconds from starting `world` worker processes to the end of the metrics step, and the slowest
+    worker's seconds inside the evaluation loop (start-up, model building and metrics left out)."""
     from evaluation.report import write_metrics
 
     start = time.perf_counter()
@@ -80,12 +89,23 @@ def run_world(args, world: int, gpus: list[str], out: str) -> float:
             env["CUDA_VISIBLE_DEVICES"] = gpus[k]
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--process_num", str(k), "--world_size",
                str(world), "--out", out, "--image_dir", args.image_dir, "--images", str(args.images),
-               "--queries_per_image", str(args.queries_per_image), "--max_new_tokens", str(args.max_new_tokens)]
-        procs.append(subprocess.Popen(cmd + (["--tiny"] if args.tiny else []), env=env))
-    if any(p.wait() != 0 for p in procs):
-        raise SystemExit(f"a worker of the {world}-process run failed")
+               "--queries_per_image", str(args.queries_per_image), "--max_new_tokens", str(args.max_new_tokens),
+               "--launched_at", repr(time.time())]
+        procs.append(subprocess.Popen(cmd + (["--tiny"] if args.tiny else []), env=env, stdout=subprocess.PIPE,
+                                      text=True))
+    shard_seconds = []
+    for p in procs:  # each worker prints its shard summary (JSON) last
+        output = p.communicate()[0]
+        print(output, end="", flush=True)
+        if p.returncode != 0:
+            raise SystemExit(f"a worker of the {world}-process run failed")
+        shard_seconds.append(json.loads(output.strip().splitlines()[-1])["seconds"])
+    workers_done = time.perf_counter()
     write_metrics(out, "fprefcoco", "val", world_size=world)
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    print(f"{world} process(es): workers {workers_done - start:.1f} s (slowest loop {max(shard_seconds):.1f} s), "
+          f"metrics step {end - workers_done:.1f} s", flush=True)
+    return end - start, max(shard_seconds)
 
 
 def main(argv=None) -> dict:
@@ -99,6 +119,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--process_num", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--world_size", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--launched_at", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--image_dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.images = args.images or (8 if args.tiny else 128)
@@ -119,29 +140,31 @@ def main(argv=None) -> dict:
         for world in counts:
             out = os.path.join(tmp, f"gpus_{world}")
             gpus = [] if args.tiny else [str(i) for i in range(world)]
-            seconds = run_world(args, world, gpus, out)
+            seconds, loop_seconds = run_world(args, world, gpus, out)
             merged = merge_shards(shard_dir(out, "fprefcoco", "val"), world)
             records[world] = {r.key: r for r in merged.records}
             with open(os.path.join(shard_dir(out, "fprefcoco", "val"), "metrics.json")) as f:
                 metrics = json.load(f)["metrics"]
             figures["runs"][world] = {"seconds": seconds, "queries_per_s": len(merged.records) / seconds,
-                                      "metrics": metrics["overall"]}
+                                      "loop_seconds": loop_seconds, "metrics": metrics["overall"]}
         base = counts[0]
         for world in counts:
             run = figures["runs"][world]
             run["speedup"] = figures["runs"][base]["seconds"] / run["seconds"]
+            run["loop_speedup"] = figures["runs"][base]["loop_seconds"] / run["loop_seconds"]
             run["efficiency"] = run["speedup"] / (world / base)
             run["records_equal_to_base"] = records[world] == records[base]
             same = [key in records[base] and records[base][key] == r for key, r in records[world].items()]
             run["identical_records"] = sum(same) / max(1, len(same))
             run["metrics_equal_to_base"] = run["metrics"] == figures["runs"][base]["metrics"]
-    print("\n| processes | seconds (start to metrics) | queries/s | speed-up | efficiency | records = base "
-          "| metrics = base |")
-    print("|---|---|---|---|---|---|---|")  # records: all equal, else the share of identical ones
+    print("\n| processes | seconds (start to metrics) | queries/s | speed-up | efficiency | loop seconds (slowest "
+          "worker) | loop speed-up | records = base | metrics = base |")
+    print("|---|---|---|---|---|---|---|---|---|")  # records: all equal, else the share of identical ones
     for world, run in figures["runs"].items():
         same = run["records_equal_to_base"] or round(run["identical_records"], 4)
         print(f"| {world} | {run['seconds']:.1f} | {run['queries_per_s']:.1f} | {run['speedup']:.2f}x | "
-              f"{100 * run['efficiency']:.0f} % | {same} | {run['metrics_equal_to_base']} |")
+              f"{100 * run['efficiency']:.0f} % | {run['loop_seconds']:.1f} | {run['loop_speedup']:.2f}x | {same} | "
+              f"{run['metrics_equal_to_base']} |")
     print(json.dumps(figures))
     return figures
 

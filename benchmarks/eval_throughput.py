@@ -108,19 +108,23 @@ def synthetic_images(root: str, num_images: int, queries: int, sizes, write: boo
     the same list for files written before)."""
     rng = np.random.default_rng(0)
     images, sent = [], 0
+    masks: dict[tuple[int, int, bool], np.ndarray] = {}  # one read-only array per size and kind, shared
     for i in range(num_images):
         h, w = sizes[i % len(sizes)]
         path = os.path.join(root, f"{i:05d}.jpg")
-        pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
-        if write:
-            cv2.imwrite(path, pixels)
+        if write:  # only the pixels draw from rng: the list is the same either way
+            cv2.imwrite(path, (rng.random((h, w, 3)) * 255).astype(np.uint8))
         qs = []
         for k in range(queries):
             expr = EXPRESSIONS[(i + k) % len(EXPRESSIONS)]
             exists = k % 2 == 0
-            gt = np.zeros((h, w), np.uint8)
-            if exists:
-                gt[h // 4:h // 2, w // 4:w // 2] = 1
+            if (h, w, exists) not in masks:
+                gt = np.zeros((h, w), np.uint8)
+                if exists:
+                    gt[h // 4:h // 2, w // 4:w // 2] = 1
+                gt.flags.writeable = False
+                masks[h, w, exists] = gt
+            gt = masks[h, w, exists]
             qs.append(EvalQuery(ref_id=i * 1000 + k, sent_id=sent, sentence=expr,
                                 question="<image>\n" + QUESTION.format(e=expr), gt_exists=exists,
                                 gt_sent=None if exists else "blue chair", gt_mask=gt))

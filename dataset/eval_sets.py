@@ -46,7 +46,7 @@ from .paths import check_data_root
 from .reason_seg import load_reason_seg_annotation, read_json_text, reason_question, reason_seg_images, reason_seg_mask
 from .refer import FALSE_PREMISE_DATASETS, REFER_DATASETS, ReferData, sentence_exists
 from .sample import IGNORE_LABEL, RawSample, Sample, choice, to_sample
-from .templates import LISA_EVAL, Templates, resolve_templates
+from .templates import LISA_EVAL, Templates, positive_answer, resolve_templates
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def teacher_forced_answer(query: EvalQuery, image_id: int, templates: Templates,
             return LISA_EVAL.answer
         if query.extra.get("is_sentence"):
             return choice(rng, templates.long_answer)
-        return choice(rng, templates.short_answer).format(class_name=expr)
+        return positive_answer(rng, templates, expr, query.gt_mask == 1)
     if query.extra.get("answer"):
         return str(query.extra["answer"]).strip()
     if query.gt_sent:

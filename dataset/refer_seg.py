@@ -14,17 +14,18 @@ import numpy as np
 from .image_io import DataError, SkipItem, read_image_rgb
 from .refer import FALSE_PREMISE_DATASETS, ReferData, sentence_exists
 from .sample import RawSample, choice, sample_without_replacement
-from .templates import Templates
+from .templates import Templates, positive_answer
 
 
 def refer_conversation(rng: np.random.Generator, templates: Templates, sentence: dict, exists: bool,
-                       dataset: str) -> tuple[str, str]:
+                       dataset: str, mask: Optional[np.ndarray] = None) -> tuple[str, str]:
     """(question, answer) for one referring sentence, as the original builds them (the question
-    holds the lower-cased expression as written, the answer the stripped one)."""
+    holds the lower-cased expression as written, the answer the stripped one). `mask`: the object's,
+    for answer templates that say where it is."""
     question = choice(rng, templates.short_question).format(class_name=sentence["sent"].lower())
     expr = sentence["sent"].strip().lower()
     if exists:
-        answer = choice(rng, templates.short_answer).format(class_name=expr)
+        answer = positive_answer(rng, templates, expr, mask)
     elif dataset in FALSE_PREMISE_DATASETS and sentence.get("gt_sent"):
         gt_name = str(sentence["gt_sent"]).strip().lower()
         answer = choice(rng, templates.correct_answer).format(class_name=expr, gt_name=gt_name)
@@ -76,15 +77,17 @@ class ReferSegSource:
         ref_masks: dict[int, np.ndarray] = {}
         for ref, sent in chosen:
             ok = sentence_exists(sent)
-            q, a = refer_conversation(rng, self.templates, sent, ok, data.dataset)
-            questions.append([q])
-            answers.append([a])
-            exists.append(ok)
-            sentences.append(sent["sent"])
+            mask = None
             if ok:
                 key = ref["ref_id"]
                 if key not in ref_masks:
                     ref_masks[key] = data.ref_mask(ref)
-                masks.append(ref_masks[key])
+                mask = ref_masks[key]
+                masks.append(mask)
+            q, a = refer_conversation(rng, self.templates, sent, ok, data.dataset, mask)
+            questions.append([q])
+            answers.append([a])
+            exists.append(ok)
+            sentences.append(sent["sent"])
         return RawSample(self.name, path, image, questions, answers, masks, exists, sentences,
                          meta={"dataset": data.dataset, "image_id": image_id})

@@ -30,7 +30,7 @@ from .class_names import ade20k_class_names, cocostuff_class_names
 from .coco_masks import decode_segmentation
 from .image_io import DataError, SkipItem, read_image_rgb, read_label_map, require_path
 from .sample import IGNORE_LABEL, RawSample, choice, sample_without_replacement
-from .templates import Templates
+from .templates import Templates, positive_answer
 
 SEM_SEG_DATASETS = ("ade20k", "cocostuff", "pascal_part", "paco_lvis", "mapillary")
 MODE_RATES = (("true_premise", 0.85), ("false_premise_denial", 0.07), ("false_premise_correction", 0.08))
@@ -64,7 +64,7 @@ def _conversations(rng, templates: Templates, mode: str, names_present: list[str
         for i in idx:
             name = names_present[i]
             questions.append([choice(rng, templates.short_question).format(class_name=name)])
-            answers.append([choice(rng, templates.short_answer).format(class_name=name)])
+            answers.append([positive_answer(rng, templates, name, masks_present[i])])
             masks.append(masks_present[i])
             exists.append(True)
             sentences.append(name)

@@ -25,7 +25,7 @@ SEG = "[SEG]"
 class Templates:
     short_question: tuple[str, ...]  # "{class_name}": a noun phrase (referring expression, class name)
     long_question: tuple[str, ...]  # "{sent}": a full sentence or instruction (ReasonSeg long queries)
-    short_answer: tuple[str, ...]  # one [SEG]; may use {class_name}
+    short_answer: tuple[str, ...]  # one [SEG]; may use {class_name} and {where} (see region_phrase)
     long_answer: tuple[str, ...]  # one [SEG]; no placeholders
     neg_answer: tuple[str, ...]  # a plain denial; may use {class_name}; no [SEG]
     correct_answer: tuple[str, ...]  # denial + correction; uses {gt_name}, may use {class_name}; no [SEG]
@@ -38,7 +38,7 @@ class Templates:
 _RULES = {
     "short_question": ({"class_name"}, {"class_name"}, 0),
     "long_question": ({"sent"}, {"sent"}, 0),
-    "short_answer": ({"class_name"}, set(), 1),
+    "short_answer": ({"class_name", "where"}, set(), 1),
     "long_answer": (set(), set(), 1),
     "neg_answer": ({"class_name"}, set(), 0),
     "correct_answer": ({"class_name", "gt_name"}, {"gt_name"}, 0),
@@ -78,6 +78,44 @@ def validate(t: Templates, source: str = "templates") -> None:
                 raise ValueError(f"{where}: must contain exactly {n_seg} {SEG}")
             if name.endswith("question") and "<image>" not in entry:
                 raise ValueError(f"{where}: questions must contain <image> (e.g. start with '<image>\\n')")
+
+
+def region_phrase(fx: float, fy: float) -> str:
+    """Where a point lies in a 3 x 3 grid over the picture, in words: "in the top left corner", "on the
+    left", "at the bottom", "in the centre". `fx`, `fy` are fractions of the width and height."""
+    col = "left" if fx < 1 / 3 else "right" if fx > 2 / 3 else "middle"
+    row = "top" if fy < 1 / 3 else "bottom" if fy > 2 / 3 else "middle"
+    if row == col == "middle":
+        return "in the centre"
+    if row == "middle":
+        return f"on the {col}"
+    if col == "middle":
+        return f"at the {row}"
+    return f"in the {row} {col} corner"
+
+
+def mask_region(mask) -> str:
+    """`region_phrase` of a mask's bounding-box centre, within the centred square that CLIP's crop
+    keeps (what the language model sees of the image)."""
+    h, w = mask.shape[:2]
+    ys, xs = mask.nonzero()
+    if len(xs) == 0:
+        return "in the centre"
+    side = min(h, w)
+    x0, y0 = (w - side) / 2, (h - side) / 2
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    return region_phrase((cx - x0) / side, (cy - y0) / side)
+
+
+def positive_answer(rng, templates: "Templates", class_name: str, mask=None) -> str:
+    """One short answer for an object that is there; `{where}` (when the drawn template has it) is
+    filled from the object's mask, so a model trained on it says where the object is before [SEG]."""
+    template = templates.short_answer[int(rng.integers(len(templates.short_answer)))]
+    if "{where}" not in template:
+        return template.format(class_name=class_name)
+    if mask is None:
+        raise ValueError(f"answer template {template!r} needs the object's mask for {{where}}, and none was given")
+    return template.format(class_name=class_name, where=mask_region(mask))
 
 
 def load_templates(path: str, base: "Templates | None" = None) -> Templates:

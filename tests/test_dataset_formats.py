@@ -622,6 +622,29 @@ def test_template_override_rejects_bad_lists(tmp_path, bad):
         load_templates(str(p))
 
 
+def test_where_placeholder_says_where_the_mask_is(synthetic_root, tmp_path):
+    from dataset.refer_seg import ReferSegSource
+    from dataset.templates import mask_region, region_phrase
+
+    assert region_phrase(0.1, 0.1) == "in the top left corner" and region_phrase(0.5, 0.5) == "in the centre"
+    assert region_phrase(0.9, 0.5) == "on the right" and region_phrase(0.5, 0.9) == "at the bottom"
+    wide = np.zeros((100, 300), np.uint8)  # the centred square CLIP keeps is columns 100-199
+    wide[10:20, 100:110] = 1
+    assert mask_region(wide) == "in the top left corner"
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"short_answer": ["{class_name} is {where}: [SEG]."]}))
+    src = ReferSegSource("refer_seg", synthetic_root, ["refcoco"], load_templates(str(p)), 3)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(10):
+        raw = src.sample(rng)
+        positives = [a[0] for a, ok in zip(raw.answers, raw.exists) if ok]
+        for answer, mask, sent in zip(positives, raw.masks, [s for s, ok in zip(raw.sentences, raw.exists) if ok]):
+            assert answer == f"{sent.strip().lower()} is {mask_region(mask)}: [SEG]."  # each answer its own mask
+            checked += 1
+    assert checked >= 10
+
+
 def test_default_templates_follow_the_rules():
     t = DEFAULT_TEMPLATES
     assert all(a.count("[SEG]") == 1 for a in t.short_answer + t.long_answer)

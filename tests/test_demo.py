@@ -11,6 +11,7 @@ import numpy as np
 import pexpect
 import pytest
 import torch
+from child_env import child_pythonpath
 from PIL import Image
 
 import demo
@@ -54,7 +55,7 @@ def _script_env():
     # one thread: on a shared, loaded CPU, OpenMP's spinning threads make tiny models ~10x slower
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                LANG="C.UTF-8", LC_ALL="C.UTF-8")
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = child_pythonpath(with_repo=False)
     return env
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from child_env import child_pythonpath
+
 from dataset.eval_sets import build_eval_dataset
 from dataset.synthetic import generate
 from evaluation.records import merge_shards, read_shard, shard_dir, shard_path
@@ -22,7 +24,7 @@ def _cmd(data, out, *extra):
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = child_pythonpath(with_repo=True)
     return env
 
 

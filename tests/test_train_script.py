@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from child_env import child_pythonpath
 from cpu_deepspeed import cpu_process_group, cpu_subprocess_env
 
 import train_sesame
@@ -66,7 +67,7 @@ def read_log(run_dir):
 
 
 def subprocess_env():
-    return cpu_subprocess_env(PYTHONPATH=ROOT)
+    return cpu_subprocess_env(PYTHONPATH=child_pythonpath(with_repo=True))
 
 
 def run_cli(argv) -> tuple[int, list[str]]:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import requests
+from child_env import child_pythonpath
 from PIL import Image
 from web_demo_server import (
     FALSE_PREMISE,
@@ -282,7 +283,7 @@ def test_flags(monkeypatch, tmp_path):
 def test_script_serves_page_and_api(tmp_path):
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = child_pythonpath(with_repo=False)
     cmd = [sys.executable, os.path.join(ROOT, "web_demo.py"), "--pretrained_model_path", "tiny-random", "--device",
            "cpu", "--precision", "fp32", "--max_new_tokens", "4", "--port", str(port)]
     child = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

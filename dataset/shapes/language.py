@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..templates import region_phrase
 from .scene import COLORS, KINDS, Scene, SceneObject
 
 RELATIONS = ("left of", "right of", "above", "below")
@@ -191,16 +192,7 @@ def _count_phrase(n: int, noun: str, plural: str) -> str:
 
 def _region(scene: Scene, obj: SceneObject) -> str:
     x0, y0, side = scene.crop
-    fx, fy = (obj.center[0] - x0) / side, (obj.center[1] - y0) / side
-    col = "left" if fx < 1 / 3 else "right" if fx > 2 / 3 else "middle"
-    row = "top" if fy < 1 / 3 else "bottom" if fy > 2 / 3 else "middle"
-    if row == col == "middle":
-        return "in the centre"
-    if row == "middle":
-        return f"on the {col}"
-    if col == "middle":
-        return f"at the {row}"
-    return f"in the {row} {col} corner"
+    return region_phrase((obj.center[0] - x0) / side, (obj.center[1] - y0) / side)
 
 
 def _listing(objects: Sequence[SceneObject]) -> str:
