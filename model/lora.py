@@ -55,5 +55,9 @@ def merge_lora(model: SesameModel) -> None:
 
 
 def enable_gradient_checkpointing(model: SesameModel) -> None:
-    # transformers' current name (requirements.txt: >= 5.17); gradient_checkpointing_enable is its deprecated alias
-    model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers renamed it after 5.17 (the oldest release requirements.txt allows) and deprecated the old name
+    llm = model.language_model
+    if hasattr(llm, "activation_checkpointing_enable"):
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

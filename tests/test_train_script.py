@@ -129,8 +129,9 @@ def test_killed_run_auto_resumes_like_an_uninterrupted_one(inputs, full_run):
 
 def test_two_ranks_under_the_deepspeed_launcher_then_merge_and_revalidate(inputs):
     root = inputs
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    run = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(dist_utils.free_port()),
+    # the `deepspeed` command runs this module; a host may have the package without the command beside python
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    run = subprocess.run([*launcher, "--num_gpus", "2", "--master_port", str(dist_utils.free_port()),
                           os.path.join(ROOT, "train_sesame.py"),
                           *flags(root, "two_ranks", epochs=1, grad_accumulation_steps=1, save_steps=0)],
                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
