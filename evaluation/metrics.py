@@ -26,8 +26,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from utils.mask_io import decode_rle
-from utils.metrics import CIOU_EPS, IGNORE_LABEL, intersection_union, mask_giou
+from utils.mask_io import rle_intersection_union
+from utils.metrics import CIOU_EPS, mask_giou
 
 from .records import QueryRecord
 
@@ -69,18 +69,9 @@ class QueryScore:
 
 
 def score_record(r: QueryRecord) -> QueryScore:
-    where = f"query {r.key}"
-    shape = (r.height, r.width)
-    pred = decode_rle(r.pred_mask, where + " pred_mask") if r.pred_mask else np.zeros(shape, bool)
-    gt = decode_rle(r.gt_mask, where + " gt_mask").astype(np.uint8) if r.gt_mask else np.zeros(shape, np.uint8)
-    if r.gt_ignore:
-        gt[decode_rle(r.gt_ignore, where + " gt_ignore")] = IGNORE_LABEL
-    if not r.gt_exists:
-        gt[gt == 1] = 0  # a false premise's ground truth is blank, whatever mask its ref carries
-    try:
-        inter, union = intersection_union(pred, gt)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    # a false premise's ground truth is blank, whatever mask its ref carries
+    inter, union = rle_intersection_union(r.pred_mask, r.gt_mask if r.gt_exists else None, r.gt_ignore,
+                                          (r.height, r.width), f"query {r.key}")
     s = QueryScore(inter, union, bool(r.gt_exists), bool(r.pred_exists))
     if not r.gt_exists and r.gt_sent and normalize_text(r.gt_sent) and not r.pred_exists:
         s.say_eligible = True

@@ -15,7 +15,7 @@ from evaluation.metrics import (
     token_f1,
 )
 from evaluation.records import QueryRecord, ShardWriter, merge_shards, read_shard, shard_items, shard_path
-from utils.mask_io import decode_rle, encode_optional, encode_rle, rle_area
+from utils.mask_io import decode_rle, encode_optional, encode_rle, rle_area, rle_intersection_union
 from utils.metrics import intersection_union
 
 H, W = 10, 10
@@ -57,6 +57,30 @@ def test_intersection_union_ignores_255():
     assert intersection_union(pred, gt) == (4, 12 + 2)
     with pytest.raises(ValueError, match="shape"):
         intersection_union(pred[:5], gt)
+
+
+def test_rle_intersection_union_equals_the_pixel_definition():
+    """The metrics step counts on the runs (utils.mask_io.rle_intersection_union); the definition is
+    utils.metrics.intersection_union on decoded pixels. Random masks, ignore pixels overlapping the
+    ground truth or not, empty masks (None) on either side, a false premise's blanked ground truth."""
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        pred, gt, ign = (rng.random((h, w)) > rng.random() for _ in range(3))
+        if trial % 5 == 0:
+            pred[:] = False
+        if trial % 7 == 0:
+            gt[:] = False
+        if trial % 2 == 0:
+            ign[:] = False
+        if trial % 3 == 0:
+            ign &= ~gt  # the records' case: foreground and ignore disjoint
+        labels = np.where(ign, 255, gt).astype(np.uint8)
+        expected = intersection_union(pred, labels)
+        got = rle_intersection_union(encode_optional(pred), encode_optional(gt), encode_optional(ign), (h, w))
+        assert got == expected, (trial, got, expected)
+    with pytest.raises(ValueError, match="query 7 pred_mask: size"):
+        rle_intersection_union(encode_rle(np.ones((3, 4))), None, None, (4, 3), "query 7")
 
 
 def test_metrics_hand_computed():

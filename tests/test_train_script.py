@@ -117,7 +117,9 @@ def test_killed_run_auto_resumes_like_an_uninterrupted_one(inputs, full_run):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     assert resumed.best_score == pytest.approx(full.best_score)
     assert set(full_train[4]) >= {"train/loss", "train/ce_loss", "train/mask_bce_loss", "train/mask_dice_loss",
-                                  "train/lr", "train/samples_per_sec", "train/unweighted/mask_bce_loss"}
+                                  "train/lr", "train/samples_per_sec", "train/unweighted/mask_bce_loss",
+                                  "train/data_wait_fraction"}
+    assert all(0.0 <= r["train/data_wait_fraction"] <= 1.0 for r in full_train.values())
     for r in full_train.values():  # the original's scale: weighted parts that add up to the loss
         assert r["train/mask_bce_loss"] == pytest.approx(2.0 * r["train/unweighted/mask_bce_loss"])
         assert r["train/mask_dice_loss"] == pytest.approx(0.5 * r["train/unweighted/mask_dice_loss"])

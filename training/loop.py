@@ -87,6 +87,7 @@ class LossMeter:
         self.sums: dict[str, torch.Tensor | float] = {k: 0.0 for k in LOSS_PARTS}
         self.count = 0
         self.samples = 0
+        self.data_wait = 0.0  # seconds the loop waited for the data loader
         self.start = time.perf_counter()
 
     def add(self, out, samples: int) -> None:
@@ -102,7 +103,8 @@ class LossMeter:
         weighted = {k: getattr(self.weights, w) * means[k] for k, w in WEIGHTED_PARTS.items()}
         return {**{f"train/{k}": weighted.get(k, v) for k, v in means.items()},
                 **{f"train/unweighted/{k}": means[k] for k in WEIGHTED_PARTS},
-                "train/samples_per_sec": self.samples / elapsed}
+                "train/samples_per_sec": self.samples / elapsed,
+                "train/data_wait_fraction": self.data_wait / elapsed}
 
 
 @dataclass
@@ -147,7 +149,9 @@ def train_epoch(engine, cfg: LoopConfig, io: LoopIO, state: TrainState, epoch: i
     for step_in_epoch in range(first, last):
         lr = float(engine.get_lr()[0])  # the rate this optimizer step uses
         for _ in range(accum):
+            waited = time.perf_counter()
             batch = next(batches)
+            meter.data_wait += time.perf_counter() - waited
             data_counts.add(batch)
             batch = io.to_device(batch)
             out = engine(batch)

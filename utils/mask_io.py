@@ -37,6 +37,33 @@ def rle_area(rle: dict, where: str = "mask") -> int:
     return int(coco_mask.area(_coco(rle, where)))
 
 
+def rle_intersection_union(pred: Optional[dict], gt: Optional[dict], ignore: Optional[dict],
+                           size: tuple[int, int], where: str = "mask") -> tuple[int, int]:
+    """Foreground intersection and union of RLE masks (None = empty) of one (H, W) image, the pixels of
+    `ignore` left out of both: what `utils.metrics.intersection_union` gives for the decoded masks,
+    computed on the runs themselves (about 40x faster than decoding a 640 x 480 pair)."""
+    h, w = int(size[0]), int(size[1])
+    masks = {}
+    for name, rle in (("pred_mask", pred), ("gt_mask", gt), ("gt_ignore", ignore)):
+        if rle is not None:
+            coco = _coco(rle, f"{where} {name}")
+            if tuple(coco["size"]) != (h, w):
+                raise ValueError(f"{where} {name}: size {coco['size']} differs from the image's {[h, w]}")
+            masks[name] = coco
+    present = [masks[k] for k in ("pred_mask", "gt_mask") if k in masks]
+    if not present:
+        return 0, 0
+    union = coco_mask.merge(present, intersect=False) if len(present) > 1 else present[0]
+    inter = coco_mask.merge(present, intersect=True) if len(present) > 1 else None
+    u = int(coco_mask.area(union))
+    i = int(coco_mask.area(inter)) if inter is not None else 0
+    if "gt_ignore" in masks:
+        u -= int(coco_mask.area(coco_mask.merge([union, masks["gt_ignore"]], intersect=True)))
+        if inter is not None:
+            i -= int(coco_mask.area(coco_mask.merge([inter, masks["gt_ignore"]], intersect=True)))
+    return i, u
+
+
 def encode_optional(mask: Optional[np.ndarray]) -> Optional[dict]:
     """RLE of a mask with any pixel set, else None (keeps records small for the common empty case)."""
     if mask is None or not np.asarray(mask).any():
