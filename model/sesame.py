@@ -181,20 +181,28 @@ class SesameModel(nn.Module):
         embed = self.language_model.get_input_embeddings()
         text = embed(input_ids.masked_fill(is_image, 0))
         img_pos = is_image.float().argmax(1)
+        # One gather per tensor, whatever the batch size (a per-row loop of cats costs ~50 ops a row): output
+        # position j of row b is text[j] before the placeholder at p, image feature j - p inside it, and
+        # text[j - P + 1] after it.
+        batch, length = input_ids.shape
         num_patches = image_features.shape[1]
-        image_ids = input_ids.new_full((num_patches,), IMAGE_TOKEN_INDEX)
-        rows_e, rows_m, rows_t, rows_l = [], [], [], []
-        for b, p in enumerate(img_pos.tolist()):
-            rows_e.append(torch.cat([text[b, :p], image_features[b].to(text.dtype), text[b, p + 1:]]))
-            rows_m.append(torch.cat([attention_mask[b, :p], attention_mask.new_ones(num_patches),
-                                     attention_mask[b, p + 1:]]))
-            rows_t.append(torch.cat([input_ids[b, :p], image_ids, input_ids[b, p + 1:]]))
-            if labels is not None:
-                ignored = labels.new_full((num_patches,), IGNORE_INDEX)
-                rows_l.append(torch.cat([labels[b, :p], ignored, labels[b, p + 1:]]))
-        return SplicedInputs(embeds=torch.stack(rows_e), attention_mask=torch.stack(rows_m).long(),
-                             token_ids=torch.stack(rows_t), labels=torch.stack(rows_l) if labels is not None else None,
-                             image_start=img_pos)
+        j = torch.arange(length + num_patches - 1, device=input_ids.device)[None]
+        start = img_pos[:, None]
+        in_image = (j >= start) & (j < start + num_patches)
+        text_index = torch.where(j < start, j, j - num_patches + 1).clamp(0, length - 1).expand(batch, -1)
+        image_index = (j - start).clamp(0, num_patches - 1)
+
+        def spliced(rows: torch.Tensor, image_value) -> torch.Tensor:
+            taken = rows.gather(1, text_index)
+            return torch.where(in_image, image_value, taken)
+
+        hidden = text.shape[-1]
+        text_part = text.gather(1, text_index[..., None].expand(-1, -1, hidden))
+        image_part = image_features.to(text.dtype).gather(1, image_index[..., None].expand(-1, -1, hidden))
+        embeds = torch.where(in_image[..., None], image_part, text_part)
+        labels_out = spliced(labels, IGNORE_INDEX) if labels is not None else None
+        return SplicedInputs(embeds=embeds, attention_mask=spliced(attention_mask, 1).long(),
+                             token_ids=spliced(input_ids, IMAGE_TOKEN_INDEX), labels=labels_out, image_start=img_pos)
 
     # --- [SEG] -> mask ----------------------------------------------------------------------
     def project_seg(self, seg_hidden: torch.Tensor) -> torch.Tensor:
@@ -289,6 +297,10 @@ class SesameModel(nn.Module):
 
         pred_masks, bce_sum, dice_sum, num_masks = [], hidden.new_zeros((), dtype=torch.float32), \
             hidden.new_zeros((), dtype=torch.float32), 0
+        idle = [i for i in range(num_images) if batch.masks[i].shape[0] == 0]
+        if idle and torch.is_grad_enabled():
+            # images without [SEG]: one dummy pass for all of them (see _idle_mask_head), times 0
+            bce_sum = bce_sum + 0.0 * self._idle_mask_head(sam_embeddings[idle], hidden)
         for i in range(num_images):
             logits = per_image[i].logits
             pred_masks.append(logits)
@@ -302,11 +314,6 @@ class SesameModel(nn.Module):
                 bce_sum = bce_sum + bce_loss_sum(logits, target, valid)
                 dice_sum = dice_sum + dice_loss_sum(logits, target, valid)
                 num_masks += gt.shape[0]
-            elif torch.is_grad_enabled():
-                # once per image, with or without [SEG]: every rank then runs the mask decoder equally
-                # often, as ZeRO-3's collective parameter gathering needs (see _idle_mask_head)
-                bce_sum = bce_sum + 0.0 * self._idle_mask_head(sam_embeddings[i:i + 1], hidden,
-                                                               batch.resized_sizes[i], batch.original_sizes[i])
         w = self.config.loss
         bce = bce_sum / (num_masks + 1e-8)
         dice = dice_sum / (num_masks + 1e-8)
@@ -315,15 +322,12 @@ class SesameModel(nn.Module):
         return SesameOutput(loss=loss, ce_loss=ce_loss, mask_bce_loss=bce, mask_dice_loss=dice, mask_loss=mask_loss,
                             pred_masks=pred_masks, gt_masks=list(batch.masks))
 
-    def _idle_mask_head(self, image_embedding: torch.Tensor, hidden: torch.Tensor,
-                        resized_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
-        """One dummy [SEG] (a zero state) through text_hidden_fcs and the mask decoder, for an image
-        without [SEG]; the caller adds it times 0. Data-parallel training (DeepSpeed ZeRO) then gets
-        gradients for the same parameters, and calls the same modules, on every rank whatever the
-        micro-batch holds: ZeRO reduces gradients and ZeRO-3 gathers parameters collectively."""
-        zero_state = hidden.new_zeros((1, hidden.shape[-1]))
-        low_res = decode_masks(self.visual_model, image_embedding, self.project_seg(zero_state))
-        return masks_at_original_size(self.visual_model, low_res, resized_size, original_size).sum()
+    def _idle_mask_head(self, image_embeddings: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """A dummy [SEG] (a zero state) per image without [SEG], through text_hidden_fcs and the mask
+        decoder in one batched call; the caller adds the sum times 0. Data-parallel training (DeepSpeed
+        ZeRO) then gets gradients for the same parameters on every rank, whatever the micro-batch holds."""
+        zero_states = hidden.new_zeros((image_embeddings.shape[0], hidden.shape[-1]))
+        return decode_masks(self.visual_model, image_embeddings, self.project_seg(zero_states)).float().sum()
 
     def _image_hidden_rows(self, hidden: torch.Tensor, spliced: SplicedInputs, rows: torch.Tensor,
                            num_patches: int) -> torch.Tensor:

@@ -303,3 +303,42 @@ def test_clip_transform_reads_tiny_images_as_channels_last(shape):
     for c, value in enumerate((10, 100, 200)):
         want = (value / 255 - CLIP_MEAN[c]) / CLIP_STD[c]
         torch.testing.assert_close(out[c], torch.full((32, 32), want), atol=1e-4, rtol=0)
+
+
+def test_splice_equals_the_per_row_definition(tokenizer, token_ids):
+    """splice_image_features (one gather per tensor) against its definition: per row, the text before
+    the placeholder, the row's P image features, the text after it. Placeholders at different places,
+    labels and attention masks carried along, gradients reaching text embeddings and image features alike."""
+    from model.conversation import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = tiny_model(token_ids, len(tokenizer))
+    length, patches = 9, 4
+    ids = torch.randint(3, 60, (3, length))
+    for row, at in enumerate((0, 4, length - 1)):
+        ids[row, at] = IMAGE_TOKEN_INDEX
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0  # left padding
+    labels = torch.where(torch.rand(ids.shape) < 0.5, ids, torch.full_like(ids, IGNORE_INDEX))
+    feats = torch.randn(3, patches, model.config.llm.hidden_size, requires_grad=True)
+    out = model.splice_image_features(ids, mask, feats, labels)
+
+    embed = model.language_model.get_input_embeddings()
+    text = embed(ids.clamp(min=0))
+    want_e, want_m, want_t, want_l = [], [], [], []
+    for b in range(3):
+        p = int((ids[b] == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
+        want_e.append(torch.cat([text[b, :p], feats[b], text[b, p + 1:]]))
+        want_m.append(torch.cat([mask[b, :p], torch.ones(patches, dtype=mask.dtype), mask[b, p + 1:]]))
+        want_t.append(torch.cat([ids[b, :p], torch.full((patches,), IMAGE_TOKEN_INDEX), ids[b, p + 1:]]))
+        want_l.append(torch.cat([labels[b, :p], torch.full((patches,), IGNORE_INDEX), labels[b, p + 1:]]))
+    want = torch.stack(want_e)
+    assert torch.equal(out.embeds, want)
+    assert torch.equal(out.attention_mask, torch.stack(want_m).long())
+    assert torch.equal(out.token_ids, torch.stack(want_t)) and torch.equal(out.labels, torch.stack(want_l))
+    assert out.image_start.tolist() == [0, 4, length - 1]
+    weights = torch.randn_like(want)
+    got_grads = torch.autograd.grad((out.embeds * weights).sum(), [feats, embed.weight])
+    want_grads = torch.autograd.grad((want * weights).sum(), [feats, embed.weight])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
