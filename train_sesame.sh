@@ -89,7 +89,8 @@ if [ -n "$VISION_PRETRAINED" ] && [ ! -f "$VISION_PRETRAINED" ] && [ "$RECIPE" !
   fi
 fi
 
-LAUNCH=(deepspeed)
+# the `deepspeed` command, or the module it runs where the package is installed without the command
+if command -v deepspeed > /dev/null 2>&1; then LAUNCH=(deepspeed); else LAUNCH=("$PYTHON" -m deepspeed.launcher.runner); fi
 if [ -n "${HOSTFILE:-}" ]; then LAUNCH+=(--hostfile "$HOSTFILE"); fi
 LAUNCH+=(--include "$GPUS" --master_port="$MASTER_PORT")
 

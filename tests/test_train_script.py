@@ -161,11 +161,19 @@ def test_two_ranks_under_the_deepspeed_launcher_then_merge_and_revalidate(inputs
     assert metrics["num_masks"] == 6 and metrics["see_queries"] == 4
 
 
-def test_train_sesame_sh_keeps_the_original_usage():
-    env = dict(os.environ, DRY_RUN="1")
+def test_train_sesame_sh_keeps_the_original_usage(tmp_path):
+    stub = tmp_path / "bin"  # a `deepspeed` command on PATH, as pip installs it
+    stub.mkdir()
+    (stub / "deepspeed").write_text("#!/bin/sh\n")
+    (stub / "deepspeed").chmod(0o755)
+    env = dict(os.environ, DRY_RUN="1", PATH=f"{stub}{os.pathsep}/usr/bin{os.pathsep}/bin")
     out = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "ReferSeg", "localhost:0,1", "15990",
                           "--epochs", "1"], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("deepspeed --include localhost:0\\,1 --master_port=15990 ")
+    without = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "ReferSeg", "localhost:0,1", "15990"],
+                             env=dict(env, PATH=f"/usr/bin{os.pathsep}/bin"), capture_output=True, text=True,
+                             check=True).stdout  # the package without its command: the module the command runs
+    assert without.startswith("python -m deepspeed.launcher.runner --include localhost:0\\,1 --master_port=15990 ")
     assert "refer_seg\\|\\|correct_refer_seg\\|\\|vqa\\|\\|neg_refer_seg --sample_rates 12\\,2\\,2\\,1" in out
     assert "--batch_size 12 --grad_accumulation_steps 1 --num_classes_per_sample 3" in out
     assert "--dataset_dir ./data " in out and "--zero_stage 2" in out and "--offload_optimizer" not in out
