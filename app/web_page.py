@@ -24,8 +24,11 @@ LOG = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
 DEFAULT_EXAMPLE = os.path.join(ROOT, "assets", "shapes.jpg")
+WORLD_EXAMPLE = os.path.join(ROOT, "assets", "shapes_world.jpg")  # a Shapes-world scene (assets/shapes_world.json)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# (label, question) about assets/shapes.jpg: a red square, a blue ellipse and a green triangle
+# (label, question) about both bundled images: assets/shapes.jpg (a red square, a blue ellipse, a green
+# triangle) and assets/shapes_world.jpg (a red square, a green triangle, a purple star: the star the
+# Shapes model should suggest instead of the yellow one)
 EXAMPLE_QUESTIONS = (
     ("object present", "Is there a red square in this image? If so, please segment it."),
     ("false premise", "Is there a yellow star in this image? If so, please segment it."),
@@ -48,12 +51,13 @@ def theme() -> gr.themes.Theme:
 
 
 def example_images(examples_dir: str = EXAMPLES_DIR) -> list[str]:
-    """The images in `examples_dir` (sorted by name), if it exists, then the bundled assets/shapes.jpg."""
+    """The images in `examples_dir` (sorted by name), if it exists, then the bundled Shapes-world scene and
+    assets/shapes.jpg."""
     found = []
     if os.path.isdir(examples_dir):
         found = sorted(os.path.join(examples_dir, name) for name in os.listdir(examples_dir)
                        if name.lower().endswith(IMAGE_SUFFIXES))
-    return found + [DEFAULT_EXAMPLE]
+    return found + [WORLD_EXAMPLE, DEFAULT_EXAMPLE]
 
 
 def see_badge(see: bool) -> str:

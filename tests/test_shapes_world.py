@@ -242,3 +242,19 @@ def test_cli_writes_a_reduced_world_and_names_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             shapes_main([str(tmp_path / "x"), "--images", "4", *bad])
         assert bad[0] in capsys.readouterr().err
+
+
+def test_bundled_world_scene_is_what_its_json_says():
+    """assets/shapes_world.jpg (the web demo's and README's Shapes example) is the scene its JSON names,
+    drawn by today's generator: objects, boxes and pixels (up to JPEG loss)."""
+    from dataset.shapes.scene import make_scene
+
+    assets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+    with open(os.path.join(assets, "shapes_world.json")) as f:
+        meta = json.load(f)
+    scene = make_scene(np.random.default_rng(meta["seed"]))
+    assert [(o.name, o.size, o.bbox()) for o in scene.objects] == \
+        [(o["name"], o["size"], o["bbox_xywh"]) for o in meta["objects"]]
+    pixels = cv2.imread(os.path.join(assets, "shapes_world.jpg"))[:, :, ::-1]
+    assert pixels.shape == (meta["height"], meta["width"], 3) == scene.image.shape
+    assert np.abs(pixels.astype(int) - scene.image.astype(int)).mean() < 2.0

@@ -81,14 +81,15 @@ def cli_masks(model, tmp_path, image_path, question, max_image_pixels=MAX_IMAGE_
 
 def test_api_answers_with_the_clis_masks(served, tmp_path):
     model, url = served
-    reply = post(url, SHAPES, POSITIVE)
+    reply = post(url, model.image, POSITIVE)
     assert reply.status_code == 200, reply.text
     body = reply.json()
+    size = list(Image.open(model.image).size[::-1])  # [height, width]
     assert set(body) == {"question", "answer", "say", "see", "image_size", "masks", "notes", "seconds"}
-    assert body["question"] == POSITIVE and body["image_size"] == [320, 480] and body["notes"] == []
-    cli, expected = cli_masks(model, tmp_path, SHAPES, POSITIVE)
+    assert body["question"] == POSITIVE and body["image_size"] == size and body["notes"] == []
+    cli, expected = cli_masks(model, tmp_path, model.image, POSITIVE)
     masks = [decode_rle(rle) for rle in body["masks"]]
-    assert [rle["size"] for rle in body["masks"]] == [[320, 480]] * len(masks)
+    assert [rle["size"] for rle in body["masks"]] == [size] * len(masks)
     assert len(masks) == len(expected) == cli.num_seg >= 1
     assert all(np.array_equal(m, e) for m, e in zip(masks, expected))
     assert body["see"] == cli.see and body["answer"] == cli.raw_answer and body["say"] == cli.say
@@ -99,7 +100,7 @@ def test_api_answers_with_the_clis_masks(served, tmp_path):
         assert "[SEG]" in body["answer"]
         assert body["say"] == "Sure, it is." and body["see"] and masks[0].any() and not masks[0].all()
 
-    reply = post(url, SHAPES, FALSE_PREMISE)
+    reply = post(url, model.image, FALSE_PREMISE)
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["see"] is False and body["masks"] == []
@@ -261,10 +262,11 @@ def test_page_handler_draws_masks_sasp_and_errors(tiny, tmp_path):
 
 
 def test_example_images_pick_up_a_folder(tmp_path):
-    assert example_images(str(tmp_path / "none")) == [SHAPES]
+    world = os.path.join(os.path.dirname(SHAPES), "shapes_world.jpg")
+    assert example_images(str(tmp_path / "none")) == [world, SHAPES]
     for name in ("b.png", "a.JPG", "readme.txt"):
         (tmp_path / name).write_bytes(b"")
-    assert example_images(str(tmp_path)) == [str(tmp_path / "a.JPG"), str(tmp_path / "b.png"), SHAPES]
+    assert example_images(str(tmp_path)) == [str(tmp_path / "a.JPG"), str(tmp_path / "b.png"), world, SHAPES]
 
 
 def test_flags(monkeypatch, tmp_path):

@@ -213,10 +213,10 @@ def save_screenshot(driver, tmp_path):
 
 def test_page_answers_and_the_overlay_shows_the_mask(served, browser, tmp_path):
     model, url = served
-    image = load_image(SHAPES).rgb
-    mask = ask_image(model.predictor, SHAPES, POSITIVE, MAX_IMAGE_PIXELS).masks[0]
+    image = load_image(model.image).rgb
+    mask = ask_image(model.predictor, model.image, POSITIVE, MAX_IMAGE_PIXELS).masks[0]
     page = DemoPage(browser, url)
-    page.upload(SHAPES)
+    page.upload(model.image)
     with held_model(model) as gate:
         page.ask(POSITIVE)
         page.wait_for(lambda: "Answering" in page.progress(), "no progress indicator while answering")

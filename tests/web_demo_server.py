@@ -4,12 +4,15 @@
 - "tiny-random": the untrained model, with its answers forced per question by a logits hook
   (`forced`), so that the positive question gets one [SEG], the two-object question two, and the
   false premise none; its masks are whatever the random SAM draws.
-- "shapes": the built-in Shapes model (assets/shapes_sesame), answering on its own; a trained model
-  must See the red square, segment it inside its box, and not See the yellow star.
+- "shapes": the built-in Shapes model (assets/shapes_sesame), answering on its own about a scene of its
+  world (assets/shapes_world.jpg); a trained model must See the red square, segment it inside its box,
+  and not See the yellow star.
+Each model has its picture (`DemoModel.image`): tiny-random answers about assets/shapes.jpg.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import struct
@@ -36,7 +39,16 @@ SHAPES_MODEL = os.path.join(ROOT, "assets", "shapes_sesame")
 POSITIVE = EXAMPLE_QUESTIONS[0][1]  # the red square
 FALSE_PREMISE = EXAMPLE_QUESTIONS[1][1]  # a yellow star
 TWO_OBJECTS = "Please segment the red square and the green triangle."
-RED_SQUARE_BOX = (40, 60, 171, 201)  # x0, y0, x1, y1 (exclusive) of the red square in assets/shapes.jpg
+WORLD = os.path.join(ROOT, "assets", "shapes_world.jpg")
+
+
+def _world_box(name: str) -> tuple[int, int, int, int]:
+    with open(os.path.join(ROOT, "assets", "shapes_world.json")) as f:
+        x, y, w, h = next(o["bbox_xywh"] for o in json.load(f)["objects"] if o["name"] == name)
+    return x, y, x + w, y + h
+
+
+RED_SQUARE_BOX = {SHAPES: (40, 60, 171, 201), WORLD: _world_box("red square")}  # x0, y0, x1, y1 (exclusive)
 FORCED_ANSWERS = {POSITIVE: "Sure, it is [SEG].", FALSE_PREMISE: "No, there is no yellow star in this image.",
                   TWO_OBJECTS: "Sure, [SEG] and [SEG]."}
 MODELS = ["tiny-random"] + (["shapes"] if os.path.isdir(SHAPES_MODEL) else [])
@@ -48,6 +60,7 @@ MAX_IMAGE_PIXELS = 300_000  # shapes.jpg (480 x 320) is answered at its size, th
 class DemoModel:
     name: str
     predictor: SesamePredictor
+    image: str  # the picture the tests ask it about
     forced: dict[str, str] = field(default_factory=dict)  # question -> answer the hook makes the model give
 
     @property
@@ -96,16 +109,16 @@ def forced_predictor(loaded, answers: dict[str, str], max_new_tokens: int = 24) 
 def demo_model(name: str) -> DemoModel:
     if name == "tiny-random":
         loaded = load_pretrained("tiny-random", device="cpu", dtype=torch.float32)
-        return DemoModel(name, forced_predictor(loaded, FORCED_ANSWERS), dict(FORCED_ANSWERS))
+        return DemoModel(name, forced_predictor(loaded, FORCED_ANSWERS), SHAPES, dict(FORCED_ANSWERS))
     loaded = load_pretrained(SHAPES_MODEL, device="cpu", dtype=torch.float32)
-    return DemoModel(name, build_predictor(loaded, max_new_tokens=64))
+    return DemoModel(name, build_predictor(loaded, max_new_tokens=64), WORLD)
 
 
 def check_trained_mask(model: DemoModel, mask: np.ndarray) -> None:
-    """A trained model's mask for POSITIVE on assets/shapes.jpg lies on the red square."""
+    """A trained model's mask for POSITIVE on its picture lies on the red square."""
     if not model.trained:
         return
-    x0, y0, x1, y1 = RED_SQUARE_BOX
+    x0, y0, x1, y1 = RED_SQUARE_BOX[model.image]
     inside = mask[y0:y1, x0:x1].sum()
     assert inside > 0.8 * (x1 - x0) * (y1 - y0) and inside > 0.9 * mask.sum(), "the mask misses the red square"
 
