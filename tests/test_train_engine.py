@@ -394,3 +394,24 @@ def test_a_planted_pickle_is_refused_on_resume_and_merge(saved_run, tmp_path, mo
     assert not marker.exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the forced mode does not outlive the load
     assert not any(getattr(t, "__name__", "") == "ZeroStageEnum" for t in torch.serialization.get_safe_globals())
+
+
+@pytest.mark.parametrize("newer_transformers", [True, False])
+def test_gradient_checkpointing_on_old_and_new_transformers(newer_transformers):
+    """transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable after 5.17
+    (the oldest release requirements.txt allows; the GPU image's): the new name where it exists (the
+    old one warns there), the old one otherwise; non-reentrant either way."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    class OldLlm:  # transformers 5.17
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("old", gradient_checkpointing_kwargs))
+
+    class NewLlm(OldLlm):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            calls.append(("new", activation_checkpointing_kwargs))
+
+    enable_gradient_checkpointing(SimpleNamespace(language_model=NewLlm() if newer_transformers else OldLlm()))
+    assert calls == [("new" if newer_transformers else "old", {"use_reentrant": False})]

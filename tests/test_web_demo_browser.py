@@ -214,7 +214,9 @@ def save_screenshot(driver, tmp_path):
 def test_page_answers_and_the_overlay_shows_the_mask(served, browser, tmp_path):
     model, url = served
     image = load_image(model.image).rgb
-    mask = ask_image(model.predictor, model.image, POSITIVE, MAX_IMAGE_PIXELS).masks[0]
+    answered = ask_image(model.predictor, model.image, POSITIVE, MAX_IMAGE_PIXELS)
+    assert len(answered.masks), f"{model.name} does not See the red square: {answered.answer.say!r}"
+    mask = answered.masks[0]
     page = DemoPage(browser, url)
     page.upload(model.image)
     with held_model(model) as gate:
