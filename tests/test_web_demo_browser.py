@@ -157,7 +157,8 @@ class DemoPage:
 
     def wait_for_answer(self, question):
         try:
-            self.wait_for(lambda: f"Asked: {question}" in self.find("#notes").text, "")
+            # the notes and the See badge are separate components: wait until both show this answer
+            self.wait_for(lambda: f"Asked: {question}" in self.find("#notes").text and self.see(), "")
         except TimeoutException:
             pytest.fail(f"no answer to {question!r}; the page's error box says {self.error()!r}")
         assert not self.error()
