@@ -359,7 +359,7 @@ def teacher_forced_answer(query: EvalQuery, image_id: int, templates: Templates,
             return LISA_EVAL.answer
         if query.extra.get("is_sentence"):
             return choice(rng, templates.long_answer)
-        return positive_answer(rng, templates, expr, query.gt_mask == 1)
+        return positive_answer(rng, templates, expr, lambda: query.gt_mask == 1)  # decoded only for {where}
     if query.extra.get("answer"):
         return str(query.extra["answer"]).strip()
     if query.gt_sent:

@@ -18,6 +18,8 @@ import json
 import string
 from dataclasses import dataclass, fields, replace
 
+from .shapes.scene import mask_bbox
+
 SEG = "[SEG]"
 
 
@@ -98,21 +100,22 @@ def mask_region(mask) -> str:
     """`region_phrase` of a mask's bounding-box centre, within the centred square that CLIP's crop
     keeps (what the language model sees of the image)."""
     h, w = mask.shape[:2]
-    ys, xs = mask.nonzero()
-    if len(xs) == 0:
+    if not mask.any():
         return "in the centre"
     side = min(h, w)
-    x0, y0 = (w - side) / 2, (h - side) / 2
-    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-    return region_phrase((cx - x0) / side, (cy - y0) / side)
+    x, y, bw, bh = mask_bbox(mask)
+    return region_phrase((x + bw / 2 - (w - side) / 2) / side, (y + bh / 2 - (h - side) / 2) / side)
 
 
 def positive_answer(rng, templates: "Templates", class_name: str, mask=None) -> str:
     """One short answer for an object that is there; `{where}` (when the drawn template has it) is
-    filled from the object's mask, so a model trained on it says where the object is before [SEG]."""
-    template = templates.short_answer[int(rng.integers(len(templates.short_answer)))]
+    filled from the object's mask, so a model trained on it says where the object is before [SEG].
+    `mask`: the (H, W) mask, or a function giving it (read only when the template says where)."""
+    template = templates.short_answer[int(rng.integers(len(templates.short_answer)))]  # sample.choice's draw
     if "{where}" not in template:
         return template.format(class_name=class_name)
+    if callable(mask):
+        mask = mask()
     if mask is None:
         raise ValueError(f"answer template {template!r} needs the object's mask for {{where}}, and none was given")
     return template.format(class_name=class_name, where=mask_region(mask))

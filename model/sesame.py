@@ -184,12 +184,12 @@ class SesameModel(nn.Module):
         # One gather per tensor, whatever the batch size (a per-row loop of cats costs ~50 ops a row): output
         # position j of row b is text[j] before the placeholder at p, image feature j - p inside it, and
         # text[j - P + 1] after it.
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         num_patches = image_features.shape[1]
         j = torch.arange(length + num_patches - 1, device=input_ids.device)[None]
         start = img_pos[:, None]
         in_image = (j >= start) & (j < start + num_patches)
-        text_index = torch.where(j < start, j, j - num_patches + 1).clamp(0, length - 1).expand(batch, -1)
+        text_index = torch.where(j < start, j, j - num_patches + 1).clamp(0, length - 1)
         image_index = (j - start).clamp(0, num_patches - 1)
 
         def spliced(rows: torch.Tensor, image_value) -> torch.Tensor:

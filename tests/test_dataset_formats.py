@@ -643,6 +643,11 @@ def test_where_placeholder_says_where_the_mask_is(synthetic_root, tmp_path):
             assert answer == f"{sent.strip().lower()} is {mask_region(mask)}: [SEG]."  # each answer its own mask
             checked += 1
     assert checked >= 10
+    from dataset.eval_sets import build_eval_dataset, teacher_forced_answer  # teacher-forced validation too
+    image, query = next((im, q) for im in build_eval_dataset("refcoco", synthetic_root, "val") for q in im.queries
+                        if q.gt_exists and mask_region(q.gt_mask == 1) != "in the centre")
+    expected = f"{query.sentence.strip().lower()} is {mask_region(query.gt_mask == 1)}: [SEG]."
+    assert teacher_forced_answer(query, image.image_id, load_templates(str(p)), 0) == expected
 
 
 def test_default_templates_follow_the_rules():
