@@ -27,7 +27,7 @@ from .batch import SesameBatch
 from .config import SesameConfig
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .generation import LogitsHook, greedy_generate, positions_from_mask
-from .losses import bce_loss_sum, dice_loss_sum
+from .losses import mask_loss_sums
 from .sam import build_sam, decode_masks, masks_at_original_size
 from .sasp import SasPResult, similarity_as_points
 
@@ -288,6 +288,14 @@ class SesameModel(nn.Module):
         seg_counts = predicts_seg.sum(1)
         seg_hidden_all = hidden[:, :-1][predicts_seg]
         seg_rows = predicts_seg.nonzero()[:, 0]
+        # A micro-batch without any [SEG] sends one dummy (a zero state, on its first image) through
+        # text_hidden_fcs and the mask decoder, added times 0: data-parallel training (DeepSpeed ZeRO)
+        # then gets gradients for the same parameters on every rank, whatever the micro-batch holds.
+        dummy = (torch.is_grad_enabled() and seg_hidden_all.shape[0] == 0
+                 and all(m.shape[0] == 0 for m in batch.masks))
+        if dummy:
+            seg_hidden_all = hidden.new_zeros((1, hidden.shape[-1]))
+            seg_rows = seg_rows.new_zeros(1)
 
         image_hidden = None
         if self.config.sasp is not None:
@@ -295,25 +303,21 @@ class SesameModel(nn.Module):
         per_image = self.seg_masks(sam_embeddings, seg_hidden_all, conv_to_image[seg_rows].tolist(),
                                    batch.resized_sizes, batch.original_sizes, image_hidden)
 
-        pred_masks, bce_sum, dice_sum, num_masks = [], hidden.new_zeros((), dtype=torch.float32), \
-            hidden.new_zeros((), dtype=torch.float32), 0
-        idle = [i for i in range(num_images) if batch.masks[i].shape[0] == 0]
-        if idle and torch.is_grad_enabled():
-            # images without [SEG]: one dummy pass for all of them (see _idle_mask_head), times 0
-            bce_sum = bce_sum + 0.0 * self._idle_mask_head(sam_embeddings[idle], hidden)
-        for i in range(num_images):
-            logits = per_image[i].logits
-            pred_masks.append(logits)
-            gt = batch.masks[i]
+        pred_masks = [out_i.logits for out_i in per_image]
+        if dummy:
+            zero = 0.0 * pred_masks[0].sum()
+            pred_masks[0] = pred_masks[0][:0]
+        for i, (logits, gt) in enumerate(zip(pred_masks, batch.masks)):
             if logits.shape[0] != gt.shape[0]:
                 raise ValueError(f"image {i}: {logits.shape[0]} [SEG] tokens but {gt.shape[0]} ground-truth masks "
                                  f"(seg tokens per conversation: {seg_counts[offset[i]:offset[i + 1]].tolist()})")
-            if gt.shape[0]:
-                valid = gt != SAM_IGNORE_LABEL
-                target = (gt == 1).float()
-                bce_sum = bce_sum + bce_loss_sum(logits, target, valid)
-                dice_sum = dice_sum + dice_loss_sum(logits, target, valid)
-                num_masks += gt.shape[0]
+        with_masks = [i for i in range(num_images) if batch.masks[i].shape[0]]
+        if with_masks:
+            bce_sum, dice_sum, num_masks = mask_loss_sums([pred_masks[i] for i in with_masks],
+                                                          [batch.masks[i] for i in with_masks], SAM_IGNORE_LABEL)
+        else:
+            bce_sum = dice_sum = zero if dummy else hidden.new_zeros((), dtype=torch.float32)
+            num_masks = 0
         w = self.config.loss
         bce = bce_sum / (num_masks + 1e-8)
         dice = dice_sum / (num_masks + 1e-8)
@@ -321,13 +325,6 @@ class SesameModel(nn.Module):
         loss = w.ce_loss_weight * ce_loss + mask_loss
         return SesameOutput(loss=loss, ce_loss=ce_loss, mask_bce_loss=bce, mask_dice_loss=dice, mask_loss=mask_loss,
                             pred_masks=pred_masks, gt_masks=list(batch.masks))
-
-    def _idle_mask_head(self, image_embeddings: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """A dummy [SEG] (a zero state) per image without [SEG], through text_hidden_fcs and the mask
-        decoder in one batched call; the caller adds the sum times 0. Data-parallel training (DeepSpeed
-        ZeRO) then gets gradients for the same parameters on every rank, whatever the micro-batch holds."""
-        zero_states = hidden.new_zeros((image_embeddings.shape[0], hidden.shape[-1]))
-        return decode_masks(self.visual_model, image_embeddings, self.project_seg(zero_states)).float().sum()
 
     def _image_hidden_rows(self, hidden: torch.Tensor, spliced: SplicedInputs, rows: torch.Tensor,
                            num_patches: int) -> torch.Tensor:

@@ -80,6 +80,26 @@ def test_mask_losses_are_means_over_masks(tokenizer, token_ids):
     torch.testing.assert_close(out.loss, out.ce_loss + 2.0 * bce + 0.5 * dice)
 
 
+def test_batched_mask_losses_equal_per_image_losses():
+    """Images of different sizes, with ignored pixels: one padded batch gives each image's own sums
+    (values and gradients)."""
+    from model.losses import bce_loss_sum, dice_loss_sum, mask_loss_sums
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, 5, 7), (1, 9, 4), (3, 6, 6)]
+    logits = [torch.randn(s, generator=gen, requires_grad=True) for s in shapes]
+    gts = [torch.randint(0, 2, s, generator=gen).to(torch.uint8) for s in shapes]
+    gts[1][0, :3] = 255  # ignored rows
+    bce, dice, n = mask_loss_sums(logits, gts, 255)
+    assert n == 6
+    grads = torch.autograd.grad(bce + dice, logits)
+    ref_bce = sum(bce_loss_sum(x, g == 1, g != 255) for x, g in zip(logits, gts))
+    ref_dice = sum(dice_loss_sum(x, g == 1, g != 255) for x, g in zip(logits, gts))
+    torch.testing.assert_close(bce, ref_bce)
+    torch.testing.assert_close(dice, ref_dice)
+    for got, want in zip(grads, torch.autograd.grad(ref_bce + ref_dice, logits)):
+        torch.testing.assert_close(got, want)
+
+
 def test_no_mask_batch_has_zero_mask_loss(tokenizer, token_ids):
     model = tiny_model(token_ids, len(tokenizer))
     batch = _train_batch(tokenizer, token_ids, model, [["No, there is no dog."]], [(30, 20)])
