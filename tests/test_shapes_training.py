@@ -113,3 +113,26 @@ def test_training_from_scratch_learns_to_see_and_segment(tmp_path, one_thread):
     assert scores["present"] >= 100 and scores["absent"] >= 50
     assert scores["balanced_see"] >= 0.7, scores  # chance: 0.5 (seen: 0.82-0.92 over five seeds)
     assert scores["mask_iou"] >= max(0.15, 4 * scores["full_mask_iou"]), scores  # blank 0, full ~0.03 (seen: 0.24-0.31)
+
+
+def test_shapes_step_benchmark_smoke(tmp_path, one_thread):
+    """benchmarks/shapes_step.py: the GPU profile's code path runs on the CPU and its figures add up."""
+    import importlib.util
+
+    world, start = tmp_path / "world", tmp_path / "start"
+    generate_world(str(world), WorldConfig(images=40, seed=0, val_fraction=0.0, test_fraction=0.2, scene=REDUCED))
+    write_tiny_llava_base(str(start), seed=0, preset="tiny", tokenizer_dir=TOKENIZER)
+    write_tiny_sam(str(start / "sam.pth"), seed=0, preset="tiny")
+    spec = importlib.util.spec_from_file_location("shapes_step", os.path.join(ROOT, "benchmarks", "shapes_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.main(["--version", str(start), "--vision_pretrained", str(start / "sam.pth"), "--dataset_dir", str(world),
+                    "--batch_size", "2", "--warmup", "1", "--steps", "1", "--profile_steps", "1", "--workers", "0"])
+    assert set(r["phase_ms_synchronised"]) == {"to_device", "forward", "backward", "optimizer_step"}
+    assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(2000 / r["step_ms"])
+    phases = r["aten_ops_per_phase"]
+    assert phases["forward"] > 100 and phases["backward"] > 100 and phases["optimizer_step"] > 0
+    assert sum(phases.values()) <= r["aten_ops_per_step"]
+    # the forward finds the [SEG] states by boolean indexing: at least one host synchronisation
+    assert r["host_syncs_per_step"]["aten::nonzero"] >= 1
+    assert r["device_busy_ms_per_step"] is None  # CPU run

@@ -123,7 +123,7 @@ def test_every_expression_names_exactly_one_object(world):
     manifest = _manifest(world)
     anns = {o["ann_id"]: (image_id, k) for image_id, im in manifest.items() for k, o in enumerate(im["objects"])}
     kinds = {"attribute", "size", "relation", "order"}
-    seen_kinds, positives, premises = set(), 0, 0
+    seen_kinds, premise_kinds, positives, premises = set(), set(), 0, 0
     for ref in _refs(world, "fprefcoco"):
         image_id, index = anns[ref["ann_id"]]
         image = manifest[image_id]
@@ -136,6 +136,7 @@ def test_every_expression_names_exactly_one_object(world):
                 positives += 1
                 continue
             premises += 1
+            premise_kinds.add(expr.kind)
             target = expr.target
             assert expr.resolve(objects, side) == [], sent["sent"]
             assert not any(o.kind == target.kind and o.color == target.color for o in objects), sent["sent"]
@@ -145,6 +146,8 @@ def test_every_expression_names_exactly_one_object(world):
             near = [i for i, o in enumerate(objects) if o.kind == target.kind or o.color == target.color]
             assert near == [index], (sent["sent"], sent["gt_sent"])
     assert seen_kinds == kinds and positives > 100 and premises > 50
+    # the absent object is said in every form, so that no form of expression is always true
+    assert premise_kinds == kinds
     positives_only = [s for ref in _refs(world, "refcoco") for s in ref["sentences"]]
     assert positives_only and all(sentence_exists(s) and "gt_sent" not in s for s in positives_only)
 

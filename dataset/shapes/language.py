@@ -14,7 +14,9 @@ expression ambiguous, and it is not used.
 A false premise names a colour-kind pair that is absent from the image and whose nearest present
 object is unique: "green star" when the only star is blue and nothing is green (same kind, another
 colour), or "blue triangle" when the only blue object is a star and there is no triangle (same
-colour, another kind). Its `gt_sent` names that object ("blue star").
+colour, another kind). Its `gt_sent` names that object ("blue star"). Like FP-RefCOCO's replaced
+words, the absent pair can sit inside any form of expression: plain, or in a relation or an order
+the present object takes part in ("green star left of red circle").
 """
 from __future__ import annotations
 
@@ -163,21 +165,36 @@ class FalsePremise:
 def false_premises(rng: np.random.Generator, scene: Scene, index: int, colors: Sequence[str] = tuple(COLORS),
                    kinds: Sequence[str] = KINDS) -> list[FalsePremise]:
     """The false premises whose nearest present object is exactly object `index` (at most one of
-    each kind: another colour, another shape), in random order."""
+    each kind: another colour, another shape), in random order.
+
+    Each is said in the form of one of the object's own expression types, drawn as its positives are
+    (`pick_expressions`): plainly ("green star", sometimes with a size), or inside a relation or an
+    order the object takes part in ("green star left of red circle", "first green star from the
+    left"), so that no form of expression is always true."""
     objs = scene.objects
     o = objs[index]
     present_colors, present_kinds = {x.color for x in objs}, {x.kind for x in objs}
     gt = Description(o.kind, o.color).text()
     size = o.size if rng.random() < 0.3 else None
-    out = []
+    absent = []
     if sum(x.kind == o.kind for x in objs) == 1:
-        absent = [c for c in colors if c not in present_colors]
-        if absent:
-            out.append(FalsePremise(Expression(Description(o.kind, absent[int(rng.integers(len(absent)))], size)), gt))
+        others = [c for c in colors if c not in present_colors]
+        if others:
+            absent.append(Description(o.kind, others[int(rng.integers(len(others)))]))
     if sum(x.color == o.color for x in objs) == 1:
-        absent = [k for k in kinds if k not in present_kinds]
-        if absent:
-            out.append(FalsePremise(Expression(Description(absent[int(rng.integers(len(absent)))], o.color, size)), gt))
+        others = [k for k in kinds if k not in present_kinds]
+        if others:
+            absent.append(Description(others[int(rng.integers(len(others)))], o.color))
+    if not absent:
+        return []
+    forms = {k: v for k, v in candidate_expressions(scene, index).items() if k in ("relation", "order")}
+    out = []
+    for target in absent:
+        form = pick_expressions(rng, {"plain": [Expression(target)], **forms}, 1)[0]
+        if form.relation or form.order:
+            out.append(FalsePremise(Expression(target, form.relation, form.order), gt))
+        else:
+            out.append(FalsePremise(Expression(Description(target.kind, target.color, size)), gt))
     return [out[int(i)] for i in rng.permutation(len(out))]
 
 
