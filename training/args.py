@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "CLIP, the projector, SAM's image and prompt encoders and the LLM base)")
     g.add_argument("--use_mm_start_end", action=on_off, default=True)
     g.add_argument("--gradient_checkpointing", action=on_off, default=True)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each repeated block (LLM decoder layers, CLIP and SAM encoder blocks): fewer "
+                        "kernel launches for small models whose steps are bound by the host (an addition, not in the "
+                        "original; the first steps pay the compilation)")
     g.add_argument("--conv_type", default="llava_v1", choices=("llava_v1", "vicuna_v1"))
 
     g = p.add_argument_group("LoRA")

@@ -155,8 +155,21 @@ def build_model(args: argparse.Namespace, device: torch.device):
     set_trainable(model, train_all=args.train_all)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if args.compile:
+        compile_blocks(model)
     model.train()
     return loaded
+
+
+def compile_blocks(model, backend: str = "inductor") -> int:
+    """torch.compile, in place, every repeated block of the three towers: the LLM's decoder layers,
+    CLIP's encoder layers and SAM's image-encoder blocks (sequence lengths vary by batch: dynamic
+    shapes). The parameters and state-dict keys stay the same. Returns the number of blocks."""
+    blocks = [*model.language_model.model.layers, *model.vision_tower.encoder.layers,
+              *model.visual_model.image_encoder.blocks]
+    for block in blocks:
+        block.compile(dynamic=True, backend=backend)
+    return len(blocks)
 
 
 def recipe_from_args(args: argparse.Namespace, device: torch.device) -> DeepSpeedRecipe:

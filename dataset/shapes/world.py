@@ -39,6 +39,8 @@ class WorldConfig:
     test_fraction: float = 0.1
     positives_per_object: int = 2  # at most, of different expression types
     false_premises_per_object: int = 2  # at most (another colour, another kind)
+    # forms a false premise may take besides the plain one (a reduced world may keep them plain)
+    premise_forms: tuple[str, ...] = ("relation", "order")
     vqa_rounds: tuple[int, int] = (2, 4)
     jpeg_quality: int = 95
     scene: SceneSpec = SceneSpec()  # a reduced world: fewer shapes, kinds or colours
@@ -88,7 +90,8 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
                         "center": [round(obj.center[0], 2), round(obj.center[1], 2)], "bbox": obj.bbox(),
                         "area": obj.area, "covered": obj.covered, "segmentation": obj.segmentation})
         positives = pick_expressions(rng, candidate_expressions(scene, j), config.positives_per_object)
-        premises = false_premises(rng, scene, j, spec.colors, spec.kinds)[:config.false_premises_per_object]
+        premises = false_premises(rng, scene, j, spec.colors, spec.kinds,
+                                  config.premise_forms)[:config.false_premises_per_object]
         if positives:
             refs.append({"object": j, "positives": [[e.text(), e.kind] for e in positives],
                          "false_premises": [[p.expression.text(), p.gt_sent] for p in premises]})
