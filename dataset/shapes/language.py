@@ -163,15 +163,17 @@ class FalsePremise:
 
 
 def false_premises(rng: np.random.Generator, scene: Scene, index: int, colors: Sequence[str] = tuple(COLORS),
-                   kinds: Sequence[str] = KINDS, forms: Sequence[str] = ("relation", "order")) -> list[FalsePremise]:
+                   kinds: Sequence[str] = KINDS, forms: Optional[dict[str, list[Expression]]] = None
+                   ) -> list[FalsePremise]:
     """The false premises whose nearest present object is exactly object `index` (at most one of
     each kind: another colour, another shape), in random order.
 
-    Each is said in the form of one of the object's own expression types, drawn as its positives are
-    (`pick_expressions`): plainly ("green star", sometimes with a size), or inside a relation or an
-    order the object takes part in ("green star left of red circle", "first green star from the
-    left"), so that no form of expression is always true. `forms` limits the forms besides the plain
-    one; with none, every false premise is plain and the random draws are those of plain ones only."""
+    `forms`: the object's own relation / order expressions (`candidate_expressions`, by type) whose
+    form a false premise may take. Each is then said in a form drawn as the positives' types are
+    (`pick_expressions`): plainly ("green star", sometimes with a size), or inside one of those
+    ("green star left of red circle", "first green star from the left"), so that no form of
+    expression is always true. Without forms every false premise is plain, with the random draws of
+    plain ones only."""
     objs = scene.objects
     o = objs[index]
     present_colors, present_kinds = {x.color for x in objs}, {x.kind for x in objs}
@@ -188,10 +190,9 @@ def false_premises(rng: np.random.Generator, scene: Scene, index: int, colors: S
             absent.append(Description(others[int(rng.integers(len(others)))], o.color))
     if not absent:
         return []
-    found = {k: v for k, v in candidate_expressions(scene, index).items() if k in forms} if forms else {}
     out = []
     for target in absent:
-        form = pick_expressions(rng, {"plain": [Expression(target)], **found}, 1)[0] if found else Expression(target)
+        form = pick_expressions(rng, {"plain": [Expression(target)], **forms}, 1)[0] if forms else Expression(target)
         if form.relation or form.order:
             out.append(FalsePremise(Expression(target, form.relation, form.order), gt))
         else:

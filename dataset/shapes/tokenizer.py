@@ -39,7 +39,7 @@ def world_sentences(rng: np.random.Generator, scenes: int) -> Iterator[tuple[str
         for j, obj in enumerate(scene.objects):
             for expr in pick_expressions(rng, candidate_expressions(scene, j), 4):
                 yield expr.text(), obj.name
-            for premise in false_premises(rng, scene, j):
+            for premise in false_premises(rng, scene, j):  # plain ones: the corpus as it was (same words)
                 yield premise.expression.text(), premise.gt_sent
         for question, answer in vqa_rounds(rng, scene):
             yield question, answer

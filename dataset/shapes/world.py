@@ -89,9 +89,10 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
         objects.append({"ann_id": image_id * 10 + j, "kind": obj.kind, "color": obj.color, "size": obj.size,
                         "center": [round(obj.center[0], 2), round(obj.center[1], 2)], "bbox": obj.bbox(),
                         "area": obj.area, "covered": obj.covered, "segmentation": obj.segmentation})
-        positives = pick_expressions(rng, candidate_expressions(scene, j), config.positives_per_object)
-        premises = false_premises(rng, scene, j, spec.colors, spec.kinds,
-                                  config.premise_forms)[:config.false_premises_per_object]
+        candidates = candidate_expressions(scene, j)
+        positives = pick_expressions(rng, candidates, config.positives_per_object)
+        forms = {k: v for k, v in candidates.items() if k in config.premise_forms}
+        premises = false_premises(rng, scene, j, spec.colors, spec.kinds, forms)[:config.false_premises_per_object]
         if positives:
             refs.append({"object": j, "positives": [[e.text(), e.kind] for e in positives],
                          "false_premises": [[p.expression.text(), p.gt_sent] for p in premises]})
