@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -42,11 +44,7 @@ from training.build import (  # noqa: E402
 from training.engine import build_engine  # noqa: E402
 from utils import distributed as dist_utils  # noqa: E402
 
-# The Shapes recipe's flags in train_sesame.sh that shape a step (the rest, e.g. validation, does not).
-SHAPES_RECIPE = ["--dataset", "refer_seg||correct_refer_seg||vqa", "--sample_rates", "2,5,1",
-                 "--refer_seg_data", "refcoco", "--correct_refer_seg_data", "fprefcoco", "--train_all",
-                 "--no-gradient_checkpointing", "--conv_type", "vicuna_v1", "--num_classes_per_sample", "6",
-                 "--lr", "2e-3", "--no_eval"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 
@@ -68,6 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def shapes_recipe_flags(version: str, dataset_dir: str) -> list[str]:
+    """train_sesame.py's flags as train_sesame.sh's Shapes recipe gives them (read from its DRY_RUN
+    print, so this benchmark follows the recipe wherever it changes)."""
+    env = dict(os.environ, DRY_RUN="1", VERSION=version, DATASET_DIR=dataset_dir, PYTHON=sys.executable)
+    out = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "Shapes", "localhost:0", "0"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    argv = shlex.split([line for line in out.splitlines() if "train_sesame.py" in line][-1])
+    return argv[next(k for k, a in enumerate(argv) if a.endswith("train_sesame.py")) + 1:]
+
+
 def device_sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -81,10 +89,11 @@ def main(argv=None) -> dict:
     device = dist_utils.accelerator_device()
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     n_batches = args.warmup + 2 * args.steps + args.profile_steps
-    train_argv = ["--version", args.version, "--dataset_dir", args.dataset_dir, "--batch_size", str(args.batch_size),
+    # the recipe's flags, then this benchmark's (argparse keeps the last value of a flag)
+    train_argv = [*shapes_recipe_flags(args.version, args.dataset_dir), "--batch_size", str(args.batch_size),
                   "--precision", precision, "--workers", str(args.workers), "--epochs", "1",
                   "--steps_per_epoch", str(n_batches), "--warmup_steps", "1", "--log_base_dir", "/tmp/shapes_step",
-                  *SHAPES_RECIPE]
+                  "--no_eval"]
     if args.vision_pretrained:
         train_argv += ["--vision_pretrained", args.vision_pretrained]
     if args.compile:
