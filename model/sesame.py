@@ -289,8 +289,9 @@ class SesameModel(nn.Module):
         seg_hidden_all = hidden[:, :-1][predicts_seg]
         seg_rows = predicts_seg.nonzero()[:, 0]
         # A micro-batch without any [SEG] sends one dummy (a zero state, on its first image) through
-        # text_hidden_fcs and the mask decoder, added times 0: data-parallel training (DeepSpeed ZeRO)
-        # then gets gradients for the same parameters on every rank, whatever the micro-batch holds.
+        # text_hidden_fcs and the mask decoder, added times 0. Every rank then calls the mask decoder once
+        # per training forward and gets gradients for the same parameters, whatever its micro-batch
+        # holds: DeepSpeed ZeRO reduces gradients, and ZeRO-3 gathers parameters, collectively.
         dummy = (torch.is_grad_enabled() and seg_hidden_all.shape[0] == 0
                  and all(m.shape[0] == 0 for m in batch.masks))
         if dummy:
