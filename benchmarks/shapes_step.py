@@ -4,7 +4,7 @@ engine (the Shapes recipe of train_sesame.sh), timed phase by phase and profiled
     python -m dataset.shapes /tmp/world --images 2000 --seed 0
     python -m model.tiny /tmp/start --llava_base --preset shapes --tokenizer assets/shapes_tokenizer
     python benchmarks/shapes_step.py --version /tmp/start --vision_pretrained /tmp/start/sam_shapes.pth \\
-        --dataset_dir /tmp/world --batch_size 32
+        --dataset_dir /tmp/world --batch_size 32 [-- train_sesame.py flags, e.g. --zero_stage 0]
 
 Batches are drawn by the training data loader first and kept in memory, so data loading is not timed
 (training logs it as train/data_wait_fraction). Prints:
@@ -63,7 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=15, help="operators listed by host time")
     p.add_argument("--compile", action="store_true", help="train_sesame.py --compile (compiled blocks)")
     p.add_argument("--local_rank", type=int, default=-1)
-    return p.parse_args(argv)
+    # after "--": train_sesame.py flags on top of the recipe's, e.g. -- --zero_stage 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.train_flags = extra
+    return args
 
 
 def shapes_recipe_flags(version: str, dataset_dir: str) -> list[str]:
@@ -98,6 +103,7 @@ def main(argv=None) -> dict:
         train_argv += ["--vision_pretrained", args.vision_pretrained]
     if args.compile:
         train_argv.append("--compile")
+    train_argv += args.train_flags
     targs = parse_train_args(train_argv)
     torch.manual_seed(targs.seed)
     data = data_from_args(targs)
@@ -160,9 +166,10 @@ def main(argv=None) -> dict:
     averages = prof.key_averages()
     per_step = 1.0 / args.profile_steps
     device_busy_s = None
-    if device.type == "cuda":  # kernels, copies and fills: what the device itself ran
-        device_busy_s = sum(e.time_range.elapsed_us() for e in prof.events()
-                            if e.device_type == DeviceType.CUDA) / 1e6 * per_step
+    if device.type == "cuda":
+        # kernels, copies and fills, each counted once under the operator that launched it (the table's
+        # "Self CUDA time total"). Summing the raw device events counted some twice: busy > 100 %.
+        device_busy_s = sum(e.self_device_time_total for e in averages) / 1e6 * per_step
     syncs = {name: sum(e.count for e in averages if e.key == name) * per_step for name in SYNC_OPS}
     aten_ops = sum(e.count for e in averages if e.key.startswith("aten::")) * per_step
     events = prof.events()
@@ -174,7 +181,8 @@ def main(argv=None) -> dict:
         ops_per_phase[p.name[6:]] = ops_per_phase.get(p.name[6:], 0.0) + inside * per_step
 
     phase_ms = {k: 1e3 * statistics.mean(v) for k, v in phases.items()}
-    result = {"device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
+    result = {"train_flags": " ".join(args.train_flags), "zero_stage": engine.zero_optimization_stage(),
+              "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
               "precision": precision, "compiled": args.compile, "batch_size": args.batch_size,
               "conversations_per_step": statistics.mean(int(b.input_ids.shape[0]) for b in batches),
               "phase_ms_synchronised": phase_ms, "phases_sum_ms": sum(phase_ms.values()),

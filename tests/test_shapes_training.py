@@ -129,7 +129,9 @@ def test_shapes_step_benchmark_smoke(tmp_path, one_thread):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     r = bench.main(["--version", str(start), "--vision_pretrained", str(start / "sam.pth"), "--dataset_dir", str(world),
-                    "--batch_size", "2", "--warmup", "1", "--steps", "1", "--profile_steps", "1", "--workers", "0"])
+                    "--batch_size", "2", "--warmup", "1", "--steps", "1", "--profile_steps", "1", "--workers", "0",
+                    "--", "--zero_stage", "0"])
+    assert r["zero_stage"] == 0  # flags after "--" reach train_sesame.py's parser (the recipe says 2)
     assert set(r["phase_ms_synchronised"]) == {"to_device", "forward", "backward", "optimizer_step"}
     assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(2000 / r["step_ms"])
     phases = r["aten_ops_per_phase"]
