@@ -30,6 +30,7 @@ from training.build import (
     validation_from_args,
 )
 from training.checkpoints import RunCheckpoints, StreamLayout, TrainState, write_model_recipe
+from training.deepspeed_config import optimizer_name
 from training.engine import build_engine
 from training.loop import LoopIO, run_training
 from utils import distributed as dist_utils
@@ -67,7 +68,7 @@ def main(argv=None) -> TrainState:
         write_model_recipe, config_dict=model.config.to_dict(), tokenizer=loaded.tokenizer),
         stream=StreamLayout(batch_size=args.batch_size, world_size=world,
                             grad_accumulation_steps=args.grad_accumulation_steps),
-        allow_stream_change=args.allow_resume_mismatch)
+        allow_stream_change=args.allow_resume_mismatch, optimizer=optimizer_name(recipe))
     state = TrainState()
     if args.resume or args.auto_resume:
         resumed = checkpoints.resume(engine, args.resume)

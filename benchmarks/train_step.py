@@ -11,7 +11,7 @@ the LLM part. Batches are built in memory: this measures the model step, not dat
     deepspeed --num_gpus 2 benchmarks/train_step.py         # two GPUs (same per-GPU batch)
     python benchmarks/train_step.py --tiny                  # CPU smoke check (tiny model, fp32)
 
-If DeepSpeed cannot JIT-build its fused AdamW on a machine, --torch_adam uses torch's AdamW instead.
+The optimizer is train_sesame.py's: torch's fused AdamW, or DeepSpeed's JIT-built FusedAdam with --ds_fused_adam.
 The whole training script on 2 GPUs (data, validation, checkpoints, merge), with a tiny model:
     python -m dataset.synthetic /tmp/data && python -m model.tiny /tmp/tiny
     deepspeed --num_gpus 2 train_sesame.py --version /tmp/tiny --dataset_dir /tmp/data --epochs 2 \
@@ -45,7 +45,7 @@ from model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable  # noqa: E402
 from model.sesame import SesameModel  # noqa: E402
 from training.deepspeed_config import DeepSpeedRecipe  # noqa: E402
-from training.engine import build_engine  # noqa: E402
+from training.engine import build_engine, uses_ds_optimizer  # noqa: E402
 from utils import distributed as dist_utils  # noqa: E402
 
 # Dense bf16 peak per GPU (no sparsity), TFLOP/s.
@@ -72,8 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--zero_stage", type=int, default=2)
     p.add_argument("--offload_optimizer", action="store_true")
     p.add_argument("--offload_param", action="store_true", help="with --zero_stage 3")
-    p.add_argument("--torch_adam", action="store_true",
-                   help="client torch.optim.AdamW instead of DeepSpeed's fused AdamW (no op build)")
+    p.add_argument("--ds_fused_adam", action="store_true",
+                   help="DeepSpeed's FusedAdam (JIT-built) instead of torch's fused AdamW, as train_sesame.py")
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default bf16 (--tiny: fp32)")
     p.add_argument("--peak_tflops", type=float, default=None, help="GPU dense bf16 peak (default: from the name)")
@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
     build_s = time.perf_counter() - t0
     n_trainable = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
     n_all = sum(p.numel() for p in model.parameters())
-    ds_optimizer = not args.torch_adam and (device.type != "cpu" or args.offload_optimizer)
+    ds_optimizer = uses_ds_optimizer(device, args.offload_optimizer, args.ds_fused_adam)
     accum = args.grad_accumulation_steps
     engine = build_engine(model, DeepSpeedRecipe(
         micro_batch_size=args.batch_size, grad_accumulation_steps=accum, precision=precision,

@@ -425,6 +425,30 @@ def test_a_planted_pickle_is_refused_on_resume_and_merge(saved_run, tmp_path, mo
     assert not any(getattr(t, "__name__", "") == "ZeroStageEnum" for t in torch.serialization.get_safe_globals())
 
 
+def test_resume_needs_the_optimizer_that_wrote_the_checkpoint(saved_run, tmp_path):
+    """The checkpoint names the optimizer implementation whose state it holds; resuming with another
+    one is refused, in one line naming the flag to use; the same one resumes."""
+    import shutil
+
+    from utils.errors import InputError
+
+    engine, ckpts = saved_run
+    for written, now, advice in [("torch AdamW", "DeepSpeed FusedAdam", "without --ds_fused_adam"),
+                                 ("DeepSpeed FusedAdam", "torch AdamW", "with --ds_fused_adam")]:
+        run = tmp_path / written.replace(" ", "_")
+        shutil.copytree(ckpts.run_dir, run / "src")
+        writer = RunCheckpoints(str(run / "src"), ckpts.write_model_recipe, ckpts.stream, optimizer=written)
+        writer.save(engine, TrainState(global_step=1))
+        with pytest.raises(InputError, match=advice) as refused:
+            RunCheckpoints(str(run / "src"), ckpts.write_model_recipe, ckpts.stream, optimizer=now).resume(engine)
+        assert "\n" not in str(refused.value) and written in str(refused.value)
+        same = RunCheckpoints(str(run / "src"), ckpts.write_model_recipe, ckpts.stream, optimizer=written)
+        assert same.resume(engine).optimizer == written
+    # a checkpoint that names no optimizer (written before the record existed) resumes as before
+    assert RunCheckpoints(ckpts.run_dir, ckpts.write_model_recipe, ckpts.stream,
+                          optimizer="DeepSpeed FusedAdam").resume(engine).optimizer is None
+
+
 @pytest.mark.parametrize("newer_transformers", [True, False])
 def test_gradient_checkpointing_on_old_and_new_transformers(newer_transformers):
     """transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable after 5.17

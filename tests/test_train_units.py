@@ -43,6 +43,29 @@ def test_deepspeed_config_small_gpu_options_and_errors():
         DeepSpeedRecipe(offload_optimizer=True, ds_optimizer=False)
 
 
+def test_optimizer_choice_needs_no_build_unless_asked():
+    """torch's AdamW unless DeepSpeed's own op is needed (CPU offload) or asked for (--ds_fused_adam,
+    GPUs only); each choice has the name checkpoints record."""
+    from training.deepspeed_config import client_optimizer, optimizer_name
+    from training.engine import uses_ds_optimizer
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert not uses_ds_optimizer(cpu, False) and not uses_ds_optimizer(gpu, False)
+    assert uses_ds_optimizer(gpu, False, ds_fused_adam=True)
+    assert uses_ds_optimizer(cpu, True) and uses_ds_optimizer(gpu, True)
+    with pytest.raises(ValueError, match="--ds_fused_adam needs a GPU"):
+        uses_ds_optimizer(cpu, False, ds_fused_adam=True)
+    assert optimizer_name(DeepSpeedRecipe(ds_optimizer=False)) == "torch AdamW"
+    assert optimizer_name(DeepSpeedRecipe()) == "DeepSpeed FusedAdam"
+    assert optimizer_name(DeepSpeedRecipe(offload_optimizer=True)) == "DeepSpeedCPUAdam"
+    r = DeepSpeedRecipe(lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, ds_optimizer=False)
+    opt = client_optimizer([torch.nn.Parameter(torch.ones(3))], r)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (2e-3, (0.9, 0.95), 1e-8, 0.0)
+    assert not group["fused"]  # fused only when every parameter is on a GPU
+    assert not parse_args([]).ds_fused_adam and parse_args(["--ds_fused_adam"]).ds_fused_adam
+
+
 def test_flags_keep_the_original_defaults():
     a = parse_args([])
     assert (a.version, a.precision, a.model_max_length, a.lora_r, a.lora_alpha, a.lora_dropout) == \

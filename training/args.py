@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_clipping", type=float, default=1.0)
     g.add_argument("--zero_stage", type=int, default=2, choices=(0, 1, 2, 3))
     g.add_argument("--offload_optimizer", action="store_true", help="ZeRO-Offload of the optimizer to CPU")
+    g.add_argument("--ds_fused_adam", action="store_true",
+                   help="DeepSpeed's FusedAdam, as the original (JIT-built on first use: needs nvcc and ninja), "
+                        "instead of torch's fused AdamW (the same update, nothing to compile)")
     g.add_argument("--offload_param", action="store_true", help="with --zero_stage 3: parameters offloaded to CPU")
 
     g = p.add_argument_group("run, checkpoints and logging")

@@ -179,7 +179,7 @@ def recipe_from_args(args: argparse.Namespace, device: torch.device) -> DeepSpee
                            gradient_clipping=args.gradient_clipping, precision=args.precision,
                            zero_stage=args.zero_stage, offload_optimizer=args.offload_optimizer,
                            offload_param=args.offload_param,
-                           ds_optimizer=uses_ds_optimizer(device, args.offload_optimizer))
+                           ds_optimizer=uses_ds_optimizer(device, args.offload_optimizer, args.ds_fused_adam))
 
 
 def loop_config_from_args(args: argparse.Namespace) -> LoopConfig:

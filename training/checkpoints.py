@@ -20,7 +20,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -49,6 +49,7 @@ class TrainState:
     best_step: Optional[int] = None
     validations: list[dict] = field(default_factory=list)  # one entry per validation: step, metrics
     logger_run_id: Optional[str] = None  # wandb run to continue
+    optimizer: Optional[str] = None  # the optimizer implementation whose state the checkpoint holds
     # This rank's random generators at the save, put back by the loop right before its first step
     # (anything that draws random numbers while the run is being set up must not shift them).
     rng: Optional[dict] = field(default=None, repr=False, compare=False)
@@ -124,11 +125,12 @@ class RunCheckpoints:
     """
 
     def __init__(self, run_dir: str, write_model_recipe: Callable[[str], None], stream: StreamLayout,
-                 allow_stream_change: bool = False):
+                 allow_stream_change: bool = False, optimizer: Optional[str] = None):
         self.run_dir = run_dir
         self.write_model_recipe = write_model_recipe
         self.stream = stream
         self.allow_stream_change = allow_stream_change
+        self.optimizer = optimizer  # training/deepspeed_config.optimizer_name
 
     def path(self, which: str = LATEST) -> str:
         return os.path.join(self.run_dir, which)
@@ -143,7 +145,8 @@ class RunCheckpoints:
             self.write_model_recipe(ckpt_dir)
             with open(os.path.join(ckpt_dir, tag, STREAM_FILE), "w", encoding="utf-8") as f:
                 json.dump(asdict(self.stream), f)
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"train_state": state.to_dict()})
+        saved = replace(state, optimizer=self.optimizer or state.optimizer)
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"train_state": saved.to_dict()})
         dist_utils.barrier()
         if dist_utils.local_rank() == 0:  # one process per node, in case checkpoints are node-local
             for old in glob.glob(os.path.join(ckpt_dir, "global_step*")):
@@ -163,7 +166,15 @@ class RunCheckpoints:
                 return None
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {ckpt_dir} (its 'latest' file is missing)")
         self._check_stream(os.path.join(ckpt_dir, tag))
-        return load_engine_checkpoint(engine, ckpt_dir, tag)
+        state = load_engine_checkpoint(engine, ckpt_dir, tag)
+        if self.optimizer and state.optimizer and state.optimizer != self.optimizer:
+            # The implementations keep their state differently (FusedAdam: integer steps and group keys of
+            # its own; torch: tensor steps): continue with the one that wrote it rather than convert.
+            how = {"DeepSpeed FusedAdam": "with --ds_fused_adam", "DeepSpeedCPUAdam": "with --offload_optimizer",
+                   "torch AdamW": "without --ds_fused_adam and --offload_optimizer"}.get(state.optimizer, "with it")
+            raise InputError(f"{ckpt_dir}/{tag} holds the optimizer state of {state.optimizer} and this run uses "
+                             f"{self.optimizer}: resume {how}")
+        return state
 
     def _check_stream(self, tag_dir: str) -> None:
         path = os.path.join(tag_dir, STREAM_FILE)

@@ -28,7 +28,7 @@ class DeepSpeedRecipe:
     offload_optimizer: bool = False
     offload_param: bool = False  # ZeRO-3 only: parameters live in CPU memory between uses
     # The optimizer lives in the DS config (FusedAdam / DeepSpeedCPUAdam, JIT-built ops) or is a
-    # client torch.optim.AdamW with the same hyper-parameters (no op build; used on CPU).
+    # client torch.optim.AdamW with the same hyper-parameters (no op build; fused on GPUs).
     ds_optimizer: bool = True
 
     def __post_init__(self) -> None:
@@ -97,7 +97,19 @@ def build_deepspeed_config(r: DeepSpeedRecipe) -> dict:
 
 
 def client_optimizer(params, r: DeepSpeedRecipe):
-    """torch AdamW with exactly the DS-config hyper-parameters (for runs without JIT-built ops)."""
+    """torch AdamW with exactly the DS-config hyper-parameters (no JIT-built op): the same update as
+    DeepSpeed's FusedAdam in AdamW mode, fused into a few kernels when every parameter is on a GPU."""
     import torch
 
-    return torch.optim.AdamW(params, lr=r.lr, betas=r.betas, eps=r.eps, weight_decay=r.weight_decay)
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=r.lr, betas=r.betas, eps=r.eps, weight_decay=r.weight_decay,
+                             fused=fused or None)
+
+
+def optimizer_name(r: DeepSpeedRecipe) -> str:
+    """Which optimizer implementation holds the state a checkpoint saves (they lay it out differently):
+    a run resumes only with the one that wrote it (training/checkpoints.py)."""
+    if not r.ds_optimizer:
+        return "torch AdamW"
+    return "DeepSpeedCPUAdam" if r.offload_optimizer else "DeepSpeed FusedAdam"
