@@ -80,7 +80,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"Serving the web demo on http://{args.host}:{args.port} (JSON API: POST /api/segment); Ctrl-C stops",
           file=sys.stderr, flush=True)
     server.run()
-    return 0
+    # Only Ctrl-C / SIGTERM end run() here. uvicorn re-raises the signal after its shutdown, but inside
+    # asyncio's runner, whose own SIGINT handler turns it into KeyboardInterrupt only while the main task
+    # is still running: a race, so the exit code was sometimes 0. Report the interrupt in every case.
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
