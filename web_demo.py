@@ -80,9 +80,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"Serving the web demo on http://{args.host}:{args.port} (JSON API: POST /api/segment); Ctrl-C stops",
           file=sys.stderr, flush=True)
     server.run()
-    # Only Ctrl-C / SIGTERM end run() here. uvicorn re-raises the signal after its shutdown, but inside
-    # asyncio's runner, whose own SIGINT handler turns it into KeyboardInterrupt only while the main task
-    # is still running: a race, so the exit code was sometimes 0. Report the interrupt in every case.
+    # Only Ctrl-C / SIGTERM end run() here. uvicorn re-raises the signal after its shutdown, from inside
+    # asyncio.run, yet a CI run once saw run() return and the script exit 0 (a timing race, cause not
+    # pinned down). Report the interrupt in every case.
     raise KeyboardInterrupt
 
 

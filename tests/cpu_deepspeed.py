@@ -15,14 +15,19 @@ from utils import distributed as dist_utils
 CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 
 
-def cpu_subprocess_env(**extra: str) -> dict:
-    """This environment for a child process: CPU only, no launcher variables of this test process
-    (its one-rank group must not leak into the launched ones), wandb off unless `extra` says otherwise."""
-    env = dict(os.environ, WANDB_MODE="disabled", **CPU_ENV)
+def child_env(**extra: str) -> dict:
+    """This environment for a child process without the launcher variables of this test process (its
+    one-rank group must not leak into the launched ones), wandb off unless `extra` says otherwise."""
+    env = dict(os.environ, WANDB_MODE="disabled")
     env.update(extra)
     for k in dist_utils.LAUNCH_ENV:
         env.pop(k, None)
     return env
+
+
+def cpu_subprocess_env(**extra: str) -> dict:
+    """child_env, CPU only."""
+    return child_env(**{**CPU_ENV, **extra})
 
 
 @contextmanager

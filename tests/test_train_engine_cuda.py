@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from cpu_deepspeed import child_env
 
 from utils import distributed as dist_utils
 
@@ -65,9 +66,7 @@ def test_torch_fused_adamw_updates_like_deepspeed_fused_adam(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = dict(os.environ, WANDB_MODE="disabled")
-    for k in dist_utils.LAUNCH_ENV:
-        env.pop(k, None)
+    env = child_env()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                           "--master_port", str(dist_utils.free_port()), str(worker), root],
                          capture_output=True, text=True, env=env, timeout=600)

@@ -29,6 +29,7 @@ import torch
 from utils import distributed as dist_utils
 from utils.errors import InputError
 
+from .deepspeed_config import OPTIMIZER_FLAGS
 from .safe_load import refuse_unsafe_files, weights_only_loading
 
 LATEST = "ckpt_model"
@@ -170,8 +171,7 @@ class RunCheckpoints:
         if self.optimizer and state.optimizer and state.optimizer != self.optimizer:
             # The implementations keep their state differently (FusedAdam: integer steps and group keys of
             # its own; torch: tensor steps): continue with the one that wrote it rather than convert.
-            how = {"DeepSpeed FusedAdam": "with --ds_fused_adam", "DeepSpeedCPUAdam": "with --offload_optimizer",
-                   "torch AdamW": "without --ds_fused_adam and --offload_optimizer"}.get(state.optimizer, "with it")
+            how = OPTIMIZER_FLAGS.get(state.optimizer, "with it")
             raise InputError(f"{ckpt_dir}/{tag} holds the optimizer state of {state.optimizer} and this run uses "
                              f"{self.optimizer}: resume {how}")
         return state

@@ -107,9 +107,15 @@ def client_optimizer(params, r: DeepSpeedRecipe):
                              fused=fused or None)
 
 
+# Each optimizer implementation, and the flags that select it (what a refused resume advises).
+OPTIMIZER_FLAGS = {"torch AdamW": "without --ds_fused_adam and --offload_optimizer",
+                   "DeepSpeed FusedAdam": "with --ds_fused_adam",
+                   "DeepSpeedCPUAdam": "with --offload_optimizer"}
+
+
 def optimizer_name(r: DeepSpeedRecipe) -> str:
     """Which optimizer implementation holds the state a checkpoint saves (they lay it out differently):
-    a run resumes only with the one that wrote it (training/checkpoints.py)."""
+    a run resumes only with the one that wrote it (training/checkpoints.py). A key of OPTIMIZER_FLAGS."""
     if not r.ds_optimizer:
         return "torch AdamW"
     return "DeepSpeedCPUAdam" if r.offload_optimizer else "DeepSpeed FusedAdam"

@@ -24,7 +24,7 @@ def build_engine(model: torch.nn.Module, recipe: DeepSpeedRecipe):
 def uses_ds_optimizer(device: torch.device, offload_optimizer: bool, ds_fused_adam: bool = False) -> bool:
     """DeepSpeed's own optimizer only where it is needed or asked for: DeepSpeedCPUAdam when the
     optimizer is offloaded, FusedAdam with --ds_fused_adam (the original's; JIT-built on first use,
-    which needs nvcc and ninja and takes about a minute). Otherwise a client torch AdamW with the same
+    which needs nvcc and ninja). Otherwise a client torch AdamW with the same
     hyper-parameters, fused on GPUs: nothing to compile."""
     if ds_fused_adam and device.type == "cpu":
         raise ValueError("--ds_fused_adam needs a GPU (DeepSpeed's FusedAdam is a CUDA op)")
