@@ -61,7 +61,7 @@ case "$RECIPE" in
     RECIPE_FLAGS=(--refer_seg_data refcoco --correct_refer_seg_data fprefcoco --train_all
       --no-gradient_checkpointing --conv_type vicuna_v1 --lr 2e-3 --warmup_steps 50 --epochs 2 --steps_per_epoch 450
       --workers 8 --val_dataset refcoco --val_see_dataset fprefcoco --val_samples 300 --val_see_samples 150
-      --best_metric ciou)
+      --best_metric ciou --sdpa_backends flash,efficient,math)  # no cuDNN attention: 1.47x faster steps
     if [ ! -f "$DATASET_DIR/shapes_manifest.json" ]; then
       run_or_print "$PYTHON" -m dataset.shapes "$DATASET_DIR" --images "${SHAPES_IMAGES:-12000}" --seed "${SHAPES_SEED:-0}"
     fi

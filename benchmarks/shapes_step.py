@@ -43,9 +43,18 @@ from training.build import (  # noqa: E402
 )
 from training.engine import build_engine  # noqa: E402
 from utils import distributed as dist_utils  # noqa: E402
+from utils.sdpa import enabled_sdpa_backends  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+def device_seconds(averages) -> float:
+    """Kernels, copies and fills of a profile (its `key_averages()`), each counted once: the device-side
+    entries only, as the table's "Self CUDA time total" sums them. Host operators carry their kernels'
+    time as well; adding theirs counted it again (busy > 100 % of the step)."""
+    return sum(e.self_device_time_total for e in averages
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,9 +176,7 @@ def main(argv=None) -> dict:
     per_step = 1.0 / args.profile_steps
     device_busy_s = None
     if device.type == "cuda":
-        # kernels, copies and fills, each counted once under the operator that launched it (the table's
-        # "Self CUDA time total"). Summing the raw device events counted some twice: busy > 100 %.
-        device_busy_s = sum(e.self_device_time_total for e in averages) / 1e6 * per_step
+        device_busy_s = device_seconds(averages) * per_step
     syncs = {name: sum(e.count for e in averages if e.key == name) * per_step for name in SYNC_OPS}
     aten_ops = sum(e.count for e in averages if e.key.startswith("aten::")) * per_step
     events = prof.events()
@@ -182,6 +189,7 @@ def main(argv=None) -> dict:
 
     phase_ms = {k: 1e3 * statistics.mean(v) for k, v in phases.items()}
     result = {"train_flags": " ".join(args.train_flags), "zero_stage": engine.zero_optimization_stage(),
+              "sdpa_backends": ",".join(enabled_sdpa_backends()),
               "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
               "precision": precision, "compiled": args.compile, "batch_size": args.batch_size,
               "conversations_per_step": statistics.mean(int(b.input_ids.shape[0]) for b in batches),

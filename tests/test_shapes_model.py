@@ -3,6 +3,7 @@ recipe, and a CLIP directory that moved."""
 import json
 import logging
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -108,3 +109,5 @@ def test_shapes_recipe_prepares_data_and_start_point_then_trains_everything(tmp_
                  f"--vision_pretrained {tmp_path / 'start' / 'sam_shapes.pth'}", "--batch_size 32"):
         assert flag in train, flag
     assert train.startswith("deepspeed --include localhost:0 ") and train.strip().endswith("--epochs 1")
+    words = shlex.split(train)  # the dry run prints the words shell-quoted
+    assert words[words.index("--sdpa_backends") + 1] == "flash,efficient,math"  # no cuDNN attention

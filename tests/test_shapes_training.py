@@ -14,10 +14,12 @@ benchmarks/RESULTS.md), `mask_iou > other_object_iou` becomes the check for it.
 """
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 import merge_lora_weights
 import test_sesame
@@ -28,6 +30,7 @@ from evaluation.records import read_shard, shard_path
 from model.tiny import write_tiny_llava_base, write_tiny_sam
 from utils import distributed as dist_utils
 from utils.mask_io import decode_rle
+from utils.sdpa import set_sdpa_backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "assets", "shapes_tokenizer")
@@ -130,8 +133,10 @@ def test_shapes_step_benchmark_smoke(tmp_path, one_thread):
     spec.loader.exec_module(bench)
     r = bench.main(["--version", str(start), "--vision_pretrained", str(start / "sam.pth"), "--dataset_dir", str(world),
                     "--batch_size", "2", "--warmup", "1", "--steps", "1", "--profile_steps", "1", "--workers", "0",
-                    "--", "--zero_stage", "0"])
+                    "--", "--zero_stage", "0", "--sdpa_backends", "efficient,math"])
+    set_sdpa_backends(())  # a process-wide torch setting: back to torch's default for the other tests
     assert r["zero_stage"] == 0  # flags after "--" reach train_sesame.py's parser (the recipe says 2)
+    assert r["sdpa_backends"] == "efficient,math"
     assert set(r["phase_ms_synchronised"]) == {"to_device", "forward", "backward", "optimizer_step"}
     assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(2000 / r["step_ms"])
     phases = r["aten_ops_per_phase"]
@@ -140,3 +145,8 @@ def test_shapes_step_benchmark_smoke(tmp_path, one_thread):
     # the forward finds the [SEG] states by boolean indexing: at least one host synchronisation
     assert r["host_syncs_per_step"]["aten::nonzero"] >= 1
     assert r["device_busy_ms_per_step"] is None  # CPU run
+    # device time: kernels once, not again through the host operators that launched them
+    kernel = SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=3e5)
+    host_op = SimpleNamespace(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=3e5)
+    phase = SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=9e5)
+    assert bench.device_seconds([kernel, host_op, phase, kernel]) == pytest.approx(0.6)

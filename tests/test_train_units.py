@@ -84,6 +84,24 @@ def test_flags_keep_the_original_defaults():
         parse_args(["--no_eval", "--eval_only"])
 
 
+def test_attention_kernel_flag(capsys):
+    from utils.sdpa import enabled_sdpa_backends, set_sdpa_backends
+
+    assert parse_args([]).sdpa_backends == ()  # torch's own choice, as the original
+    assert parse_args(["--sdpa_backends", "Flash, efficient,math"]).sdpa_backends == ("flash", "efficient", "math")
+    for bad in ("flsh", ","):
+        with pytest.raises(SystemExit):
+            parse_args(["--sdpa_backends", bad])
+        assert "--sdpa_backends" in capsys.readouterr().err
+    try:
+        set_sdpa_backends(("efficient", "math"))
+        assert enabled_sdpa_backends() == ("efficient", "math")
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    finally:
+        set_sdpa_backends(())
+    assert enabled_sdpa_backends() == ("flash", "efficient", "cudnn", "math")
+
+
 def test_loop_config_rejects_bad_values():
     with pytest.raises(ValueError, match="best_metric"):
         LoopConfig(1, 1, 1, best_metric="loss")

@@ -10,6 +10,7 @@ import argparse
 
 from model.sasp import add_sasp_arguments
 from utils.errors import add_debug_flag
+from utils.sdpa import parse_sdpa_backends
 
 from .deepspeed_config import PRECISIONS
 from .loop import BEST_METRICS
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel launches for small models whose steps are bound by the host (an addition, not in the "
                         "original; the first steps pay the compilation)")
     g.add_argument("--conv_type", default="llava_v1", choices=("llava_v1", "vicuna_v1"))
+    g.add_argument("--sdpa_backends", default="auto",
+                   help="attention kernels torch may use: 'auto' (torch's choice) or a comma list of "
+                        "flash,efficient,cudnn,math (an addition, not in the original; see utils/sdpa.py)")
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_r", type=int, default=8)
@@ -143,4 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.lora_target_modules:
         p.error("--lora_target_modules is empty")
     args.wandb_run_name = args.wandb_run_name or args.exp_name
+    try:
+        args.sdpa_backends = parse_sdpa_backends(args.sdpa_backends)
+    except ValueError as e:
+        p.error(str(e))
     return args

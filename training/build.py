@@ -19,6 +19,7 @@ from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable
 from model.sasp import sasp_config_from_args
 from utils import distributed as dist_utils
 from utils.errors import InputError, one_line
+from utils.sdpa import set_sdpa_backends
 
 from .data_stream import private_generator, samples_needed, stream_loader
 from .deepspeed_config import DeepSpeedRecipe
@@ -127,6 +128,7 @@ def build_model(args: argparse.Namespace, device: torch.device):
     """
     from model.builder import build_for_training
 
+    set_sdpa_backends(args.sdpa_backends)
     build_device = "cpu" if args.zero_stage == 3 else str(device)
     loaded = build_for_training(args.version, vision_pretrained=args.vision_pretrained, vision_tower=args.vision_tower,
                                 dtype=DTYPES[args.precision], device=build_device,
