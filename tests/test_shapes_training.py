@@ -150,3 +150,23 @@ def test_shapes_step_benchmark_smoke(tmp_path, one_thread):
     host_op = SimpleNamespace(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=3e5)
     phase = SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=9e5)
     assert bench.device_seconds([kernel, host_op, phase, kernel]) == pytest.approx(0.6)
+
+
+def test_clip_probe_labels_line_up_with_the_pixels(tmp_path):
+    """benchmarks/shapes_clip_probe.py: each patch's label is the object under its centre in CLIP's crop.
+    Colour is in the raw pixels of a patch, so a probe on them must find it; labels shifted off their
+    patches would fail that."""
+    import importlib.util
+
+    world, start = tmp_path / "world", tmp_path / "start"
+    generate_world(str(world), WorldConfig(images=60, seed=0, val_fraction=0.0, test_fraction=0.3))
+    write_tiny_llava_base(str(start), seed=0, preset="shapes", tokenizer_dir=TOKENIZER)
+    spec = importlib.util.spec_from_file_location("probe", os.path.join(ROOT, "benchmarks", "shapes_clip_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    xs, ys = probe.patch_centres(200, 100, 140, 14)  # portrait: the crop keeps the middle rows
+    assert len(xs) == 100 and (xs[0], ys[0]) == (5, 55) and (xs[-1], ys[-1]) == (95, 145)
+    r = probe.main(["--dataset_dir", str(world), "--vision_tower", str(start / "vision_tower")])
+    assert r["test_patches"] > 40
+    assert r["colour"]["raw_pixels"] > 0.8 > r["colour"]["majority"]
+    assert 0.0 <= r["kind"]["clip"] <= 1.0 and 0.0 < r["kind"]["majority"] < 1.0

@@ -1,0 +1,141 @@
+"""What a Shapes model's CLIP tower tells the language model: linear probes on its patch features.
+
+For every patch of CLIP's input (shortest-side resize and centre crop, as LLaVA preprocesses) that an
+object covers at the patch centre, the features the projector reads (`select_layer`, LLaVA's -2) are
+fitted, on the world's train split, to the object's kind and colour by a linear classifier, then scored
+on its test split. The same probe on the patch's raw pixels and the majority class are the baselines:
+a tower that has learned shapes beats both on kind.
+
+    python -m dataset.shapes /tmp/unseen --images 600 --seed 7 --val_fraction 0 --test_fraction 0.5
+    python benchmarks/shapes_clip_probe.py --dataset_dir /tmp/unseen --vision_tower tmp/m_q512/vision_tower
+    python benchmarks/shapes_clip_probe.py ... --vision_tower random   # the same architecture, untrained
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dataset.coco_masks import decode_segmentation  # noqa: E402
+from dataset.image_io import read_image_rgb  # noqa: E402
+from dataset.shapes.scene import COLORS, KINDS  # noqa: E402
+from dataset.shapes.world import image_dir  # noqa: E402
+from model.transforms import ClipTransform  # noqa: E402
+
+COLOR_NAMES = tuple(COLORS)
+
+
+def patch_centres(height: int, width: int, image_size: int, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel (x, y) in the original image under each patch centre, row-major over CLIP's crop."""
+    scale = image_size / min(height, width)
+    resized_h, resized_w = int(round(height * scale)), int(round(width * scale))
+    top, left = (resized_h - image_size) // 2, (resized_w - image_size) // 2
+    centres = (np.arange(image_size // patch) + 0.5) * patch
+    xs = np.clip(((left + centres) / scale).astype(int), 0, width - 1)
+    ys = np.clip(((top + centres) / scale).astype(int), 0, height - 1)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return gx.ravel(), gy.ravel()
+
+
+def patch_labels(record: dict, annotations: list[dict], image_size: int, patch: int) -> np.ndarray:
+    """(num_patches, 2) kind and colour index of the object under each patch centre; -1: background."""
+    h, w = record["height"], record["width"]
+    owner = np.zeros((h, w), np.int64)
+    for ann in annotations:  # drawing order: a later object covers an earlier one
+        owner[decode_segmentation(ann["segmentation"], h, w) > 0] = ann["id"]
+    objects = {o["ann_id"]: o for o in record["objects"]}
+    xs, ys = patch_centres(h, w, image_size, patch)
+    labels = np.full((len(xs), 2), -1, np.int64)
+    for j, ann_id in enumerate(owner[ys, xs]):
+        if ann_id in objects:
+            labels[j] = KINDS.index(objects[ann_id]["kind"]), COLOR_NAMES.index(objects[ann_id]["color"])
+    return labels
+
+
+def load_tower(path: str, like: str | None):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if path != "random":
+        return CLIPVisionModel.from_pretrained(path, dtype=torch.float32).eval()
+    if like is None:
+        raise SystemExit("--vision_tower random needs --like DIR: the tower whose architecture to initialise")
+    torch.manual_seed(0)
+    return CLIPVisionModel(CLIPVisionConfig.from_pretrained(like)).float().eval()  # the constructor initialises
+
+
+def collect(tower, dataset_dir: str, records: list[dict], annotations: dict[int, list[dict]], select_layer: int):
+    """Features, raw pixels and labels of every covered patch of `records`."""
+    cfg = tower.config
+    transform = ClipTransform(cfg.image_size)
+    feats, pixels, labels = [], [], []
+    for rec in records:
+        path = os.path.join(image_dir(dataset_dir), rec["file_name"])
+        px = transform(read_image_rgb(path, "shapes world"))
+        with torch.no_grad():
+            hidden = tower(pixel_values=px[None], output_hidden_states=True).hidden_states[select_layer][0, 1:]
+        p = cfg.patch_size
+        raw = px.unfold(1, p, p).unfold(2, p, p).permute(1, 2, 0, 3, 4).reshape(-1, 3 * p * p)
+        lab = patch_labels(rec, annotations.get(rec["image_id"], []), cfg.image_size, p)
+        keep = torch.from_numpy(lab[:, 0] >= 0)
+        feats.append(hidden[keep])
+        pixels.append(raw[keep])
+        labels.append(torch.from_numpy(lab)[keep])
+    return torch.cat(feats), torch.cat(pixels), torch.cat(labels)
+
+
+def linear_probe(x_train, y_train, x_test, y_test, classes: int, steps: int = 300, seed: int = 0) -> float:
+    """Test accuracy of a softmax classifier fitted full-batch on standardised features."""
+    torch.manual_seed(seed)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    head = torch.nn.Linear(x_train.shape[1], classes)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x_train), y_train).backward()
+        opt.step()
+    with torch.no_grad():
+        return (head(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset_dir", required=True, help="a Shapes world (python -m dataset.shapes DIR)")
+    ap.add_argument("--vision_tower", required=True,
+                    help="a CLIP tower directory (a model's vision_tower) or 'random'")
+    ap.add_argument("--like", default=None, help="with 'random': the tower whose architecture to initialise")
+    ap.add_argument("--select_layer", type=int, default=-2, help="the hidden state LLaVA's projector reads")
+    ap.add_argument("--limit_images", type=int, default=None, help="per split")
+    args = ap.parse_args(argv)
+    with open(os.path.join(args.dataset_dir, "shapes_manifest.json")) as f:
+        records = json.load(f)["images"]
+    with open(os.path.join(args.dataset_dir, "refer_seg", "fprefcoco", "instances.json")) as f:
+        annotations: dict[int, list[dict]] = {}
+        for ann in json.load(f)["annotations"]:
+            annotations.setdefault(ann["image_id"], []).append(ann)
+    splits = {s: [r for r in records if r["split"] == s][:args.limit_images] for s in ("train", "test")}
+    if not all(splits.values()):
+        raise SystemExit(f"{args.dataset_dir}: the probe needs train and test images")
+    tower = load_tower(args.vision_tower, args.like)
+    train = collect(tower, args.dataset_dir, splits["train"], annotations, args.select_layer)
+    test = collect(tower, args.dataset_dir, splits["test"], annotations, args.select_layer)
+    result = {"vision_tower": args.vision_tower, "train_patches": len(train[2]), "test_patches": len(test[2])}
+    for name, column, classes in (("kind", 0, len(KINDS)), ("colour", 1, len(COLOR_NAMES))):
+        y_train, y_test = train[2][:, column], test[2][:, column]
+        result[name] = {
+            "clip": linear_probe(train[0], y_train, test[0], y_test, classes),
+            "raw_pixels": linear_probe(train[1], y_train, test[1], y_test, classes),
+            "majority": float(np.bincount(y_test.numpy(), minlength=classes).max() / len(y_test)),
+        }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
