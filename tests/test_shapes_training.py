@@ -24,6 +24,7 @@ from torch.autograd import DeviceType
 import merge_lora_weights
 import test_sesame
 import train_sesame
+from dataset.shapes.patches import patch_centres
 from dataset.shapes.scene import SceneSpec
 from dataset.shapes.world import WorldConfig, generate_world
 from evaluation.records import read_shard, shard_path
@@ -164,9 +165,42 @@ def test_clip_probe_labels_line_up_with_the_pixels(tmp_path):
     spec = importlib.util.spec_from_file_location("probe", os.path.join(ROOT, "benchmarks", "shapes_clip_probe.py"))
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    xs, ys = probe.patch_centres(200, 100, 140, 14)  # portrait: the crop keeps the middle rows
+    xs, ys = patch_centres(200, 100, 140, 14)  # portrait: the crop keeps the middle rows
     assert len(xs) == 100 and (xs[0], ys[0]) == (5, 55) and (xs[-1], ys[-1]) == (95, 145)
     r = probe.main(["--dataset_dir", str(world), "--vision_tower", str(start / "vision_tower")])
     assert r["test_patches"] > 40
     assert r["colour"]["raw_pixels"] > 0.8 > r["colour"]["majority"]
     assert 0.0 <= r["kind"]["clip"] <= 1.0 and 0.0 < r["kind"]["majority"] < 1.0
+
+
+def test_clip_pretraining_writes_a_model_that_loads_its_new_tower(tmp_path):
+    """training/clip_pretrain.py: the tower trains on patch labels, goes back into a copy of the model in
+    the released layout, and that copy loads it (not the source's tower, which its config named by an
+    absolute path)."""
+    from safetensors.torch import load_file
+
+    from model.builder import load_pretrained
+    from model.tiny import write_tiny_released
+    from training import clip_pretrain
+
+    world, src, out = tmp_path / "world", tmp_path / "model", tmp_path / "model_clip"
+    generate_world(str(world), WorldConfig(images=24, seed=0, val_fraction=0.0, test_fraction=0.25))
+    write_tiny_released(str(src), llama_vocab=False, safe_serialization=True)
+    r = clip_pretrain.main(["--dataset_dir", str(world), "--model", str(src), "--out", str(out), "--steps", "30",
+                            "--batch_size", "4", "--lr", "3e-3", "--warmup_steps", "5", "--workers", "0",
+                            "--print_freq", "10", "--device", "cpu"])
+    assert r["test"]["patches"] > 0 and 0.0 <= r["test"]["kind_accuracy"] <= 1.0
+    assert r["losses"][-1] < r["losses"][0]
+    old = load_file(str(src / "vision_tower" / "model.safetensors"))
+    new = load_file(str(out / "vision_tower" / "model.safetensors"))
+    key = "vision_model.embeddings.patch_embedding.weight"
+    assert set(old) == set(new) and not torch.equal(old[key], new[key])
+    assert json.loads((out / "config.json").read_text())["vision_tower"] == "vision_tower"
+    loaded = load_pretrained(str(out), device="cpu", dtype=torch.float32)
+    weights = {k: v for k, v in loaded.model.vision_tower.state_dict().items()
+               if k.endswith("embeddings.patch_embedding.weight")}
+    assert len(weights) == 1
+    torch.testing.assert_close(next(iter(weights.values())), new[key].float())
+    assert os.path.isfile(out / "vision_tower" / "preprocessor_config.json")
+    with pytest.raises(SystemExit):
+        clip_pretrain.main(["--dataset_dir", str(world), "--out", str(out)])  # neither --model nor --vision_tower

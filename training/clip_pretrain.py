@@ -1,0 +1,216 @@
+"""Teach a Shapes model's CLIP tower to see shapes, before (or between) SESAME trainings.
+
+LLaVA starts from a CLIP that already knows what is in a picture. The Shapes model's CLIP starts at
+random and learns only through the language model's loss, and after thousands of SESAME steps its
+patch features still say nothing about an object's kind (benchmarks/shapes_clip_probe.py: no better
+than an untrained tower), so the model cannot tell a green triangle from a green circle.
+This trains the tower on the world's own pixels, densely: from the features the projector reads
+(`select_layer`), one linear head names the kind and another the colour of the object under each
+patch centre (or background). The heads are dropped afterwards; the tower is written in the released
+layout, into a copy of a model directory (`--model`) or alone (`--out` only).
+
+    python -m training.clip_pretrain --dataset_dir ./dataset_shapes --model runs/shapes/hf_model \\
+        --out runs/shapes/hf_model_clip --steps 2000
+    VERSION=runs/shapes/hf_model_clip bash train_sesame.sh Shapes localhost:0 29500 ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dataset.image_io import read_image_rgb
+from dataset.shapes.patches import COLOR_NAMES, patch_labels
+from dataset.shapes.scene import KINDS
+from dataset.shapes.world import image_dir
+from model.tiny import write_clip_checkpoint
+from model.transforms import ClipTransform
+from utils.errors import InputError
+
+BACKGROUND_WEIGHT = 0.1
+
+
+class PatchLabelled(torch.utils.data.Dataset):
+    """CLIP pixels and (num_patches, 2) kind / colour labels (0 = background, else index + 1)."""
+
+    def __init__(self, dataset_dir: str, split: str, image_size: int, patch: int):
+        manifest = os.path.join(dataset_dir, "shapes_manifest.json")
+        if not os.path.isfile(manifest):
+            raise InputError(f"--dataset_dir {dataset_dir}: no shapes_manifest.json (write a world with "
+                             "python -m dataset.shapes DIR)")
+        with open(manifest) as f:
+            self.records = [r for r in json.load(f)["images"] if r["split"] == split]
+        with open(os.path.join(dataset_dir, "refer_seg", "fprefcoco", "instances.json")) as f:
+            self.annotations: dict[int, list[dict]] = {}
+            for ann in json.load(f)["annotations"]:
+                self.annotations.setdefault(ann["image_id"], []).append(ann)
+        self.dataset_dir, self.image_size, self.patch = dataset_dir, image_size, patch
+        self.transform = ClipTransform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        pixels = self.transform(read_image_rgb(os.path.join(image_dir(self.dataset_dir), rec["file_name"]),
+                                               "shapes world"))
+        labels = patch_labels(rec, self.annotations.get(rec["image_id"], []), self.image_size, self.patch)
+        return pixels, torch.from_numpy(labels + 1)
+
+
+class PatchHeads(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.kind = torch.nn.Linear(width, len(KINDS) + 1)
+        self.colour = torch.nn.Linear(width, len(COLOR_NAMES) + 1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kind(features), self.colour(features)
+
+
+def patch_features(tower, pixels: torch.Tensor, select_layer: int) -> torch.Tensor:
+    """(B, num_patches, width): LLaVA's projector input (CLS dropped)."""
+    return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[select_layer][:, 1:]
+
+
+def losses_and_hits(tower, heads, pixels, labels, select_layer: int):
+    kind_logits, colour_logits = heads(patch_features(tower, pixels, select_layer))
+    kind, colour = labels[..., 0], labels[..., 1]
+    on_object = kind > 0
+    # background is most of a picture: weigh it down so the objects' kinds drive the tower
+    weight = torch.where(on_object, 1.0, BACKGROUND_WEIGHT).flatten()
+    per_patch = F.cross_entropy(kind_logits.flatten(0, 1), kind.flatten(), reduction="none") + \
+        F.cross_entropy(colour_logits.flatten(0, 1), colour.flatten(), reduction="none")
+    loss = (per_patch * weight).sum() / weight.sum()
+    hits = {"kind": int((kind_logits.argmax(-1) == kind)[on_object].sum()),
+            "colour": int((colour_logits.argmax(-1) == colour)[on_object].sum()), "patches": int(on_object.sum())}
+    return loss, hits
+
+
+@torch.no_grad()
+def evaluate(tower, heads, loader, select_layer: int, device) -> dict[str, float]:
+    """Accuracy on the patches an object covers (background left out)."""
+    tower.eval()
+    total = {"kind": 0, "colour": 0, "patches": 0}
+    for pixels, labels in loader:
+        _, hits = losses_and_hits(tower, heads, pixels.to(device), labels.to(device), select_layer)
+        total = {k: total[k] + hits[k] for k in total}
+    tower.train()
+    n = max(1, total["patches"])
+    return {"kind_accuracy": total["kind"] / n, "colour_accuracy": total["colour"] / n, "patches": total["patches"]}
+
+
+def load_tower(path: str, device):
+    from transformers import CLIPVisionModel
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"{path}: not a CLIP directory (no config.json)")
+    return CLIPVisionModel.from_pretrained(path, dtype=torch.float32).to(device)
+
+
+def train(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source = os.path.join(args.model, "vision_tower") if args.model else args.vision_tower
+    if not source:
+        raise InputError("give --model (a model directory in the released layout) or --vision_tower")
+    tower = load_tower(source, device)
+    tower.train()
+    cfg = tower.config
+    heads = PatchHeads(cfg.hidden_size).to(device)
+    torch.manual_seed(args.seed)
+    data = PatchLabelled(args.dataset_dir, "train", cfg.image_size, cfg.patch_size)
+    test = PatchLabelled(args.dataset_dir, "test", cfg.image_size, cfg.patch_size)
+    if not len(data):
+        raise InputError(f"--dataset_dir {args.dataset_dir}: no training images")
+    sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=args.steps * args.batch_size,
+                                             generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.workers, drop_last=True)
+    test_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test, range(min(len(test), args.test_images))),
+                                              batch_size=args.batch_size, num_workers=args.workers)
+    params = [p for p in tower.parameters() if p.requires_grad] + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / args.warmup_steps) * max(0.0, 1 - s / args.steps))
+    start, log = time.time(), []
+    for step, (pixels, labels) in enumerate(loader, 1):
+        loss, _ = losses_and_hits(tower, heads, pixels.to(device), labels.to(device), args.select_layer)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        if step % args.print_freq == 0 or step == args.steps:
+            log.append({"step": step, "loss": float(loss), "seconds": round(time.time() - start, 1)})
+            print(json.dumps(log[-1]), flush=True)
+    after = evaluate(tower, heads, test_loader, args.select_layer, device) if len(test) else None
+    write_tower(tower, args)
+    result = {"losses": [e["loss"] for e in log], "steps": args.steps, "batch_size": args.batch_size,
+              "device": str(device), "seconds": round(time.time() - start, 1), "test": after, "out": args.out}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def write_tower(tower, args) -> None:
+    """The tower in the released layout, in the source's dtype: `--out` is a copy of `--model` with its
+    vision_tower replaced, or, without --model, the tower directory itself."""
+    source = os.path.join(args.model, "vision_tower") if args.model else args.vision_tower
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+    target = args.out
+    if args.model:
+        if os.path.abspath(args.out) != os.path.abspath(args.model):
+            shutil.copytree(args.model, args.out, dirs_exist_ok=True)
+        target = os.path.join(args.out, "vision_tower")
+        point_at_own_tower(args.out)
+    write_clip_checkpoint(tower.cpu(), target, dtype=dtype, processor_from=source)
+
+
+def point_at_own_tower(model_dir: str) -> None:
+    """config.json names the tower beside it ("vision_tower", relative), as the Shapes models do: a
+    copy whose config kept an absolute path would load the old tower."""
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    for key in ("mm_vision_tower", "vision_tower"):
+        if key in config:
+            config[key] = "vision_tower"
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset_dir", required=True, help="a Shapes world (python -m dataset.shapes DIR)")
+    p.add_argument("--model", default=None, help="a model directory in the released layout (its vision_tower)")
+    p.add_argument("--vision_tower", default=None, help="a CLIP directory instead of --model")
+    p.add_argument("--out", required=True, help="the copy of --model with the trained tower (or the tower alone)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--select_layer", type=int, default=-2, help="the hidden state LLaVA's projector reads")
+    p.add_argument("--test_images", type=int, default=300, help="test-split images scored before and after")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--print_freq", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if bool(args.model) == bool(args.vision_tower):
+        build_parser().error("give exactly one of --model and --vision_tower")
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()
