@@ -146,7 +146,7 @@ def train(args) -> dict:
         opt.step()
         schedule.step()
         if step % args.print_freq == 0 or step == args.steps:
-            log.append({"step": step, "loss": float(loss), "seconds": round(time.time() - start, 1)})
+            log.append({"step": step, "loss": loss.item(), "seconds": round(time.time() - start, 1)})
             print(json.dumps(log[-1]), flush=True)
     after = evaluate(tower, heads, test_loader, args.select_layer, device) if len(test) else None
     write_tower(tower, args)
