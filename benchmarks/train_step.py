@@ -47,6 +47,7 @@ from model.sesame import SesameModel  # noqa: E402
 from training.deepspeed_config import DeepSpeedRecipe  # noqa: E402
 from training.engine import build_engine, uses_ds_optimizer  # noqa: E402
 from utils import distributed as dist_utils  # noqa: E402
+from utils.sdpa import enabled_sdpa_backends, parse_sdpa_backends, set_sdpa_backends  # noqa: E402
 
 # Dense bf16 peak per GPU (no sparsity), TFLOP/s.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "H800": 989.0, "B200": 2250.0}
@@ -62,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt_tokens", type=int, default=100,
                    help="text tokens before the answer (system + question; SESAME templates give ~90-110)")
     p.add_argument("--answer_tokens", type=int, default=14, help="answer tokens incl. [SEG] and </s>")
+    p.add_argument("--length_jitter", type=int, default=0,
+                   help="each batch's prompt length drawn from prompt_tokens +- this (training's lengths change "
+                        "every step; cuDNN attention builds a plan per new length)")
+    p.add_argument("--distinct_batches", type=int, default=2, help="batches cycled through")
+    p.add_argument("--sdpa_backends", default="auto", help="as train_sesame.py's flag (utils/sdpa.py)")
     p.add_argument("--image_hw", type=int, nargs=2, default=(480, 640), help="original image size (masks)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -101,8 +107,10 @@ def make_batch(cfg: SesameConfig, args, seed: int) -> SesameBatch:
     b, k = args.batch_size, args.convs_per_image
     vocab_text, seg = cfg.seg_token_id, cfg.seg_token_id  # text ids below the three added tokens
     rows, labels = [], []
+    jitter = args.length_jitter
+    prompt_tokens = args.prompt_tokens + (int(torch.randint(-jitter, jitter + 1, (1,), generator=g)) if jitter else 0)
     for _ in range(b * k):
-        before = torch.randint(3, vocab_text, (args.prompt_tokens,), generator=g).tolist()
+        before = torch.randint(3, vocab_text, (prompt_tokens,), generator=g).tolist()
         answer = torch.randint(3, vocab_text, (args.answer_tokens - 2,), generator=g).tolist()
         cut = 40  # "{system} USER: <im_start><image><im_end>\n{question} ASSISTANT:"
         ids = [BOS] + before[:cut] + [IMAGE_TOKEN_INDEX] + before[cut:] + answer + [seg, EOS]
@@ -162,6 +170,7 @@ def main(argv=None) -> dict:
     if args.batch_size is None:
         args.batch_size = 2 if args.tiny else 12
     precision = args.precision or ("fp32" if args.tiny else "bf16")
+    set_sdpa_backends(parse_sdpa_backends(args.sdpa_backends))
     dist_utils.default_cuda_arch_list()
     dist_utils.ensure_launch_env(args.local_rank)
     dist_utils.init_distributed()
@@ -193,7 +202,8 @@ def main(argv=None) -> dict:
         offload_optimizer=args.offload_optimizer, offload_param=args.offload_param, total_steps=10_000,
         ds_optimizer=ds_optimizer))
     num_patches = cfg.vision.num_patches
-    batches = [make_batch(cfg, args, seed=1000 * dist_utils.rank() + i).to(device, dtype) for i in range(2)]
+    batches = [make_batch(cfg, args, seed=1000 * dist_utils.rank() + i).to(device, dtype)
+               for i in range(args.distinct_batches)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -203,7 +213,7 @@ def main(argv=None) -> dict:
         sync()
         t = time.perf_counter()
         for micro in range(accum):  # DeepSpeed updates the weights at the last one
-            out = engine(batches[(i * accum + micro) % 2])
+            out = engine(batches[(i * accum + micro) % len(batches)])
             engine.backward(out.loss)
             engine.step()
         sync()
@@ -229,6 +239,8 @@ def main(argv=None) -> dict:
         or "none",
         "optimizer": f"{'DeepSpeed' if ds_optimizer else 'torch'} AdamW in {type(engine.optimizer).__name__}",
         "gradient_checkpointing": not args.no_gradient_checkpointing,
+        "sdpa_backends": ",".join(enabled_sdpa_backends()),
+        "row_lengths": sorted({int(b.attention_mask.sum(1).max()) for b in batches}),
         "images_per_gpu": args.batch_size,
         "grad_accumulation_steps": accum,
         "images_per_gpu_step": args.batch_size * accum,

@@ -32,6 +32,7 @@ from training.engine import build_engine
 from training.loop import LoopConfig, LoopIO, loss_on_batch, run_training
 from utils import distributed as dist_utils
 from utils.logging import NullSink
+from utils.sdpa import set_sdpa_backends
 
 ANSWERS = ["Sure, it is [SEG].", "No, there is no dog.", "Yes [SEG]."]
 
@@ -236,7 +237,12 @@ def test_train_step_benchmark_smoke():
     spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    r = bench.main(["--tiny", "--steps", "2", "--warmup", "1"])
+    try:
+        r = bench.main(["--tiny", "--steps", "2", "--warmup", "1", "--sdpa_backends", "efficient,math",
+                        "--length_jitter", "8", "--distinct_batches", "3"])
+    finally:
+        set_sdpa_backends(())  # a process-wide torch setting: back to torch's default for the other tests
+    assert r["sdpa_backends"] == "efficient,math" and len(r["row_lengths"]) >= 2  # lengths change by batch
     assert r["world_size"] == 1 and r["conversations_per_gpu"] == 6 and r["step_s_median"] > 0
     assert r["samples_per_s"] == pytest.approx(2 / r["step_s_median"])
     assert 0 < r["llm_tflops_per_step_per_gpu_frozen_aware"] < r["llm_tflops_per_step_per_gpu_6N"] * 1.5
