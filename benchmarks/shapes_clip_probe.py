@@ -22,11 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset.image_io import read_image_rgb  # noqa: E402
-from dataset.shapes.patches import COLOR_NAMES, patch_labels  # noqa: E402
+from dataset.shapes.patches import COLOR_NAMES, PatchLabelled  # noqa: E402
 from dataset.shapes.scene import KINDS  # noqa: E402
-from dataset.shapes.world import image_dir  # noqa: E402
-from model.transforms import ClipTransform  # noqa: E402
+from training.clip_pretrain import patch_features  # noqa: E402
 
 
 def load_tower(path: str, like: str | None):
@@ -40,23 +38,19 @@ def load_tower(path: str, like: str | None):
     return CLIPVisionModel(CLIPVisionConfig.from_pretrained(like)).float().eval()  # the constructor initialises
 
 
-def collect(tower, dataset_dir: str, records: list[dict], annotations: dict[int, list[dict]], select_layer: int):
-    """Features, raw pixels and labels of every covered patch of `records`."""
-    cfg = tower.config
-    transform = ClipTransform(cfg.image_size)
+def collect(tower, patches: PatchLabelled, limit: int | None, select_layer: int):
+    """Features, raw pixels and (kind, colour) labels of every covered patch of the first `limit` images."""
+    p = tower.config.patch_size
     feats, pixels, labels = [], [], []
-    for rec in records:
-        path = os.path.join(image_dir(dataset_dir), rec["file_name"])
-        px = transform(read_image_rgb(path, "shapes world"))
+    for i in range(min(len(patches), limit or len(patches))):
+        px, lab = patches[i]
         with torch.no_grad():
-            hidden = tower(pixel_values=px[None], output_hidden_states=True).hidden_states[select_layer][0, 1:]
-        p = cfg.patch_size
+            hidden = patch_features(tower, px[None], select_layer)[0]
         raw = px.unfold(1, p, p).unfold(2, p, p).permute(1, 2, 0, 3, 4).reshape(-1, 3 * p * p)
-        lab = patch_labels(rec, annotations.get(rec["image_id"], []), cfg.image_size, p)
-        keep = torch.from_numpy(lab[:, 0] >= 0)
+        keep = lab[:, 0] > 0  # 0: background
         feats.append(hidden[keep])
         pixels.append(raw[keep])
-        labels.append(torch.from_numpy(lab)[keep])
+        labels.append(lab[keep] - 1)
     return torch.cat(feats), torch.cat(pixels), torch.cat(labels)
 
 
@@ -84,18 +78,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--select_layer", type=int, default=-2, help="the hidden state LLaVA's projector reads")
     ap.add_argument("--limit_images", type=int, default=None, help="per split")
     args = ap.parse_args(argv)
-    with open(os.path.join(args.dataset_dir, "shapes_manifest.json")) as f:
-        records = json.load(f)["images"]
-    with open(os.path.join(args.dataset_dir, "refer_seg", "fprefcoco", "instances.json")) as f:
-        annotations: dict[int, list[dict]] = {}
-        for ann in json.load(f)["annotations"]:
-            annotations.setdefault(ann["image_id"], []).append(ann)
-    splits = {s: [r for r in records if r["split"] == s][:args.limit_images] for s in ("train", "test")}
-    if not all(splits.values()):
-        raise SystemExit(f"{args.dataset_dir}: the probe needs train and test images")
     tower = load_tower(args.vision_tower, args.like)
-    train = collect(tower, args.dataset_dir, splits["train"], annotations, args.select_layer)
-    test = collect(tower, args.dataset_dir, splits["test"], annotations, args.select_layer)
+    splits = PatchLabelled.splits(args.dataset_dir, ("train", "test"), tower.config.image_size,
+                                  tower.config.patch_size)
+    if not all(len(d) for d in splits.values()):
+        raise SystemExit(f"{args.dataset_dir}: the probe needs train and test images")
+    train, test = (collect(tower, splits[s], args.limit_images, args.select_layer) for s in ("train", "test"))
     result = {"vision_tower": args.vision_tower, "train_patches": len(train[2]), "test_patches": len(test[2])}
     for name, column, classes in (("kind", 0, len(KINDS)), ("colour", 1, len(COLOR_NAMES))):
         y_train, y_test = train[2][:, column], test[2][:, column]

@@ -24,43 +24,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dataset.image_io import read_image_rgb
-from dataset.shapes.patches import COLOR_NAMES, patch_labels
+from dataset.shapes.patches import COLOR_NAMES, PatchLabelled
 from dataset.shapes.scene import KINDS
-from dataset.shapes.world import image_dir
 from model.tiny import write_clip_checkpoint
-from model.transforms import ClipTransform
 from utils.errors import InputError
 
 BACKGROUND_WEIGHT = 0.1
-
-
-class PatchLabelled(torch.utils.data.Dataset):
-    """CLIP pixels and (num_patches, 2) kind / colour labels (0 = background, else index + 1)."""
-
-    def __init__(self, dataset_dir: str, split: str, image_size: int, patch: int):
-        manifest = os.path.join(dataset_dir, "shapes_manifest.json")
-        if not os.path.isfile(manifest):
-            raise InputError(f"--dataset_dir {dataset_dir}: no shapes_manifest.json (write a world with "
-                             "python -m dataset.shapes DIR)")
-        with open(manifest) as f:
-            self.records = [r for r in json.load(f)["images"] if r["split"] == split]
-        with open(os.path.join(dataset_dir, "refer_seg", "fprefcoco", "instances.json")) as f:
-            self.annotations: dict[int, list[dict]] = {}
-            for ann in json.load(f)["annotations"]:
-                self.annotations.setdefault(ann["image_id"], []).append(ann)
-        self.dataset_dir, self.image_size, self.patch = dataset_dir, image_size, patch
-        self.transform = ClipTransform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        rec = self.records[i]
-        pixels = self.transform(read_image_rgb(os.path.join(image_dir(self.dataset_dir), rec["file_name"]),
-                                               "shapes world"))
-        labels = patch_labels(rec, self.annotations.get(rec["image_id"], []), self.image_size, self.patch)
-        return pixels, torch.from_numpy(labels + 1)
 
 
 class PatchHeads(torch.nn.Module):
@@ -113,18 +82,20 @@ def load_tower(path: str, device):
     return CLIPVisionModel.from_pretrained(path, dtype=torch.float32).to(device)
 
 
+def source_tower(args) -> str:
+    """The CLIP directory trained: --model's vision_tower, or --vision_tower."""
+    return os.path.join(args.model, "vision_tower") if args.model else args.vision_tower
+
+
 def train(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    source = os.path.join(args.model, "vision_tower") if args.model else args.vision_tower
-    if not source:
-        raise InputError("give --model (a model directory in the released layout) or --vision_tower")
-    tower = load_tower(source, device)
+    tower = load_tower(source_tower(args), device)
     tower.train()
     cfg = tower.config
     heads = PatchHeads(cfg.hidden_size).to(device)
     torch.manual_seed(args.seed)
-    data = PatchLabelled(args.dataset_dir, "train", cfg.image_size, cfg.patch_size)
-    test = PatchLabelled(args.dataset_dir, "test", cfg.image_size, cfg.patch_size)
+    splits = PatchLabelled.splits(args.dataset_dir, ("train", "test"), cfg.image_size, cfg.patch_size)
+    data, test = splits["train"], splits["test"]
     if not len(data):
         raise InputError(f"--dataset_dir {args.dataset_dir}: no training images")
     sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=args.steps * args.batch_size,
@@ -159,7 +130,7 @@ def train(args) -> dict:
 def write_tower(tower, args) -> None:
     """The tower in the released layout, in the source's dtype: `--out` is a copy of `--model` with its
     vision_tower replaced, or, without --model, the tower directory itself."""
-    source = os.path.join(args.model, "vision_tower") if args.model else args.vision_tower
+    source = source_tower(args)
     with open(os.path.join(source, "config.json")) as f:
         config = json.load(f)
     dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
@@ -197,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--select_layer", type=int, default=-2, help="the hidden state LLaVA's projector reads")
-    p.add_argument("--test_images", type=int, default=300, help="test-split images scored before and after")
+    p.add_argument("--test_images", type=int, default=300, help="test-split images scored after training")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--print_freq", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

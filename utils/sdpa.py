@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import torch
 
-SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 AUTO = "auto"
-_SWITCHES = {
-    "flash": torch.backends.cuda.enable_flash_sdp,
-    "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
-    "cudnn": torch.backends.cuda.enable_cudnn_sdp,
-    "math": torch.backends.cuda.enable_math_sdp,
+# name -> (switch, state) of torch's per-backend setting
+_BACKENDS = {
+    "flash": (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.flash_sdp_enabled),
+    "efficient": (torch.backends.cuda.enable_mem_efficient_sdp, torch.backends.cuda.mem_efficient_sdp_enabled),
+    "cudnn": (torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.cudnn_sdp_enabled),
+    "math": (torch.backends.cuda.enable_math_sdp, torch.backends.cuda.math_sdp_enabled),
 }
+SDPA_BACKENDS = tuple(_BACKENDS)
 
 
 def parse_sdpa_backends(value: str, flag: str = "--sdpa_backends") -> tuple[str, ...]:
@@ -35,12 +36,9 @@ def parse_sdpa_backends(value: str, flag: str = "--sdpa_backends") -> tuple[str,
 
 def set_sdpa_backends(names: tuple[str, ...]) -> None:
     """Enable exactly `names` (all four when empty: torch's default)."""
-    for name, switch in _SWITCHES.items():
+    for name, (switch, _) in _BACKENDS.items():
         switch(not names or name in names)
 
 
 def enabled_sdpa_backends() -> tuple[str, ...]:
-    cuda = torch.backends.cuda
-    checks = {"flash": cuda.flash_sdp_enabled, "efficient": cuda.mem_efficient_sdp_enabled,
-              "cudnn": cuda.cudnn_sdp_enabled, "math": cuda.math_sdp_enabled}
-    return tuple(n for n in SDPA_BACKENDS if checks[n]())
+    return tuple(name for name, (_, enabled) in _BACKENDS.items() if enabled())
