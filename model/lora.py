@@ -32,12 +32,14 @@ def is_trainable(name: str, train_mask_decoder: bool = True) -> bool:
     return train_mask_decoder and "visual_model.mask_decoder" in name
 
 
-def set_trainable(model: SesameModel, train_all: bool = False) -> list[str]:
-    """Freeze everything, then unfreeze the trainable parts (every part with `train_all`); returns
-    the trainable names."""
+def set_trainable(model: SesameModel, train_all: bool = False, freeze_vision_tower: bool = False) -> list[str]:
+    """Freeze everything, then unfreeze the trainable parts (every part with `train_all`, CLIP
+    excepted with `freeze_vision_tower`); returns the trainable names."""
     names = []
     for name, param in model.named_parameters():
         param.requires_grad = train_all or is_trainable(name, model.config.train_mask_decoder)
+        if freeze_vision_tower and name.startswith("vision_tower."):
+            param.requires_grad = False
         if param.requires_grad:
             names.append(name)
     return names

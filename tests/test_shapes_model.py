@@ -69,6 +69,15 @@ def test_train_all_trains_every_part_and_the_encoders_record_gradients(tokenizer
         assert not model.encode_images_clip(pixels).requires_grad
 
 
+def test_freeze_vision_tower_keeps_clip_out_of_training(tokenizer, token_ids):
+    model = tiny_model(token_ids, len(tokenizer))
+    names = set_trainable(model, train_all=True, freeze_vision_tower=True)
+    clip = [n for n, _ in model.named_parameters() if n.startswith("vision_tower.")]
+    assert clip and not set(clip) & set(names)
+    assert len(names) == len(list(model.parameters())) - len(clip)  # the projector and the rest still train
+    assert any(n.startswith("mm_projector.") for n in names)
+
+
 def test_the_released_recipe_builds_no_graph_through_its_frozen_encoders(tokenizer, token_ids):
     model = tiny_model(token_ids, len(tokenizer))
     apply_lora(model)
@@ -85,6 +94,9 @@ def test_train_all_flag(tmp_path):
     assert not parse_args([]).train_all
     with pytest.raises(SystemExit):
         parse_args(["--train_all", "--no-train_mask_decoder"])
+    assert parse_args(["--train_all", "--freeze_vision_tower"]).freeze_vision_tower
+    with pytest.raises(SystemExit):
+        parse_args(["--freeze_vision_tower"])
 
 
 def test_a_moved_checkpoint_finds_its_clip_beside_it(tmp_path, caplog):

@@ -188,7 +188,7 @@ def test_clip_pretraining_writes_a_model_that_loads_its_new_tower(tmp_path):
     write_tiny_released(str(src), llama_vocab=False, safe_serialization=True)
     r = clip_pretrain.main(["--dataset_dir", str(world), "--model", str(src), "--out", str(out), "--steps", "30",
                             "--batch_size", "4", "--lr", "3e-3", "--warmup_steps", "5", "--workers", "0",
-                            "--print_freq", "10", "--device", "cpu"])
+                            "--print_freq", "10", "--eval_freq", "20", "--device", "cpu"])
     assert r["test"]["patches"] > 0 and 0.0 <= r["test"]["kind_accuracy"] <= 1.0
     assert r["losses"][-1] < r["losses"][0]
     old = load_file(str(src / "vision_tower" / "model.safetensors"))
@@ -202,5 +202,12 @@ def test_clip_pretraining_writes_a_model_that_loads_its_new_tower(tmp_path):
     assert len(weights) == 1
     torch.testing.assert_close(next(iter(weights.values())), new[key].float())
     assert os.path.isfile(out / "vision_tower" / "preprocessor_config.json")
+    # --vision_tower with --model: that tower trains and replaces the model's (here: out's tower, 1 more step)
+    again = tmp_path / "model_clip2"
+    clip_pretrain.main(["--dataset_dir", str(world), "--model", str(src), "--vision_tower", str(out / "vision_tower"),
+                        "--out", str(again), "--steps", "1", "--batch_size", "2", "--lr", "1e-3", "--warmup_steps", "1",
+                        "--workers", "0", "--device", "cpu"])
+    newer = load_file(str(again / "vision_tower" / "model.safetensors"))[key]
+    assert (newer.float() - new[key].float()).abs().max() < (newer.float() - old[key].float()).abs().max()
     with pytest.raises(SystemExit):
         clip_pretrain.main(["--dataset_dir", str(world), "--out", str(out)])  # neither --model nor --vision_tower

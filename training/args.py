@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every part, as for a model trained from scratch: no LoRA (the --lora_* flags do not "
                         "apply), the LLM in full, CLIP, the projector and all of SAM (the released recipe freezes "
                         "CLIP, the projector, SAM's image and prompt encoders and the LLM base)")
+    g.add_argument("--freeze_vision_tower", action="store_true",
+                   help="with --train_all: keep CLIP as loaded, as the released recipe does (e.g. a tower taught "
+                        "the Shapes world by training.clip_pretrain, which the language loss alone would not teach)")
     g.add_argument("--use_mm_start_end", action=on_off, default=True)
     g.add_argument("--gradient_checkpointing", action=on_off, default=True)
     g.add_argument("--compile", action="store_true",
@@ -143,6 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--best_metric see needs a --val_see_dataset")
     if args.train_all and not args.train_mask_decoder:
         p.error("--train_all trains every part, the mask decoder too: drop --no-train_mask_decoder")
+    if args.freeze_vision_tower and not args.train_all:
+        p.error("--freeze_vision_tower applies to --train_all (the released recipe freezes CLIP already)")
     args.lora_target_modules = tuple(m.strip() for m in args.lora_target_modules.split(",") if m.strip())
     if not args.lora_target_modules:
         p.error("--lora_target_modules is empty")

@@ -154,7 +154,7 @@ def build_model(args: argparse.Namespace, device: torch.device):
         if unmatched:
             raise InputError(f"--lora_target_modules {','.join(unmatched)} matched no attention projection of the "
                              "LLM (LoRA goes on LLaMA's self_attn q_proj/k_proj/v_proj/o_proj)")
-    set_trainable(model, train_all=args.train_all)
+    set_trainable(model, train_all=args.train_all, freeze_vision_tower=args.freeze_vision_tower)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if args.compile:

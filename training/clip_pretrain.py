@@ -35,10 +35,14 @@ BACKGROUND_WEIGHT = 0.1
 class PatchHeads(torch.nn.Module):
     def __init__(self, width: int):
         super().__init__()
+        # a tower trained by SESAME at a high rate can carry features of norm ~800: normalising first keeps
+        # the heads' first losses (and gradients) at the scale of a fresh tower's
+        self.norm = torch.nn.LayerNorm(width, elementwise_affine=False)
         self.kind = torch.nn.Linear(width, len(KINDS) + 1)
         self.colour = torch.nn.Linear(width, len(COLOR_NAMES) + 1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.norm(features)
         return self.kind(features), self.colour(features)
 
 
@@ -83,8 +87,8 @@ def load_tower(path: str, device):
 
 
 def source_tower(args) -> str:
-    """The CLIP directory trained: --model's vision_tower, or --vision_tower."""
-    return os.path.join(args.model, "vision_tower") if args.model else args.vision_tower
+    """The CLIP directory trained: --vision_tower, else --model's own."""
+    return args.vision_tower or os.path.join(args.model, "vision_tower")
 
 
 def train(args) -> dict:
@@ -118,6 +122,8 @@ def train(args) -> dict:
         schedule.step()
         if step % args.print_freq == 0 or step == args.steps:
             log.append({"step": step, "loss": loss.item(), "seconds": round(time.time() - start, 1)})
+            if args.eval_freq and step % args.eval_freq == 0 and step < args.steps and len(test):
+                log[-1]["test"] = evaluate(tower, heads, test_loader, args.select_layer, device)
             print(json.dumps(log[-1]), flush=True)
     after = evaluate(tower, heads, test_loader, args.select_layer, device) if len(test) else None
     write_tower(tower, args)
@@ -161,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset_dir", required=True, help="a Shapes world (python -m dataset.shapes DIR)")
     p.add_argument("--model", default=None, help="a model directory in the released layout (its vision_tower)")
-    p.add_argument("--vision_tower", default=None, help="a CLIP directory instead of --model")
+    p.add_argument("--vision_tower", default=None,
+                   help="the CLIP directory to train (default: --model's); with --model, the trained tower replaces "
+                        "the model's in --out (e.g. a fresh tower for a trained model)")
     p.add_argument("--out", required=True, help="the copy of --model with the trained tower (or the tower alone)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=64)
@@ -171,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_images", type=int, default=300, help="test-split images scored after training")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--print_freq", type=int, default=100)
+    p.add_argument("--eval_freq", type=int, default=0,
+                   help="also score the test images every N steps (a multiple of --print_freq; 0: at the end only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p
@@ -178,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if bool(args.model) == bool(args.vision_tower):
-        build_parser().error("give exactly one of --model and --vision_tower")
+    if not (args.model or args.vision_tower):
+        build_parser().error("give --model (its tower is trained) or --vision_tower (or both)")
     return train(args)
 
 
