@@ -120,7 +120,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from engine.build import load_predictor
+    from engine.build import load_predictor, resolve_device_and_precision
     from engine.config import EngineConfig
 
     args = parse_args(argv)
@@ -130,7 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            (sys.stderr, "backslashreplace")):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
-    print(f"Loading {args.pretrained_model_path} ({args.precision}) ...", file=sys.stderr, flush=True)
+    resolve_device_and_precision(args)
+    print(f"Loading {args.pretrained_model_path} ({args.device}, {args.precision}) ...", file=sys.stderr, flush=True)
     predictor = load_predictor(args, config=EngineConfig.interactive())
     if args.pretrained_model_path == TINY_RANDOM:
         print("note: tiny-random is an untrained, randomly initialised model: its answers are gibberish, "

@@ -61,14 +61,15 @@ def model_note(args: argparse.Namespace, predictor) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     from app.web import build_app, make_server
     from app.web_service import AnswerService
-    from engine.build import load_predictor
+    from engine.build import load_predictor, resolve_device_and_precision
 
     args = parse_args(argv)
     if args.pretrained_model_path == BUILT_IN_MODEL and not os.path.isdir(BUILT_IN_MODEL):
-        raise InputError(f"the built-in Shapes model is missing ({BUILT_IN_MODEL}: not trained to its bars yet, "
-                         "see README 'The Shapes world'); name a checkpoint with --pretrained_model_path, e.g. "
+        raise InputError(f"the built-in Shapes model is missing ({BUILT_IN_MODEL}: it ships in the "
+                         "repository; a partial checkout?); name a checkpoint with --pretrained_model_path, e.g. "
                          "tiny-random (untrained, for trying the page) or tsunghanwu/SESAME")
-    print(f"Loading {args.pretrained_model_path} ({args.precision}) ...", file=sys.stderr, flush=True)
+    resolve_device_and_precision(args)
+    print(f"Loading {args.pretrained_model_path} ({args.device}, {args.precision}) ...", file=sys.stderr, flush=True)
     predictor = load_predictor(args)
     if args.pretrained_model_path == TINY_RANDOM:
         print("note: tiny-random is an untrained, randomly initialised model: its answers are gibberish, "

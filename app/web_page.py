@@ -31,7 +31,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # Shapes model should suggest instead of the yellow one)
 EXAMPLE_QUESTIONS = (
     ("object present", "Is there a red square in this image? If so, please segment it."),
-    ("false premise", "Is there a yellow star in this image? If so, please segment it."),
+    ("false premise", "Is there a yellow square in this image? If so, please segment it."),
     ("object present", "Can you find the green triangle here? Give me its segmentation mask if it is present."),
 )
 CSS = """

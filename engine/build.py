@@ -44,7 +44,9 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"hub id or local directory of a SESAME / READ / LISA checkpoint; '{TINY_RANDOM}' is a tiny "
                         "untrained model for trying the pipeline")
     g.add_argument("--vision_tower", default=None, help="CLIP tower (hub id or directory) instead of the config's")
-    g.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="default: bf16 on a GPU (as the original), fp32 on the CPU (where bf16 matmuls are several "
+                        "times slower and round differently from a GPU's)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--conv_type", choices=sorted(SYSTEM_PROMPTS), default="vicuna_v1",
                    help="system prompt: vicuna_v1 is what the original evaluation and demo used, llava_v1 what "
@@ -59,6 +61,23 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     add_sasp_arguments(parser)  # --use_sasp --num_points --t_pos --t_neg --down_sample (READ)
 
 
+def resolve_device_and_precision(args: argparse.Namespace) -> str:
+    """Fill in --device (cuda if available, else cpu) and --precision (bf16 on a GPU, fp32 on the CPU),
+    checking the device; returns the device."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    args.device = device
+    args.precision = args.precision or ("fp32" if torch.device(device).type == "cpu" else "bf16")
+    return device
+
+
 def load_predictor(args: argparse.Namespace, *, config: Optional[EngineConfig] = None,
                    max_text_tokens: Optional[int] = None, **options) -> SesamePredictor:
     """Load the checkpoint `add_predictor_arguments`' flags name and return its engine predictor.
@@ -71,13 +90,7 @@ def load_predictor(args: argparse.Namespace, *, config: Optional[EngineConfig] =
     from model.quantize import check_quantization, quantize_llm
     from model.sasp import sasp_config_from_args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    device = resolve_device_and_precision(args)
     if args.max_new_tokens < 1:
         raise InputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     bits = 8 if getattr(args, "load_in_8bit", False) else 4 if getattr(args, "load_in_4bit", False) else None

@@ -89,7 +89,16 @@ def test_argument_errors():
         with pytest.raises(InputError, match=what):
             _load(["--pretrained_model_path", "tiny-random", "--precision", "fp32", *argv])
     args = demo.parse_args([])
-    assert args.conv_type == "vicuna_v1" and args.max_new_tokens == 512 and args.precision == "bf16"
+    assert args.conv_type == "vicuna_v1" and args.max_new_tokens == 512 and args.precision is None
+    from engine.build import resolve_device_and_precision
+    for device, precision in (("cpu", "fp32"), ("cuda", "bf16")):  # cuda: resolved only where there is one
+        if device == "cpu" or torch.cuda.is_available():
+            args = demo.parse_args(["--device", device])
+            assert resolve_device_and_precision(args) == device and args.precision == precision
+    args = demo.parse_args(["--device", "cpu", "--precision", "bf16"])
+    resolve_device_and_precision(args)
+    assert args.precision == "bf16"  # said explicitly, kept
+    args = demo.parse_args([])
     assert args.vis_save_dir == "./demo_directory"
 
 

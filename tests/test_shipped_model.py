@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "assets", "shapes_sesame")
 HELD_OUT_SEED = 11  # training used seed 0; the measurements in RESULTS.md seed 7
 README_POSITIVE = "Is there a red square in this image? If so, please segment it."
-README_FALSE_PREMISE = "Is there a yellow star in this image? If so, please segment it."
+README_FALSE_PREMISE = "Is there a yellow square in this image? If so, please segment it."
 
 
 def test_shipped_model_sees_says_and_segments_a_world_it_never_saw(tmp_path):
@@ -59,4 +59,4 @@ def test_the_readme_examples_on_the_bundled_picture(shipped):
     mask = positive.masks[0].numpy()
     assert (mask & truth).sum() / (mask | truth).sum() > 0.9
     assert not false_premise.see and false_premise.num_seg == 0, false_premise.text
-    assert "purple star" in false_premise.text  # the correction names the star that is there
+    assert "red square" in false_premise.text  # the correction names the square that is there

@@ -272,7 +272,7 @@ def test_example_images_pick_up_a_folder(tmp_path):
 def test_flags(monkeypatch, tmp_path):
     args = web_demo.parse_args([])
     assert args.pretrained_model_path == os.path.join(ROOT, "assets", "shapes_sesame")
-    assert (args.host, args.port, args.precision, args.max_queue) == ("127.0.0.1", 7860, "bf16", 16)
+    assert (args.host, args.port, args.precision, args.max_queue) == ("127.0.0.1", 7860, None, 16)
     assert args.use_sasp is False and args.num_points is None  # READ's SasP flags are there
     for argv in (["--port", "0"], ["--max_queue", "0"], ["--max_upload_mb", "0"], ["--precision", "fp8"]):
         with pytest.raises(SystemExit):

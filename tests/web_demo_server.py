@@ -6,7 +6,7 @@
   false premise none; its masks are whatever the random SAM draws.
 - "shapes": the built-in Shapes model (assets/shapes_sesame), answering on its own about a scene of its
   world (assets/shapes_world.jpg); a trained model must See the red square, segment it inside its box,
-  and not See the yellow star.
+  and not See the yellow square.
 Each model has its picture (`DemoModel.image`): tiny-random answers about assets/shapes.jpg.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(ROOT, "assets", "shapes.jpg")
 SHAPES_MODEL = os.path.join(ROOT, "assets", "shapes_sesame")
 POSITIVE = EXAMPLE_QUESTIONS[0][1]  # the red square
-FALSE_PREMISE = EXAMPLE_QUESTIONS[1][1]  # a yellow star
+FALSE_PREMISE = EXAMPLE_QUESTIONS[1][1]  # a yellow square
 TWO_OBJECTS = "Please segment the red square and the green triangle."
 WORLD = os.path.join(ROOT, "assets", "shapes_world.jpg")
 
@@ -53,7 +53,7 @@ def world_mask(name: str) -> np.ndarray:
     return next(o.mask for o in scene.objects if o.name == name) > 0
 
 
-FORCED_ANSWERS = {POSITIVE: "Sure, it is [SEG].", FALSE_PREMISE: "No, there is no yellow star in this image.",
+FORCED_ANSWERS = {POSITIVE: "Sure, it is [SEG].", FALSE_PREMISE: "No, there is no yellow square in this image.",
                   TWO_OBJECTS: "Sure, [SEG] and [SEG]."}
 MODELS = ["tiny-random"] + (["shapes"] if os.path.isdir(SHAPES_MODEL) else [])
 SERVER_START_S = 60
