@@ -226,8 +226,8 @@ def test_page_answers_and_the_overlay_shows_the_mask(served, browser, tmp_path):
         gate.set()
     page.wait_for_answer(POSITIVE)
     assert page.see() == "See: object present"
-    if not model.trained:
-        assert page.answer() == "Sure, it is."
+    # the trained model answers on its own: the page shows what the predictor says
+    assert page.answer() == ("Sure, it is." if not model.trained else answered.answer.say)
     assert mask.any() and not mask.all()
     check_overlay(page.overlay(), image, mask)
     check_trained_mask(model, mask)
@@ -238,6 +238,9 @@ def test_page_answers_and_the_overlay_shows_the_mask(served, browser, tmp_path):
     assert page.see() == "See: false premise, nothing segmented"
     if not model.trained:
         assert page.answer() == FORCED_ANSWERS[FALSE_PREMISE]
+    else:  # the correction names the square that is there
+        assert page.answer() == ask_image(model.predictor, model.image, FALSE_PREMISE, MAX_IMAGE_PIXELS).answer.say
+        assert "red square" in page.answer()
     assert np.array_equal(page.overlay(), image), "a false premise must tint no pixel"
 
 
