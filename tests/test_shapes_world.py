@@ -123,7 +123,7 @@ def test_every_expression_names_exactly_one_object(world):
     manifest = _manifest(world)
     anns = {o["ann_id"]: (image_id, k) for image_id, im in manifest.items() for k, o in enumerate(im["objects"])}
     kinds = {"attribute", "size", "relation", "order"}
-    seen_kinds, premise_kinds, positives, premises = set(), set(), 0, 0
+    seen_kinds, premise_kinds, positives, premises, binding = set(), set(), 0, 0, 0
     for ref in _refs(world, "fprefcoco"):
         image_id, index = anns[ref["ann_id"]]
         image = manifest[image_id]
@@ -142,10 +142,14 @@ def test_every_expression_names_exactly_one_object(world):
             assert not any(o.kind == target.kind and o.color == target.color for o in objects), sent["sent"]
             gt = parse(sent["gt_sent"])
             assert gt.resolve(objects, side) == [index], (sent["sent"], sent["gt_sent"])
-            # the nearest present object: the same kind in another colour, or the same colour in another kind
-            near = [i for i, o in enumerate(objects) if o.kind == target.kind or o.color == target.color]
+            # the nearest present object: the one of the same kind (another colour), else of the same colour
+            near = [i for i, o in enumerate(objects) if o.kind == target.kind] or \
+                [i for i, o in enumerate(objects) if o.color == target.color]
             assert near == [index], (sent["sent"], sent["gt_sent"])
+            # binding: its colour and its kind are both in the picture, on different objects
+            binding += any(o.color == target.color for o in objects) and any(o.kind == target.kind for o in objects)
     assert seen_kinds == kinds and positives > 100 and premises > 50
+    assert 0.1 * premises < binding < 0.7 * premises  # some need colour bound to kind, not all
     # the absent object is said in every form, so that no form of expression is always true
     assert premise_kinds == kinds
     positives_only = [s for ref in _refs(world, "refcoco") for s in ref["sentences"]]

@@ -28,6 +28,10 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes drawing images")
     p.add_argument("--val_fraction", type=float, default=0.05)
     p.add_argument("--test_fraction", type=float, default=0.1)
+    p.add_argument("--no_binding_false_premises", dest="binding_false_premises", action="store_false",
+                   help="false premises replace only attributes no object has (the worlds before 2026-11-26 "
+                        "evening; a model trained on them accepts 'green square' beside a green triangle and a "
+                        "red square)")
     g = p.add_argument_group("a reduced world (default: the full one)")
     g.add_argument("--max_shapes", type=int, default=SceneSpec.max_shapes, help="shapes per image at most")
     g.add_argument("--min_shapes", type=int, default=SceneSpec.min_shapes, help="shapes per image at least")
@@ -41,7 +45,8 @@ def main(argv=None) -> None:
                          kinds=_names(args.kinds, KINDS, "kinds"),
                          colors=_names(args.colors, tuple(COLORS), "colors"))
         config = WorldConfig(images=args.images, seed=args.seed, val_fraction=args.val_fraction,
-                             test_fraction=args.test_fraction, scene=spec)
+                             test_fraction=args.test_fraction, scene=spec,
+                             binding_false_premises=args.binding_false_premises)
     except ValueError as e:
         p.error(str(e))
     t0 = time.perf_counter()

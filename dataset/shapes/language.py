@@ -12,11 +12,14 @@ A relation or an order holds only with a clear margin; a candidate inside the de
 expression ambiguous, and it is not used.
 
 A false premise names a colour-kind pair that is absent from the image and whose nearest present
-object is unique: "green star" when the only star is blue and nothing is green (same kind, another
-colour), or "blue triangle" when the only blue object is a star and there is no triangle (same
-colour, another kind). Its `gt_sent` names that object ("blue star"). Like FP-RefCOCO's replaced
-words, the absent pair can sit inside any form of expression: plain, or in a relation or an order
-the present object takes part in ("green star left of red circle").
+object is unique: "green star" when the only star is blue (same kind, another colour), or "blue
+triangle" when the only blue object is a star and there is no triangle (same colour, another kind).
+Its `gt_sent` names that object ("blue star"); an object of the named kind, when there is one, is
+the nearest. With `bind` the other colour may be one another object has ("green star" beside a green
+circle): colour and kind are then each in the picture, on different objects, and only binding them
+tells that the pair is not (without it, "is this colour anywhere?" answers every false premise).
+Like FP-RefCOCO's replaced words, the absent pair can sit inside any form of expression: plain, or
+in a relation or an order the present object takes part in ("green star left of red circle").
 """
 from __future__ import annotations
 
@@ -163,8 +166,8 @@ class FalsePremise:
 
 
 def false_premises(rng: np.random.Generator, scene: Scene, index: int, colors: Sequence[str] = tuple(COLORS),
-                   kinds: Sequence[str] = KINDS, forms: Optional[dict[str, list[Expression]]] = None
-                   ) -> list[FalsePremise]:
+                   kinds: Sequence[str] = KINDS, forms: Optional[dict[str, list[Expression]]] = None,
+                   bind: bool = False) -> list[FalsePremise]:
     """The false premises whose nearest present object is exactly object `index` (at most one of
     each kind: another colour, another shape), in random order.
 
@@ -173,7 +176,7 @@ def false_premises(rng: np.random.Generator, scene: Scene, index: int, colors: S
     (`pick_expressions`): plainly ("green star", sometimes with a size), or inside one of those
     ("green star left of red circle", "first green star from the left"), so that no form of
     expression is always true. Without forms every false premise is plain, with the random draws of
-    plain ones only."""
+    plain ones only. `bind`: the other colour may be another object's (see the module's text)."""
     objs = scene.objects
     o = objs[index]
     present_colors, present_kinds = {x.color for x in objs}, {x.kind for x in objs}
@@ -181,7 +184,7 @@ def false_premises(rng: np.random.Generator, scene: Scene, index: int, colors: S
     size = o.size if rng.random() < 0.3 else None
     absent = []
     if sum(x.kind == o.kind for x in objs) == 1:
-        others = [c for c in colors if c not in present_colors]
+        others = [c for c in colors if c != o.color and (bind or c not in present_colors)]
         if others:
             absent.append(Description(o.kind, others[int(rng.integers(len(others)))]))
     if sum(x.color == o.color for x in objs) == 1:

@@ -41,6 +41,8 @@ class WorldConfig:
     false_premises_per_object: int = 2  # at most (another colour, another kind)
     # forms a false premise may take besides the plain one (a reduced world may keep them plain)
     premise_forms: tuple[str, ...] = ("relation", "order")
+    # a false premise's other colour may be one another object has: the model must bind colour to kind
+    binding_false_premises: bool = True
     vqa_rounds: tuple[int, int] = (2, 4)
     jpeg_quality: int = 95
     scene: SceneSpec = SceneSpec()  # a reduced world: fewer shapes, kinds or colours
@@ -92,7 +94,8 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
         candidates = candidate_expressions(scene, j)
         positives = pick_expressions(rng, candidates, config.positives_per_object)
         forms = {k: v for k, v in candidates.items() if k in config.premise_forms}
-        premises = false_premises(rng, scene, j, spec.colors, spec.kinds, forms)[:config.false_premises_per_object]
+        premises = false_premises(rng, scene, j, spec.colors, spec.kinds, forms,
+                                  bind=config.binding_false_premises)[:config.false_premises_per_object]
         if positives:
             refs.append({"object": j, "positives": [[e.text(), e.kind] for e in positives],
                          "false_premises": [[p.expression.text(), p.gt_sent] for p in premises]})
