@@ -27,8 +27,8 @@ DEFAULT_EXAMPLE = os.path.join(ROOT, "assets", "shapes.jpg")
 WORLD_EXAMPLE = os.path.join(ROOT, "assets", "shapes_world.jpg")  # a Shapes-world scene (assets/shapes_world.json)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # (label, question) about both bundled images: assets/shapes.jpg (a red square, a blue ellipse, a green
-# triangle) and assets/shapes_world.jpg (a red square, a green triangle, a purple star: the star the
-# Shapes model should suggest instead of the yellow one)
+# triangle) and assets/shapes_world.jpg (a red square, a green triangle, a purple star: the red square
+# is what the Shapes model suggests instead of the yellow one)
 EXAMPLE_QUESTIONS = (
     ("object present", "Is there a red square in this image? If so, please segment it."),
     ("false premise", "Is there a yellow square in this image? If so, please segment it."),

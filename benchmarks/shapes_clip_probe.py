@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.shapes.patches import COLOR_NAMES, PatchLabelled  # noqa: E402
 from dataset.shapes.scene import KINDS  # noqa: E402
+from training.clip_pretrain import load_tower as load_trained_tower  # noqa: E402
 from training.clip_pretrain import patch_features  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def load_tower(path: str, like: str | None):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     if path != "random":
-        return CLIPVisionModel.from_pretrained(path, dtype=torch.float32).eval()
+        return load_trained_tower(path, "cpu").eval()
     if like is None:
         raise SystemExit("--vision_tower random needs --like DIR: the tower whose architecture to initialise")
     torch.manual_seed(0)

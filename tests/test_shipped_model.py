@@ -15,7 +15,7 @@ import os
 import cv2
 import pytest
 import torch
-from web_demo_server import world_mask
+from web_demo_server import FALSE_PREMISE, POSITIVE, world_mask
 
 import test_sesame
 from dataset.shapes.world import WorldConfig, generate_world
@@ -25,8 +25,6 @@ from model.predictor import SesamePredictor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "assets", "shapes_sesame")
 HELD_OUT_SEED = 11  # training used seed 0; the measurements in RESULTS.md seed 7
-README_POSITIVE = "Is there a red square in this image? If so, please segment it."
-README_FALSE_PREMISE = "Is there a yellow square in this image? If so, please segment it."
 
 
 def test_shipped_model_sees_says_and_segments_a_world_it_never_saw(tmp_path):
@@ -54,7 +52,8 @@ def shipped():
 
 def test_the_readme_examples_on_the_bundled_picture(shipped):
     image = cv2.cvtColor(cv2.imread(os.path.join(ROOT, "assets", "shapes_world.jpg")), cv2.COLOR_BGR2RGB)
-    positive, false_premise = shipped.ask_many([(image, [README_POSITIVE, README_FALSE_PREMISE])])[0]
+    # the README's two questions are the web page's first two examples
+    positive, false_premise = shipped.ask_many([(image, [POSITIVE, FALSE_PREMISE])])[0]
     assert positive.see and positive.num_seg == 1, positive.text
     truth = world_mask("red square")
     mask = positive.masks[0].numpy()
