@@ -15,7 +15,7 @@ from dataset.coco_masks import decode_segmentation
 from dataset.image_io import read_image_rgb
 from dataset.refer import ReferData, sentence_exists
 from dataset.shapes.__main__ import main as shapes_main
-from dataset.shapes.language import DIRECTIONS, ORDINALS, RELATIONS, Description, Expression
+from dataset.shapes.language import DIRECTIONS, ORDINALS, RELATIONS, Description, Expression, pick_expressions
 from dataset.shapes.scene import COLORS, KINDS, SIZES, pixel_outlines, polygon_mask
 from dataset.shapes.world import MANIFEST, WorldConfig, generate_world
 
@@ -249,6 +249,34 @@ def test_cli_writes_a_reduced_world_and_names_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             shapes_main([str(tmp_path / "x"), "--images", "4", *bad])
         assert bad[0] in capsys.readouterr().err
+
+
+def test_favoured_expressions_come_first_and_leave_the_scenes_alone(tmp_path, capsys):
+    """--favour order: every object that has an order expression gets one among its positives; the
+    pictures and objects are those of the same world without it."""
+    plain, favoured = str(tmp_path / "plain"), str(tmp_path / "order")
+    shapes_main([plain, "--images", "30", "--seed", "3", "--workers", "1"])
+    shapes_main([favoured, "--images", "30", "--seed", "3", "--workers", "1", "--favour", "order"])
+    a, b = _manifest(plain), _manifest(favoured)
+    assert [im["objects"] for im in a.values()] == [im["objects"] for im in b.values()]
+    share = {}
+    for name, world in (("plain", a), ("order", b)):
+        with_order = [ref for im in world.values() for ref in im["refs"]
+                      if any(parse(text).order for text, _ in ref["positives"])]
+        share[name] = len(with_order)
+    assert share["order"] > share["plain"] > 0
+    for im in b.values():  # an object with two shapes of its description in a row gets its order
+        for ref in im["refs"]:
+            kinds = [kind for _, kind in ref["positives"]]
+            assert len(set(kinds)) == len(kinds)
+    found = {t: [Expression(Description("circle"), order=(0, "left")) if t == "order" else Expression(Description(t))]
+             for t in ("attribute", "size", "order", "relation")}
+    for seed in range(20):
+        picked = pick_expressions(np.random.default_rng(seed), found, 2, favoured=("order",))
+        assert len(picked) == 2 and picked[0].order
+    with pytest.raises(SystemExit):
+        shapes_main([str(tmp_path / "x"), "--images", "4", "--favour", "colour"])
+    assert "--favour" in capsys.readouterr().err
 
 
 def test_bundled_world_scene_is_what_its_json_says():

@@ -32,6 +32,9 @@ def main(argv=None) -> None:
                    help="false premises replace only attributes no object has (the worlds before 2026-11-26 "
                         "evening; a model trained on them accepts 'green square' beside a green triangle and a "
                         "red square)")
+    p.add_argument("--favour", default="", help="comma-separated expression types (attribute, size, order, "
+                   "relation) that every object's positives include wherever it has them: a training world "
+                   "that stresses them (default: random types)")
     g = p.add_argument_group("a reduced world (default: the full one)")
     g.add_argument("--max_shapes", type=int, default=SceneSpec.max_shapes, help="shapes per image at most")
     g.add_argument("--min_shapes", type=int, default=SceneSpec.min_shapes, help="shapes per image at least")
@@ -46,7 +49,8 @@ def main(argv=None) -> None:
                          colors=_names(args.colors, tuple(COLORS), "colors"))
         config = WorldConfig(images=args.images, seed=args.seed, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, scene=spec,
-                             binding_false_premises=args.binding_false_premises)
+                             binding_false_premises=args.binding_false_premises,
+                             favoured_expressions=tuple(t for t in args.favour.split(",") if t))
     except ValueError as e:
         p.error(str(e))
     t0 = time.perf_counter()

@@ -33,6 +33,7 @@ from .scene import COLORS, KINDS, Scene, SceneObject
 
 RELATIONS = ("left of", "right of", "above", "below")
 DIRECTIONS = ("left", "right", "top", "bottom")
+EXPRESSION_TYPES = ("attribute", "size", "order", "relation")  # plainest first
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 NUMBERS = ("no", "one", "two", "three", "four", "five")
 RELATION_MARGIN = 0.1  # a relation holds beyond this offset, and clearly fails below zero
@@ -143,17 +144,20 @@ def candidate_expressions(scene: Scene, index: int) -> dict[str, list[Expression
     return found
 
 
-def pick_expressions(rng: np.random.Generator, found: dict[str, list[Expression]], count: int) -> list[Expression]:
-    """Up to `count` expressions of different types (random types, a random one of each)."""
+def pick_expressions(rng: np.random.Generator, found: dict[str, list[Expression]], count: int,
+                     favoured: Sequence[str] = ()) -> list[Expression]:
+    """Up to `count` expressions of different types (random types, a random one of each); the
+    `favoured` types come first wherever the object has them."""
     types = sorted(found)
-    chosen = [types[int(i)] for i in rng.permutation(len(types))[:count]]
+    chosen = [types[int(i)] for i in rng.permutation(len(types))]
+    chosen = ([t for t in favoured if t in found] + [t for t in chosen if t not in favoured])[:count]
     return [found[t][int(rng.integers(len(found[t])))] for t in chosen]
 
 
 def shortest_name(scene: Scene, index: int) -> Optional[Expression]:
     """The plainest expression naming object `index` (what a correction suggests)."""
     found = candidate_expressions(scene, index)
-    for kind in ("attribute", "size", "order", "relation"):
+    for kind in EXPRESSION_TYPES:
         if found.get(kind):
             return found[kind][0]
     return None

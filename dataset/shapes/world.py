@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .language import candidate_expressions, false_premises, pick_expressions, vqa_conversation
+from .language import EXPRESSION_TYPES, candidate_expressions, false_premises, pick_expressions, vqa_conversation
 from .scene import KINDS, SceneSpec, make_scene
 
 SPLITS = ("train", "val", "test")
@@ -38,6 +38,8 @@ class WorldConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.1
     positives_per_object: int = 2  # at most, of different expression types
+    # expression types every object gets wherever it has them (a training world that stresses, e.g., order)
+    favoured_expressions: tuple[str, ...] = ()
     false_premises_per_object: int = 2  # at most (another colour, another kind)
     # forms a false premise may take besides the plain one (a reduced world may keep them plain)
     premise_forms: tuple[str, ...] = ("relation", "order")
@@ -53,6 +55,10 @@ class WorldConfig:
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction <= 1):
             raise ValueError(f"--val_fraction {self.val_fraction} and --test_fraction {self.test_fraction} must be "
                              "non-negative with a sum of at most 1")
+        unknown = [t for t in self.favoured_expressions if t not in EXPRESSION_TYPES]
+        if unknown:
+            raise ValueError(f"--favour: unknown expression type(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(EXPRESSION_TYPES)}")
 
 
 def coco_file(image_id: int) -> str:
@@ -92,7 +98,7 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
                         "center": [round(obj.center[0], 2), round(obj.center[1], 2)], "bbox": obj.bbox(),
                         "area": obj.area, "covered": obj.covered, "segmentation": obj.segmentation})
         candidates = candidate_expressions(scene, j)
-        positives = pick_expressions(rng, candidates, config.positives_per_object)
+        positives = pick_expressions(rng, candidates, config.positives_per_object, config.favoured_expressions)
         forms = {k: v for k, v in candidates.items() if k in config.premise_forms}
         premises = false_premises(rng, scene, j, spec.colors, spec.kinds, forms,
                                   bind=config.binding_false_premises)[:config.false_premises_per_object]
