@@ -66,13 +66,15 @@ class QueryScore:
     say_eligible: bool = False  # false premise with a gt_sent, answered as absent
     say_named: bool = False
     say_f1: float = 0.0
+    is_sentence: bool = False  # ReasonSeg: a long (sentence) query, reported apart
 
 
 def score_record(r: QueryRecord) -> QueryScore:
     # a false premise's ground truth is blank, whatever mask its ref carries
     inter, union = rle_intersection_union(r.pred_mask, r.gt_mask if r.gt_exists else None, r.gt_ignore,
                                           (r.height, r.width), f"query {r.key}")
-    s = QueryScore(inter, union, bool(r.gt_exists), bool(r.pred_exists))
+    s = QueryScore(inter, union, bool(r.gt_exists), bool(r.pred_exists),
+                   is_sentence=bool(r.extra.get("is_sentence", False)))
     if not r.gt_exists and r.gt_sent and normalize_text(r.gt_sent) and not r.pred_exists:
         s.say_eligible = True
         s.say_named = names_reference(r.answer, r.gt_sent)
@@ -110,14 +112,18 @@ def summarize(scores: Iterable[QueryScore]) -> dict:
     }
 
 
-def evaluate_records(records: Iterable[QueryRecord], dataset: str) -> dict[str, dict]:
-    """{"overall": metrics} and, for ReasonSeg, "short" / "long" by extra["is_sentence"]."""
-    scored = [(r, score_record(r)) for r in records]
-    out = {"overall": summarize(s for _, s in scored)}
+def evaluate_scores(scores: Iterable[QueryScore], dataset: str) -> dict[str, dict]:
+    """{"overall": metrics} and, for ReasonSeg, "short" / "long" by the query's is_sentence."""
+    scores = list(scores)
+    out = {"overall": summarize(scores)}
     if dataset.lower().startswith("reasonseg"):
-        out["short"] = summarize(s for r, s in scored if not r.extra.get("is_sentence", False))
-        out["long"] = summarize(s for r, s in scored if r.extra.get("is_sentence", False))
+        out["short"] = summarize(s for s in scores if not s.is_sentence)
+        out["long"] = summarize(s for s in scores if s.is_sentence)
     return out
+
+
+def evaluate_records(records: Iterable[QueryRecord], dataset: str) -> dict[str, dict]:
+    return evaluate_scores(map(score_record, records), dataset)
 
 
 def _pct(x: Optional[float]) -> str:

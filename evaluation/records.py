@@ -4,6 +4,8 @@ Layout under --vis_save_path:
 
     {dataset}_{split}/shard_{p}_of_{w}.jsonl       records of shard p (process p of w), appended as the run goes
     {dataset}_{split}/shard_{p}_of_{w}.done.json   written when shard p has every query of its images
+    {dataset}_{split}/shard_{p}_of_{w}.scores.json the shard's per-query scores, written by its process
+                                                   once it is done (evaluation.shard_scores)
     {dataset}_{split}/metrics.json                 written by `--cmd metrics`
 
 A batch of records is written, flushed and fsync'ed before the next batch's are (test_sesame.py
@@ -20,7 +22,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional, Sequence, TypeVar
+from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -181,15 +183,18 @@ def read_shard(path: str) -> list[QueryRecord]:
 
 @dataclass
 class MergedShards:
-    records: list[QueryRecord]
+    records: list  # QueryRecord, or whatever `read` gave (merge_shards)
     world_size: int
     incomplete: list[str]  # shard files without a .done marker or with fewer queries than it says
     set_reports: list[dict] = field(default_factory=list)  # of the finished shards that wrote one
 
 
-def merge_shards(directory: str, world_size: Optional[int] = None) -> MergedShards:
+def merge_shards(directory: str, world_size: Optional[int] = None,
+                 read: Callable[[str], list] = read_shard) -> MergedShards:
     """All records of one dataset/split. `world_size` None: the one the files were written with
-    (an error if several are present). Every shard file must exist; a query must not repeat."""
+    (an error if several are present). Every shard file must exist; a query must not repeat.
+    `read(shard_path)` gives a shard's items (anything with a `.key`): its records by default, or
+    their scores (evaluation.shard_scores)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no inference output at {directory} (run --cmd inference first)")
     found = {}
@@ -210,7 +215,7 @@ def merge_shards(directory: str, world_size: Optional[int] = None) -> MergedShar
         raise FileNotFoundError(f"missing shard files: {', '.join(missing)}")
     records, seen, incomplete, set_reports = [], {}, [], []
     for p in range(world_size):
-        shard = read_shard(shards[p])
+        shard = read(shards[p])
         done = done_path(shards[p])
         if not os.path.exists(done):
             incomplete.append(shards[p])

@@ -1,4 +1,5 @@
-"""The metrics step: merge a set's shards, score every record, write metrics.json."""
+"""The metrics step: merge a set's shards' scores (each worker wrote its own; a shard without them is
+scored here from its records), write metrics.json."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ from typing import Optional
 from dataset.eval_report import EvalSetReport
 from utils.errors import InputError
 
-from .metrics import evaluate_records, format_table
+from .metrics import evaluate_scores, format_table
 from .records import merge_shards, shard_dir
+from .shard_scores import load_shard_scores
 
 
 class UnfinishedShards(InputError, RuntimeError):
@@ -26,11 +28,11 @@ def write_metrics(vis_save_path: str, dataset: str, split: str, *, world_size: O
     and every query the files list for the split has a record (not so after --limit_images or
     skipped items)."""
     directory = shard_dir(vis_save_path, dataset, split)
-    merged = merge_shards(directory, world_size)
+    merged = merge_shards(directory, world_size, read=load_shard_scores)  # each worker scored its own shard
     if merged.incomplete and not allow_partial:
         raise UnfinishedShards(f"shards not finished: {', '.join(merged.incomplete)} (resume --cmd inference, "
                                "or pass --allow_partial)")
-    groups = evaluate_records(merged.records, dataset)
+    groups = evaluate_scores((q.score for q in merged.records), dataset)
     set_report = None
     if len(merged.set_reports) == merged.world_size:  # every shard said what its set held
         set_report = EvalSetReport.merged([EvalSetReport.from_dict(d) for d in merged.set_reports]).as_dict()

@@ -26,6 +26,7 @@ from model.predictor import SesamePredictor
 
 from .loading import ImageLoader, prefetched
 from .records import QueryRecord, ShardWriter, shard_items, shard_path
+from .shard_scores import write_shard_scores
 
 
 @dataclass
@@ -217,9 +218,13 @@ def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callab
         seconds = time.perf_counter() - start
         writer.mark_complete(len(shard), sum(len(im.queries) for im in shard) - skipped_queries,
                              set_report.as_dict() if set_report is not None else None)
+    t0 = time.perf_counter()
+    write_shard_scores(run.shard_file)  # here, in parallel over the workers, not in the metrics step
+    scoring_seconds = time.perf_counter() - t0
     summary = {"shard": run.shard_file, "queries_run": done_now, "queries_skipped": already,
                "queries_unreadable": skipped_queries, "seconds": seconds,
-               "queries_per_s": done_now / seconds if seconds > 0 else None, "waited_s": waited}
+               "queries_per_s": done_now / seconds if seconds > 0 else None, "waited_s": waited,
+               "scoring_seconds": scoring_seconds}
     graphs: Optional[int] = getattr(backend, "graph_captures", None)
     if graphs is not None:
         summary["decode_graphs"] = {"captures": graphs, "failed": backend.graph_failure}

@@ -210,3 +210,42 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
         f.write("{not json\n" + _record(0, g, g).to_json() + "\n")
     with pytest.raises(ValueError, match=r"shard_0_of_1.jsonl:1: corrupt record"):
         ShardWriter(path)
+
+
+def test_worker_scores_are_what_the_records_give_and_go_stale_with_them(tmp_path):
+    """The metrics step reads each shard's scores file (written by its worker) instead of scoring
+    the records, so the file must hold exactly the records' scores, and a file whose records have
+    changed since must be ignored."""
+    from evaluation.report import write_metrics
+    from evaluation.shard_scores import load_shard_scores, scores_path, write_shard_scores
+
+    rng = np.random.default_rng(3)
+    recs = [_record(i, rng.random((H, W)) < 0.4, rng.random((H, W)) < 0.5, gt_exists=bool(i % 3),
+                    answer="there is a red circle", gt_sent="red circle" if i % 3 == 0 else None,
+                    extra={"is_sentence": i % 2 == 0}) for i in range(12)]
+    paths = [shard_path(str(tmp_path), "ReasonSeg", "val", p, 2) for p in range(2)]
+    for p, part in zip(paths, (recs[:7], recs[7:])):
+        with ShardWriter(p) as w:
+            w.write(part)
+            w.mark_complete(1, len(part))
+        scored = write_shard_scores(p)
+        assert [s.key for s in scored] == [r.key for r in part]
+        assert [s.score for s in load_shard_scores(p)] == [score_record(r) for r in part]
+    from_records = json.loads(json.dumps(evaluate_records(recs, "ReasonSeg")))
+    assert write_metrics(str(tmp_path), "ReasonSeg", "val")["metrics"] == from_records
+    # a file that disagrees with the records on disk is not used: the records are scored again
+    with open(scores_path(paths[1])) as f:
+        payload = json.load(f)
+    payload["scores"][0][1]["intersection"] += 1000
+    with open(scores_path(paths[1]), "w") as f:
+        json.dump(payload, f)
+    assert write_metrics(str(tmp_path), "ReasonSeg", "val")["metrics"] != from_records  # the file is read
+    with ShardWriter(paths[1]) as w:  # a resumed shard gains a record after its scores were written
+        w.write([_record(40, None, None, gt_exists=False)])
+        w.mark_complete(1, 6)
+    assert [s.key for s in load_shard_scores(paths[1])][-1] == (4, 40, 40)
+    assert write_metrics(str(tmp_path), "ReasonSeg", "val")["metrics"] == json.loads(json.dumps(
+        evaluate_records(recs + [_record(40, None, None, gt_exists=False)], "ReasonSeg")))
+    with open(scores_path(paths[0]), "w") as f:
+        f.write('{"records_bytes": ')  # cut off
+    assert [s.score for s in load_shard_scores(paths[0])] == [score_record(r) for r in recs[:7]]

@@ -100,6 +100,9 @@ def test_records_and_metrics(tmp_path, loaded):
         assert (r.gt_mask is not None) == r.gt_exists
         assert "</s>" not in r.answer and r.question.startswith("<image>\n")
     assert any(r.gt_ignore for r in records)
+    from evaluation.shard_scores import load_shard_scores, scores_path  # the worker scored its own shard
+    shard = shard_path(str(tmp_path / "out"), "fprefcoco", "val", 0, 1)
+    assert os.path.exists(scores_path(shard)) and len(load_shard_scores(shard)) == len(records)
     args = _args(tmp_path / "out", "--cmd", "metrics")
     result = test_sesame.run_metrics(args)
     assert result["complete"] and result["world_size"] == 1
