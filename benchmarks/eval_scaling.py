@@ -111,6 +111,8 @@ def run_world(args, world: int, gpus: list[str], out: str) -> tuple[float, float
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpus", default="1,2", help="GPU counts to compare, the first is the baseline")
+    ap.add_argument("--gpu_ids", default=None,
+                    help="comma-separated CUDA device ids, in order (default 0, 1, ...); N GPUs takes the first N")
     ap.add_argument("--tiny", action="store_true", help="CPU processes and the tiny random model")
     ap.add_argument("--images", type=int, default=None, help="default 128 (tiny: 8)")
     ap.add_argument("--queries_per_image", type=int, default=8)
@@ -139,7 +141,10 @@ def main(argv=None) -> dict:
         records = {}
         for world in counts:
             out = os.path.join(tmp, f"gpus_{world}")
-            gpus = [] if args.tiny else [str(i) for i in range(world)]
+            ids = args.gpu_ids.split(",") if args.gpu_ids else [str(i) for i in range(max(counts))]
+            if not args.tiny and len(ids) < world:
+                raise SystemExit(f"--gpu_ids {args.gpu_ids} names {len(ids)} GPU(s); the {world}-GPU run needs {world}")
+            gpus = [] if args.tiny else ids[:world]
             seconds, loop_seconds = run_world(args, world, gpus, out)
             merged = merge_shards(shard_dir(out, "fprefcoco", "val"), world)
             records[world] = {r.key: r for r in merged.records}

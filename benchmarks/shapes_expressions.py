@@ -1,0 +1,149 @@
+"""Where a Shapes model's masks go wrong, by the form of the referring expression.
+
+    # IoU per expression type (attribute, size, order, relation), from an evaluation's records and
+    # the world they came from (its shapes_manifest.json says each sentence's type)
+    python benchmarks/shapes_expressions.py by_type --records EV/fprefcoco_test/shard_0_of_1.jsonl --world WORLD
+    # does the model read an order's direction? For each test-split order expression ("second square
+    # from the left") it also asks the opposite direction ("second square from the right"), which names
+    # another object, and counts which object each mask covers
+    python benchmarks/shapes_expressions.py direction --model assets/shapes_sesame --world WORLD --limit 200
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dataset.coco_masks import decode_segmentation  # noqa: E402
+from dataset.shapes.language import DIRECTIONS, ORDINALS, Description, Expression  # noqa: E402
+from dataset.shapes.scene import COLORS, KINDS, SIZES  # noqa: E402
+from dataset.shapes.world import MANIFEST, coco_file, image_dir  # noqa: E402
+
+QUESTION = ("Segment {} if you can see it in this image. Otherwise, answer that it is not present and, "
+            "if possible, name something resembling it.")
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+ORDER = re.compile(rf"({'|'.join(ORDINALS)}) (.+) from the ({'|'.join(DIRECTIONS)})")
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def _manifest(world: str) -> dict[int, dict]:
+    with open(os.path.join(world, MANIFEST)) as f:
+        return {im["image_id"]: im for im in json.load(f)["images"]}
+
+
+def _description(text: str) -> Description:
+    words = text.split()
+    kind = words.pop()
+    size = words.pop(0) if words and words[0] in SIZES else None
+    color = words.pop(0) if words and words[0] in COLORS else None
+    return Description(kind if kind in KINDS else None, color, size)
+
+
+def by_type(records_path: str, world: str) -> dict:
+    from evaluation.records import read_shard
+    from utils.mask_io import decode_rle
+
+    images = _manifest(world)
+    types = {(iid, text): kind for iid, im in images.items() for ref in im["refs"] for text, kind in ref["positives"]}
+    ious: dict[str, list[float]] = collections.defaultdict(list)
+    for r in read_shard(records_path):
+        if not r.gt_exists:
+            continue
+        gt = decode_rle(r.gt_mask) == 1
+        pred = decode_rle(r.pred_mask).astype(bool) if r.pred_mask else np.zeros_like(gt)
+        kind = types.get((r.image_id, r.sentence), "unknown")
+        ious[kind].append(_iou(pred, gt))
+        m = ORDER.fullmatch(r.sentence)
+        if m:
+            ious[f"order, {m[1]}"].append(ious[kind][-1])
+    out = {k: {"queries": len(v), "mean_iou": float(np.mean(v)), "hit": float(np.mean(np.array(v) > 0.5))}
+           for k, v in sorted(ious.items())}
+    for k, v in out.items():
+        print(f"{k:16s} {v['queries']:5d} queries  mean IoU {v['mean_iou']:.3f}  IoU > 0.5: {v['hit']:.1%}")
+    return out
+
+
+def direction(model: str, world: str, limit: int, device: str) -> dict:
+    import torch
+
+    from dataset.image_io import read_image_rgb
+    from engine.build import build_predictor
+    from model.builder import load_pretrained
+
+    images = _manifest(world)
+    asks = []  # (image, [(text, target object index)] for the expression and its opposite)
+    for iid, im in images.items():
+        if im["split"] != "test":
+            continue
+        objects = [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
+                   for o in im["objects"]]
+        for ref in im["refs"]:
+            for text, kind in ref["positives"]:
+                m = ORDER.fullmatch(text) if kind == "order" else None
+                if not m:
+                    continue
+                flipped = Expression(_description(m[2]), order=(ORDINALS.index(m[1]), OPPOSITE[m[3]]))
+                target = flipped.resolve(objects, 1.0)
+                if target and target != [ref["object"]]:
+                    asks.append((im, [(text, ref["object"]), (flipped.text(), target[0])]))
+        if len(asks) >= limit:
+            break
+    with open(os.path.join(world, "refer_seg", "fprefcoco", "instances.json")) as f:  # the visible pixels
+        segmentation = {a["id"]: a["segmentation"] for a in json.load(f)["annotations"]}
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    predictor = build_predictor(load_pretrained(model, device=device, dtype=dtype), max_new_tokens=32)
+    counts = collections.Counter()
+    for start in range(0, len(asks), 16):
+        chunk = asks[start:start + 16]
+        paths = [os.path.join(image_dir(world), coco_file(im["image_id"])) for im, _ in chunk]
+        answers = predictor.ask_many([(read_image_rgb(path, "image"), [QUESTION.format(t) for t, _ in pair])
+                                      for path, (_, pair) in zip(paths, chunk)])
+        for (im, pair), outs in zip(chunk, answers):
+            h, w = im["height"], im["width"]
+            truths = [decode_segmentation(segmentation[o["ann_id"]], h, w).astype(bool) for o in im["objects"]]
+            hits = []
+            for (_, target), a in zip(pair, outs):
+                mask = a.masks[0].cpu().numpy().astype(bool) if a.num_seg else np.zeros((h, w), bool)
+                best = int(np.argmax([_iou(mask, t) for t in truths]))
+                hits.append(best if _iou(mask, truths[best]) > 0.5 else -1)
+                where = "asked object" if hits[-1] == target else "another object" if hits[-1] >= 0 else "no object"
+                counts[where] += 1
+            counts["both right"] += hits[0] == pair[0][1] and hits[1] == pair[1][1]
+            counts["same object for both directions"] += hits[0] == hits[1] >= 0
+    pairs = len(asks)
+    out = {"pairs": pairs, **{k: v / (pairs * (2 if "object" in k and "both" not in k else 1))
+                              for k, v in counts.items()}}
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("by_type")
+    a.add_argument("--records", required=True)
+    a.add_argument("--world", required=True)
+    b = sub.add_parser("direction")
+    b.add_argument("--model", required=True)
+    b.add_argument("--world", required=True)
+    b.add_argument("--limit", type=int, default=200, help="order expressions (each asked both ways)")
+    b.add_argument("--device", default="cuda")
+    args = ap.parse_args(argv)
+    if args.cmd == "by_type":
+        return by_type(args.records, args.world)
+    return direction(args.model, args.world, args.limit, args.device)
+
+
+if __name__ == "__main__":
+    main()
