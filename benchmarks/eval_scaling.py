@@ -139,11 +139,11 @@ def main(argv=None) -> dict:
         os.makedirs(args.image_dir)
         synthetic_images(args.image_dir, args.images, args.queries_per_image, image_sizes(args.tiny))
         records = {}
+        ids = args.gpu_ids.split(",") if args.gpu_ids else [str(i) for i in range(max(counts))]
+        if not args.tiny and len(ids) < max(counts):
+            raise SystemExit(f"--gpu_ids {args.gpu_ids} names {len(ids)} GPU(s); the largest run needs {max(counts)}")
         for world in counts:
             out = os.path.join(tmp, f"gpus_{world}")
-            ids = args.gpu_ids.split(",") if args.gpu_ids else [str(i) for i in range(max(counts))]
-            if not args.tiny and len(ids) < world:
-                raise SystemExit(f"--gpu_ids {args.gpu_ids} names {len(ids)} GPU(s); the {world}-GPU run needs {world}")
             gpus = [] if args.tiny else ids[:world]
             seconds, loop_seconds = run_world(args, world, gpus, out)
             merged = merge_shards(shard_dir(out, "fprefcoco", "val"), world)

@@ -99,11 +99,12 @@ def direction(model: str, world: str, limit: int, device: str) -> dict:
                     asks.append((im, [(text, ref["object"]), (flipped.text(), target[0])]))
         if len(asks) >= limit:
             break
+    asks = asks[:limit]
     with open(os.path.join(world, "refer_seg", "fprefcoco", "instances.json")) as f:  # the visible pixels
         segmentation = {a["id"]: a["segmentation"] for a in json.load(f)["annotations"]}
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     predictor = build_predictor(load_pretrained(model, device=device, dtype=dtype), max_new_tokens=32)
-    counts = collections.Counter()
+    per_question, per_pair = collections.Counter(), collections.Counter()
     for start in range(0, len(asks), 16):
         chunk = asks[start:start + 16]
         paths = [os.path.join(image_dir(world), coco_file(im["image_id"])) for im, _ in chunk]
@@ -118,12 +119,12 @@ def direction(model: str, world: str, limit: int, device: str) -> dict:
                 best = int(np.argmax([_iou(mask, t) for t in truths]))
                 hits.append(best if _iou(mask, truths[best]) > 0.5 else -1)
                 where = "asked object" if hits[-1] == target else "another object" if hits[-1] >= 0 else "no object"
-                counts[where] += 1
-            counts["both right"] += hits[0] == pair[0][1] and hits[1] == pair[1][1]
-            counts["same object for both directions"] += hits[0] == hits[1] >= 0
+                per_question[where] += 1
+            per_pair["both right"] += hits[0] == pair[0][1] and hits[1] == pair[1][1]
+            per_pair["same object for both directions"] += hits[0] == hits[1] >= 0
     pairs = len(asks)
-    out = {"pairs": pairs, **{k: v / (pairs * (2 if "object" in k and "both" not in k else 1))
-                              for k, v in counts.items()}}
+    out = {"pairs": pairs, **{k: v / (2 * pairs) for k, v in per_question.items()},
+           **{k: v / pairs for k, v in per_pair.items()}}
     print(json.dumps(out, indent=1))
     return out
 
