@@ -4,7 +4,9 @@ For every patch of CLIP's input (shortest-side resize and centre crop, as LLaVA 
 object covers at the patch centre, the features the projector reads (`select_layer`, LLaVA's -2) are
 fitted, on the world's train split, to the object's kind and colour by a linear classifier, then scored
 on its test split. The same probe on the patch's raw pixels and the majority class are the baselines:
-a tower that has learned shapes beats both on kind.
+a tower that has learned shapes beats both on kind. The same is done for every patch's own row and
+column of the grid ("row", "column"): a tower whose features keep where a patch is reads them far above
+the majority share (one row in ten for a 10 x 10 grid).
 
     python -m dataset.shapes /tmp/unseen --images 600 --seed 7 --val_fraction 0 --test_fraction 0.5
     python benchmarks/shapes_clip_probe.py --dataset_dir /tmp/unseen --vision_tower tmp/m_q512/vision_tower
@@ -24,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.shapes.patches import COLOR_NAMES, PatchLabelled  # noqa: E402
 from dataset.shapes.scene import KINDS  # noqa: E402
+from training.clip_pretrain import grid_positions, patch_features  # noqa: E402
 from training.clip_pretrain import load_tower as load_trained_tower  # noqa: E402
-from training.clip_pretrain import patch_features  # noqa: E402
 
 
 def load_tower(path: str, like: str | None):
@@ -40,7 +42,8 @@ def load_tower(path: str, like: str | None):
 
 
 def collect(tower, patches: PatchLabelled, limit: int | None, select_layer: int):
-    """Features, raw pixels and (kind, colour) labels of every covered patch of the first `limit` images."""
+    """Features, raw pixels and (kind, colour, row, column) labels of every patch of the first `limit`
+    images; kind and colour are -1 on background."""
     p = tower.config.patch_size
     feats, pixels, labels = [], [], []
     for i in range(min(len(patches), limit or len(patches))):
@@ -48,10 +51,10 @@ def collect(tower, patches: PatchLabelled, limit: int | None, select_layer: int)
         with torch.no_grad():
             hidden = patch_features(tower, px[None], select_layer)[0]
         raw = px.unfold(1, p, p).unfold(2, p, p).permute(1, 2, 0, 3, 4).reshape(-1, 3 * p * p)
-        keep = lab[:, 0] > 0  # 0: background
-        feats.append(hidden[keep])
-        pixels.append(raw[keep])
-        labels.append(lab[keep] - 1)
+        row, column = grid_positions(len(lab))
+        feats.append(hidden)
+        pixels.append(raw)
+        labels.append(torch.cat([lab - 1, row[:, None], column[:, None]], 1))  # 0 (background) -> -1
     return torch.cat(feats), torch.cat(pixels), torch.cat(labels)
 
 
@@ -85,12 +88,18 @@ def main(argv=None) -> dict:
     if not all(len(d) for d in splits.values()):
         raise SystemExit(f"{args.dataset_dir}: the probe needs train and test images")
     train, test = (collect(tower, splits[s], args.limit_images, args.select_layer) for s in ("train", "test"))
-    result = {"vision_tower": args.vision_tower, "train_patches": len(train[2]), "test_patches": len(test[2])}
-    for name, column, classes in (("kind", 0, len(KINDS)), ("colour", 1, len(COLOR_NAMES))):
-        y_train, y_test = train[2][:, column], test[2][:, column]
+    covered = train[2][:, 0] >= 0, test[2][:, 0] >= 0
+    result = {"vision_tower": args.vision_tower, "train_patches": int(covered[0].sum()),
+              "test_patches": int(covered[1].sum()), "all_test_patches": len(test[2])}
+    grid = tower.config.image_size // tower.config.patch_size
+    for name, column, classes, on_objects in (("kind", 0, len(KINDS), True), ("colour", 1, len(COLOR_NAMES), True),
+                                              ("row", 2, grid, False), ("column", 3, grid, False)):
+        keep_train, keep_test = covered if on_objects else (slice(None), slice(None))
+        y_train, y_test = train[2][keep_train, column], test[2][keep_test, column]
+        x_train, x_test = train[0][keep_train], test[0][keep_test]
         result[name] = {
-            "clip": linear_probe(train[0], y_train, test[0], y_test, classes),
-            "raw_pixels": linear_probe(train[1], y_train, test[1], y_test, classes),
+            "clip": linear_probe(x_train, y_train, x_test, y_test, classes),
+            "raw_pixels": linear_probe(train[1][keep_train], y_train, test[1][keep_test], y_test, classes),
             "majority": float(np.bincount(y_test.numpy(), minlength=classes).max() / len(y_test)),
         }
     print(json.dumps(result))

@@ -44,6 +44,7 @@ from model.config import SesameConfig  # noqa: E402
 from model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from model.lora import apply_lora, enable_gradient_checkpointing, set_trainable  # noqa: E402
 from model.sesame import SesameModel  # noqa: E402
+from training.build import compile_blocks  # noqa: E402
 from training.deepspeed_config import DeepSpeedRecipe  # noqa: E402
 from training.engine import build_engine, uses_ds_optimizer  # noqa: E402
 from utils import distributed as dist_utils  # noqa: E402
@@ -81,6 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--ds_fused_adam", action="store_true",
                    help="DeepSpeed's FusedAdam (JIT-built) instead of torch's fused AdamW, as train_sesame.py")
     p.add_argument("--no_gradient_checkpointing", action="store_true")
+    p.add_argument("--checkpointed_layers", type=int, default=None,
+                   help="as train_sesame.py's flag: only the first N decoder layers recompute (default: all)")
+    p.add_argument("--compile", action="store_true", help="as train_sesame.py's flag (training.build.compile_blocks)")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="after the timed steps, profile this many more and print the kernels that take the most "
+                        "GPU time (torch.profiler)")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default bf16 (--tiny: fp32)")
     p.add_argument("--peak_tflops", type=float, default=None, help="GPU dense bf16 peak (default: from the name)")
     p.add_argument("--local_rank", type=int, default=-1)
@@ -98,6 +105,30 @@ def build_model(cfg: SesameConfig, device: torch.device, dtype: torch.dtype) -> 
         torch.set_default_dtype(previous)
     model._apply(lambda t: t)  # re-runs SesameModel's float32 rule for SAM's positional encoding
     return model
+
+
+def run_step(engine, batches, i: int, accum: int):
+    """One optimizer step of `accum` micro-batches (DeepSpeed updates the weights at the last one)."""
+    for micro in range(accum):
+        out = engine(batches[(i * accum + micro) % len(batches)])
+        engine.backward(out.loss)
+        engine.step()
+    return out
+
+
+def print_profile(step, steps: int, device: torch.device, rows: int = 25) -> None:
+    """The kernels (and CPU-side operators) with the most GPU time over `steps` more steps, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {steps} step(s), sorted by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def make_batch(cfg: SesameConfig, args, seed: int) -> SesameBatch:
@@ -189,7 +220,9 @@ def main(argv=None) -> dict:
     apply_lora(model)
     trainable = set_trainable(model)
     if not args.no_gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, args.checkpointed_layers)
+    if args.compile:
+        compile_blocks(model)
     model.train()
     build_s = time.perf_counter() - t0
     n_trainable = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
@@ -212,15 +245,14 @@ def main(argv=None) -> dict:
     for i in range(args.warmup + args.steps):
         sync()
         t = time.perf_counter()
-        for micro in range(accum):  # DeepSpeed updates the weights at the last one
-            out = engine(batches[(i * accum + micro) % len(batches)])
-            engine.backward(out.loss)
-            engine.step()
+        out = run_step(engine, batches, i, accum)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
             losses.append(float(out.loss.detach().float()))
     step_s = statistics.median(times)
+    if args.profile_steps and main_rank:
+        print_profile(lambda i: run_step(engine, batches, i, accum), args.profile_steps, device)
     flops_frozen, flops_6n = (accum * sum(x) / len(batches)
                               for x in zip(*(llm_flops(cfg, b, num_patches) for b in batches)))
     peak = peak_tflops(device, args.peak_tflops)
@@ -239,6 +271,9 @@ def main(argv=None) -> dict:
         or "none",
         "optimizer": f"{'DeepSpeed' if ds_optimizer else 'torch'} AdamW in {type(engine.optimizer).__name__}",
         "gradient_checkpointing": not args.no_gradient_checkpointing,
+        "checkpointed_layers": "none" if args.no_gradient_checkpointing else (
+            "all" if args.checkpointed_layers is None else args.checkpointed_layers),
+        "compiled_blocks": args.compile,
         "sdpa_backends": ",".join(enabled_sdpa_backends()),
         "row_lengths": sorted({int(b.attention_mask.sum(1).max()) for b in batches}),
         "images_per_gpu": args.batch_size,

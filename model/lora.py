@@ -9,6 +9,8 @@ LoRA, and every parameter is trained (the LLM in full, CLIP, the projector, all 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from .sesame import SesameModel
 
 FULLY_TRAINABLE = ("lm_head", "embed_tokens", "text_hidden_fcs")
@@ -56,10 +58,19 @@ def merge_lora(model: SesameModel) -> None:
         model.llm = model.llm.merge_and_unload()
 
 
-def enable_gradient_checkpointing(model: SesameModel) -> None:
+def enable_gradient_checkpointing(model: SesameModel, layers: Optional[int] = None) -> None:
+    """Recompute the LLM's decoder-layer activations in the backward pass instead of keeping them.
+    `layers`: only the first `layers` decoder layers recompute; the others keep their activations, which
+    costs memory and saves their second forward (None: every layer, as the original trains)."""
     # transformers renamed it after 5.17 (the oldest release requirements.txt allows) and deprecated the old name
     llm = model.language_model
     if hasattr(llm, "activation_checkpointing_enable"):
         llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if layers is not None:
+        decoder_layers = llm.model.layers
+        if not 0 <= layers <= len(decoder_layers):
+            raise ValueError(f"checkpointed layers: {layers} is not between 0 and the LLM's {len(decoder_layers)}")
+        for layer in decoder_layers[layers:]:
+            layer.gradient_checkpointing = False  # transformers' GradientCheckpointingLayer reads it per call

@@ -287,6 +287,42 @@ def test_compiled_blocks_train_like_eager_ones(tokenizer, token_ids):
         torch.testing.assert_close(g, eager_grads[name], msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_checkpointing_only_the_first_layers(tokenizer, token_ids):
+    """--checkpointed_layers N: the first N decoder layers run their forward again in the backward pass,
+    the others do not, and the gradients are those of checkpointing every layer (or none)."""
+    model = trainable_model(tokenizer, token_ids, checkpointing=False)
+    batch = collate_fn([make_sample(i, model, ClipTransform(model.config.vision.image_size),
+                                    SamTransform(model.config.sam.image_size)) for i in range(2)], tokenizer)
+    layers = model.language_model.model.layers
+    calls = [0] * len(layers)
+    # a pre-hook inside the checkpointed function: one on the layer may sit outside it, and the recompute may stop
+    # (torch's early stop) before a later module's forward returns
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    def forwards_and_grads():
+        calls[:] = [0] * len(layers)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same LoRA dropout masks
+        model(batch).loss.backward()
+        return list(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_calls, plain = forwards_and_grads()
+    assert plain_calls == [1, 1]
+    enable_gradient_checkpointing(model)
+    all_calls, every = forwards_and_grads()
+    assert all_calls == [2, 2]
+    enable_gradient_checkpointing(model, 1)
+    first_calls, first = forwards_and_grads()
+    assert first_calls == [2, 1]
+    for grads in (every, first):
+        assert grads.keys() == plain.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, plain[name], msg=lambda m, name=name: f"{name}: {m}")
+    with pytest.raises(ValueError, match="between 0 and the LLM's 2"):
+        enable_gradient_checkpointing(model, 3)
+
+
 def test_images_without_seg_keep_the_mask_head_in_the_graph(tokenizer, token_ids):
     """Data-parallel ranks must produce gradients for the same parameters: an image whose answers
     hold no [SEG] still sends a zero-weighted dummy through text_hidden_fcs and the mask decoder."""

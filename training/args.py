@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the Shapes world by training.clip_pretrain, which the language loss alone would not teach)")
     g.add_argument("--use_mm_start_end", action=on_off, default=True)
     g.add_argument("--gradient_checkpointing", action=on_off, default=True)
+    g.add_argument("--checkpointed_layers", type=int, default=None,
+                   help="with gradient checkpointing: only the first N of the LLM's decoder layers recompute their "
+                        "activations, the rest keep them (faster where GPU memory allows; default: all, as the "
+                        "original; an addition)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each repeated block (LLM decoder layers, CLIP and SAM encoder blocks): fewer "
                         "kernel launches for small models whose steps are bound by the host (an addition, not in the "

@@ -156,7 +156,7 @@ def build_model(args: argparse.Namespace, device: torch.device):
                              "LLM (LoRA goes on LLaMA's self_attn q_proj/k_proj/v_proj/o_proj)")
     set_trainable(model, train_all=args.train_all, freeze_vision_tower=args.freeze_vision_tower)
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, args.checkpointed_layers)
     if args.compile:
         compile_blocks(model)
     model.train()

@@ -6,8 +6,13 @@ patch features still say nothing about an object's kind (benchmarks/shapes_clip_
 than an untrained tower), so the model cannot tell a green triangle from a green circle.
 This trains the tower on the world's own pixels, densely: from the features the projector reads
 (`select_layer`), one linear head names the kind and another the colour of the object under each
-patch centre (or background). The heads are dropped afterwards; the tower is written in the released
-layout, into a copy of a model directory (`--model`) or alone (`--out` only).
+patch centre (or background), and two more name the patch's own row and column of the grid
+(`--position_weight`). The last two are there because a tower trained on kind and colour alone forgets
+where a patch is (a ridge probe reads a patch's column from its features no better than from an
+untrained tower's), and the language model sees image tokens only through RoPE's relative offsets: with
+no absolute place in the features it cannot tell "the first square from the left" from "... from the
+right". The heads are dropped afterwards; the tower is written in the released layout, into a copy of a
+model directory (`--model`) or alone (`--out` only).
 
     python -m training.clip_pretrain --dataset_dir ./dataset_shapes --model runs/shapes/hf_model \\
         --out runs/shapes/hf_model_clip --steps 2000
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -33,17 +39,30 @@ BACKGROUND_WEIGHT = 0.1
 
 
 class PatchHeads(torch.nn.Module):
-    def __init__(self, width: int):
+    """Linear read-outs of each patch's features: kind and colour under its centre, its row and column."""
+
+    def __init__(self, width: int, grid: int):
         super().__init__()
         # a tower trained by SESAME at a high rate can carry features of norm ~800: normalising first keeps
         # the heads' first losses (and gradients) at the scale of a fresh tower's
         self.norm = torch.nn.LayerNorm(width, elementwise_affine=False)
         self.kind = torch.nn.Linear(width, len(KINDS) + 1)
         self.colour = torch.nn.Linear(width, len(COLOR_NAMES) + 1)
+        self.row = torch.nn.Linear(width, grid)
+        self.column = torch.nn.Linear(width, grid)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.norm(features)
-        return self.kind(features), self.colour(features)
+        return {name: getattr(self, name)(features) for name in ("kind", "colour", "row", "column")}
+
+
+def grid_positions(num_patches: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each patch in CLIP's row-major patch order (a square grid)."""
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ValueError(f"{num_patches} patches do not form a square grid")
+    index = torch.arange(num_patches, device=device)
+    return index // grid, index % grid
 
 
 def patch_features(tower, pixels: torch.Tensor, select_layer: int) -> torch.Tensor:
@@ -51,31 +70,42 @@ def patch_features(tower, pixels: torch.Tensor, select_layer: int) -> torch.Tens
     return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[select_layer][:, 1:]
 
 
-def losses_and_hits(tower, heads, pixels, labels, select_layer: int):
-    kind_logits, colour_logits = heads(patch_features(tower, pixels, select_layer))
+def losses_and_hits(tower, heads, pixels, labels, select_layer: int, position_weight: float = 0.0):
+    """The weighted patch loss and the counts `evaluate` sums: kind and colour right on covered patches,
+    row and column right on every patch."""
+    logits = heads(patch_features(tower, pixels, select_layer))
     kind, colour = labels[..., 0], labels[..., 1]
     on_object = kind > 0
     # background is most of a picture: weigh it down so the objects' kinds drive the tower
     weight = torch.where(on_object, 1.0, BACKGROUND_WEIGHT).flatten()
-    per_patch = F.cross_entropy(kind_logits.flatten(0, 1), kind.flatten(), reduction="none") + \
-        F.cross_entropy(colour_logits.flatten(0, 1), colour.flatten(), reduction="none")
+    per_patch = F.cross_entropy(logits["kind"].flatten(0, 1), kind.flatten(), reduction="none") + \
+        F.cross_entropy(logits["colour"].flatten(0, 1), colour.flatten(), reduction="none")
     loss = (per_patch * weight).sum() / weight.sum()
-    hits = {"kind": int((kind_logits.argmax(-1) == kind)[on_object].sum()),
-            "colour": int((colour_logits.argmax(-1) == colour)[on_object].sum()), "patches": int(on_object.sum())}
+    row, column = (t.expand_as(kind) for t in grid_positions(kind.shape[1], kind.device))
+    if position_weight:
+        # every patch alike: a place is as much the background's as an object's
+        loss = loss + position_weight * (F.cross_entropy(logits["row"].flatten(0, 1), row.flatten()) +
+                                         F.cross_entropy(logits["column"].flatten(0, 1), column.flatten()))
+    hits = {"kind": int((logits["kind"].argmax(-1) == kind)[on_object].sum()),
+            "colour": int((logits["colour"].argmax(-1) == colour)[on_object].sum()), "patches": int(on_object.sum()),
+            "row": int((logits["row"].argmax(-1) == row).sum()),
+            "column": int((logits["column"].argmax(-1) == column).sum()), "all_patches": kind.numel()}
     return loss, hits
 
 
 @torch.no_grad()
 def evaluate(tower, heads, loader, select_layer: int, device) -> dict[str, float]:
-    """Accuracy on the patches an object covers (background left out)."""
+    """Kind and colour accuracy on the patches an object covers (background left out); row and column
+    accuracy on every patch (meaningful only when the heads were trained, --position_weight > 0)."""
     tower.eval()
-    total = {"kind": 0, "colour": 0, "patches": 0}
+    total = dict.fromkeys(("kind", "colour", "patches", "row", "column", "all_patches"), 0)
     for pixels, labels in loader:
         _, hits = losses_and_hits(tower, heads, pixels.to(device), labels.to(device), select_layer)
         total = {k: total[k] + hits[k] for k in total}
     tower.train()
-    n = max(1, total["patches"])
-    return {"kind_accuracy": total["kind"] / n, "colour_accuracy": total["colour"] / n, "patches": total["patches"]}
+    n, everywhere = max(1, total["patches"]), max(1, total["all_patches"])
+    return {"kind_accuracy": total["kind"] / n, "colour_accuracy": total["colour"] / n, "patches": total["patches"],
+            "row_accuracy": total["row"] / everywhere, "column_accuracy": total["column"] / everywhere}
 
 
 def load_tower(path: str, device):
@@ -96,7 +126,7 @@ def train(args) -> dict:
     tower = load_tower(source_tower(args), device)
     tower.train()
     cfg = tower.config
-    heads = PatchHeads(cfg.hidden_size).to(device)
+    heads = PatchHeads(cfg.hidden_size, cfg.image_size // cfg.patch_size).to(device)
     torch.manual_seed(args.seed)
     splits = PatchLabelled.splits(args.dataset_dir, ("train", "test"), cfg.image_size, cfg.patch_size)
     data, test = splits["train"], splits["test"]
@@ -114,7 +144,8 @@ def train(args) -> dict:
         opt, lambda s: min(1.0, (s + 1) / args.warmup_steps) * max(0.0, 1 - s / args.steps))
     start, log = time.time(), []
     for step, (pixels, labels) in enumerate(loader, 1):
-        loss, _ = losses_and_hits(tower, heads, pixels.to(device), labels.to(device), args.select_layer)
+        loss, _ = losses_and_hits(tower, heads, pixels.to(device), labels.to(device), args.select_layer,
+                                  args.position_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -175,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--position_weight", type=float, default=1.0,
+                   help="weight of the row and column targets (0: kind and colour only, as the c512 tower was trained)")
     p.add_argument("--select_layer", type=int, default=-2, help="the hidden state LLaVA's projector reads")
     p.add_argument("--test_images", type=int, default=300, help="test-split images scored after training")
     p.add_argument("--workers", type=int, default=4)
