@@ -35,6 +35,10 @@ def main(argv=None) -> None:
     p.add_argument("--favour", default="", help="comma-separated expression types (attribute, size, order, "
                    "relation) that every object's positives include wherever it has them: a training world "
                    "that stresses them (default: random types)")
+    p.add_argument("--order_questions", type=int, default=0,
+                   help="VQA rounds per training image that ask what an order names ('What is the second shape "
+                        "from the left?'), where the scene has such orders: a language-loss signal that turns on "
+                        "the direction word (default 0: none, the worlds before 2026-11-26 night)")
     g = p.add_argument_group("a reduced world (default: the full one)")
     g.add_argument("--max_shapes", type=int, default=SceneSpec.max_shapes, help="shapes per image at most")
     g.add_argument("--min_shapes", type=int, default=SceneSpec.min_shapes, help="shapes per image at least")
@@ -50,7 +54,8 @@ def main(argv=None) -> None:
         config = WorldConfig(images=args.images, seed=args.seed, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, scene=spec,
                              binding_false_premises=args.binding_false_premises,
-                             favoured_expressions=tuple(t for t in args.favour.split(",") if t))
+                             favoured_expressions=tuple(t for t in args.favour.split(",") if t),
+                             order_questions=args.order_questions)
     except ValueError as e:
         p.error(str(e))
     t0 = time.perf_counter()

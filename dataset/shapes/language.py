@@ -256,11 +256,39 @@ def vqa_rounds(rng: np.random.Generator, scene: Scene, colors: Sequence[str] = t
     return [qa[int(i)] for i in rng.permutation(len(qa))]
 
 
+def order_questions(scene: Scene, colour_word: str = "colour") -> list[tuple[str, str]]:
+    """Questions whose answer turns on an order's ordinal and direction ("What is the second shape from
+    the left?"), one for each order that names a single object among all shapes, or among two or more of
+    one kind. In the language loss, a model that ignores the direction word answers half of them wrongly."""
+    objs, side = scene.objects, scene.crop[2]
+    qa = []
+    for direction in DIRECTIONS:
+        for k, ordinal in enumerate(ORDINALS):
+            hit = Expression(Description(), order=(k, direction)).resolve(objs, side)
+            if hit and len(hit) == 1 and len(objs) >= 2:
+                o = objs[hit[0]]
+                qa.append((f"What is the {ordinal} shape from the {direction}?", f"It is a {o.size} {o.color} {o.kind}."))
+            for kind in sorted({o.kind for o in objs}):
+                if sum(o.kind == kind for o in objs) < 2:
+                    continue
+                hit = Expression(Description(kind), order=(k, direction)).resolve(objs, side)
+                if hit and len(hit) == 1:
+                    qa.append((f"What {colour_word} is the {ordinal} {kind} from the {direction}?",
+                               f"It is {objs[hit[0]].color}."))
+    return qa
+
+
 def vqa_conversation(rng: np.random.Generator, scene: Scene, rounds: int, colors: Sequence[str] = tuple(COLORS),
-                     kinds: Sequence[str] = KINDS) -> list[dict]:
-    """LLaVA-Instruct turns: `rounds` question-answer pairs, `<image>` in the first question."""
+                     kinds: Sequence[str] = KINDS, order_rounds: int = 0) -> list[dict]:
+    """LLaVA-Instruct turns: `rounds` question-answer pairs, `<image>` in the first question; with
+    `order_rounds`, that many of them (where the scene has them) are `order_questions`, asked first."""
     turns = []
-    for k, (q, a) in enumerate(vqa_rounds(rng, scene, colors, kinds)[:rounds]):
+    qa = vqa_rounds(rng, scene, colors, kinds)
+    if order_rounds:
+        ordered = order_questions(scene, "colour" if rng.random() < 0.5 else "color")
+        ordered = [ordered[int(i)] for i in rng.permutation(len(ordered))[:order_rounds]]
+        qa = ordered + qa
+    for k, (q, a) in enumerate(qa[:rounds]):
         if k == 0:
             q = "<image>\n" + q if rng.random() < 0.5 else q + "\n<image>"
         turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]

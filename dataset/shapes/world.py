@@ -46,6 +46,7 @@ class WorldConfig:
     # a false premise's other colour may be one another object has: the model must bind colour to kind
     binding_false_premises: bool = True
     vqa_rounds: tuple[int, int] = (2, 4)
+    order_questions: int = 0  # VQA rounds per image that ask an order ("What is the first square from the left?")
     jpeg_quality: int = 95
     scene: SceneSpec = SceneSpec()  # a reduced world: fewer shapes, kinds or colours
 
@@ -109,7 +110,8 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
               "width": scene.width, "background": scene.background, "objects": objects, "refs": refs}
     if split == "train":
         lo, hi = config.vqa_rounds
-        record["vqa"] = vqa_conversation(rng, scene, int(rng.integers(lo, hi + 1)), spec.colors, spec.kinds)
+        record["vqa"] = vqa_conversation(rng, scene, int(rng.integers(lo, hi + 1)), spec.colors, spec.kinds,
+                                         config.order_questions)
         _link(os.path.join(image_dir(root), coco_file(image_id)),
               os.path.join(root, "coco", "train2017", f"{image_id:012d}.jpg"))
     return record
