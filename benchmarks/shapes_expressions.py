@@ -7,6 +7,9 @@
     # from the left") it also asks the opposite direction ("second square from the right"), which names
     # another object, and counts which object each mask covers
     python benchmarks/shapes_expressions.py direction --model assets/shapes_sesame --world WORLD --limit 200
+    # does the direction word reach the state that prompts SAM? the distance between the [SEG] states of
+    # the two directions, beside that between two attribute expressions for different objects
+    python benchmarks/shapes_expressions.py states --model assets/shapes_sesame --world WORLD --device cpu
 """
 from __future__ import annotations
 
@@ -74,16 +77,10 @@ def by_type(records_path: str, world: str) -> dict:
     return out
 
 
-def direction(model: str, world: str, limit: int, device: str) -> dict:
-    import torch
-
-    from dataset.image_io import read_image_rgb
-    from engine.build import build_predictor
-    from model.builder import load_pretrained
-
-    images = _manifest(world)
-    asks = []  # (image, [(text, target object index)] for the expression and its opposite)
-    for iid, im in images.items():
+def _direction_asks(images: dict[int, dict], limit: int) -> list:
+    """(image, [(text, target object index)] for an order expression and its opposite), test split."""
+    asks = []
+    for im in images.values():
         if im["split"] != "test":
             continue
         objects = [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
@@ -99,18 +96,37 @@ def direction(model: str, world: str, limit: int, device: str) -> dict:
                     asks.append((im, [(text, ref["object"]), (flipped.text(), target[0])]))
         if len(asks) >= limit:
             break
-    asks = asks[:limit]
+    return asks[:limit]
+
+
+def _predictor(model: str, device: str):
+    import torch
+
+    from engine.build import build_predictor
+    from model.builder import load_pretrained
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    return build_predictor(load_pretrained(model, device=device, dtype=dtype), max_new_tokens=32)
+
+
+def _answers(predictor, world: str, chunk: list) -> list:
+    from dataset.image_io import read_image_rgb
+
+    paths = [os.path.join(image_dir(world), coco_file(im["image_id"])) for im, _ in chunk]
+    return predictor.ask_many([(read_image_rgb(path, "image"), [QUESTION.format(t) for t, _ in pair])
+                               for path, (_, pair) in zip(paths, chunk)])
+
+
+def direction(model: str, world: str, limit: int, device: str) -> dict:
+    images = _manifest(world)
+    asks = _direction_asks(images, limit)
     with open(os.path.join(world, "refer_seg", "fprefcoco", "instances.json")) as f:  # the visible pixels
         segmentation = {a["id"]: a["segmentation"] for a in json.load(f)["annotations"]}
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    predictor = build_predictor(load_pretrained(model, device=device, dtype=dtype), max_new_tokens=32)
+    predictor = _predictor(model, device)
     per_question, per_pair = collections.Counter(), collections.Counter()
     for start in range(0, len(asks), 16):
         chunk = asks[start:start + 16]
-        paths = [os.path.join(image_dir(world), coco_file(im["image_id"])) for im, _ in chunk]
-        answers = predictor.ask_many([(read_image_rgb(path, "image"), [QUESTION.format(t) for t, _ in pair])
-                                      for path, (_, pair) in zip(paths, chunk)])
-        for (im, pair), outs in zip(chunk, answers):
+        for (im, pair), outs in zip(chunk, _answers(predictor, world, chunk)):
             h, w = im["height"], im["width"]
             truths = [decode_segmentation(segmentation[o["ann_id"]], h, w).astype(bool) for o in im["objects"]]
             hits = []
@@ -129,6 +145,37 @@ def direction(model: str, world: str, limit: int, device: str) -> dict:
     return out
 
 
+def states(model: str, world: str, limit: int, device: str) -> dict:
+    """How far the state that predicts [SEG] moves when only an order's direction changes ("first square
+    from the left" / "... from the right", one picture), against two attribute expressions that name
+    different objects of one picture ("the red circle" / "the blue square"). A model that reads the
+    direction moves it about as far; one that ignores the word hardly moves it."""
+    images = _manifest(world)
+    pairs = _direction_asks(images, limit)
+    for im in images.values():  # attribute pairs: the first two objects with an attribute expression
+        if im["split"] != "test" or len(pairs) >= 2 * limit:
+            continue
+        named = [(text, ref["object"]) for ref in im["refs"] for text, kind in ref["positives"] if kind == "attribute"]
+        firsts = list({obj: (text, obj) for text, obj in reversed(named)}.values())
+        if len(firsts) >= 2:
+            pairs.append((im, firsts[:2]))
+    predictor = _predictor(model, device)
+    distances: dict[str, list[float]] = collections.defaultdict(list)
+    for start in range(0, len(pairs), 16):
+        chunk = pairs[start:start + 16]
+        for (im, pair), outs in zip(chunk, _answers(predictor, world, chunk)):
+            if not all(a.num_seg for a in outs):
+                continue
+            a, b = (o.seg_hidden[0].float().cpu().numpy() for o in outs)
+            kind = "order, direction flipped" if ORDER.fullmatch(pair[0][0]) else "attribute, another object"
+            distances[kind].append(float(np.linalg.norm(a - b)))
+            distances["state norm"] += [float(np.linalg.norm(a)), float(np.linalg.norm(b))]
+    out = {k: {"pairs" if k != "state norm" else "states": len(v), "mean": float(np.mean(v))}
+           for k, v in distances.items()}
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -140,9 +187,16 @@ def main(argv=None) -> dict:
     b.add_argument("--world", required=True)
     b.add_argument("--limit", type=int, default=200, help="order expressions (each asked both ways)")
     b.add_argument("--device", default="cuda")
+    c = sub.add_parser("states")
+    c.add_argument("--model", required=True)
+    c.add_argument("--world", required=True)
+    c.add_argument("--limit", type=int, default=200, help="order pairs (and as many attribute pairs)")
+    c.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
     if args.cmd == "by_type":
         return by_type(args.records, args.world)
+    if args.cmd == "states":
+        return states(args.model, args.world, args.limit, args.device)
     return direction(args.model, args.world, args.limit, args.device)
 
 

@@ -279,6 +279,42 @@ def test_favoured_expressions_come_first_and_leave_the_scenes_alone(tmp_path, ca
     assert "--favour" in capsys.readouterr().err
 
 
+def test_order_questions_are_answered_by_the_scene(tmp_path):
+    """--order_questions 2: each training image's VQA starts with up to two questions whose answer is the
+    object an order names ("What is the second shape from the left?"), right by the objects' centres; the
+    pictures are those of the world without them, which has no such question."""
+    plain, asked = str(tmp_path / "plain"), str(tmp_path / "asked")
+    shapes_main([plain, "--images", "30", "--seed", "3", "--workers", "1"])
+    shapes_main([asked, "--images", "30", "--seed", "3", "--workers", "1", "--order_questions", "2"])
+    a, b = _manifest(plain), _manifest(asked)
+    assert [im["objects"] for im in a.values()] == [im["objects"] for im in b.values()]
+
+    def vqa(root):
+        with open(os.path.join(root, "llava_dataset", "llava_instruct_150k.json")) as f:
+            return {int(c["id"]): c["conversations"] for c in json.load(f)}
+
+    question = re.compile(rf"(?:What (?:colour|color) is the|What is the) ({'|'.join(ORDINALS)}) (\w+) from the "
+                          rf"({'|'.join(DIRECTIONS)})\?")
+    assert not any(question.search(t["value"]) for conv in vqa(plain).values() for t in conv)
+    checked = 0
+    for image_id, conv in vqa(asked).items():
+        objects = b[image_id]["objects"]
+        for q, answer in zip(conv[::2], conv[1::2]):
+            m = question.search(q["value"])
+            if not m:
+                continue
+            group = [o for o in objects if m[2] == "shape" or o["kind"] == m[2]]
+            axis, reverse = {"left": (0, False), "right": (0, True), "top": (1, False), "bottom": (1, True)}[m[3]]
+            named = sorted(group, key=lambda o: o["center"][axis], reverse=reverse)[ORDINALS.index(m[1])]
+            want = f"It is a {named['size']} {named['color']} {named['kind']}." if m[2] == "shape" \
+                else f"It is {named['color']}."
+            assert answer["value"] == want, (q["value"], answer["value"], objects)
+            checked += 1
+        first = [question.search(t["value"]) is not None for t in conv[::2]]
+        assert first == sorted(first, reverse=True)  # the order questions come first
+    assert checked > 20
+
+
 def test_bundled_world_scene_is_what_its_json_says():
     """assets/shapes_world.jpg (the web demo's and README's Shapes example) is the scene its JSON names,
     drawn by today's generator: objects, boxes and pixels (up to JPEG loss)."""

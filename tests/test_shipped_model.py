@@ -59,3 +59,34 @@ def test_the_readme_examples_on_the_bundled_picture(shipped):
     assert (mask & truth).sum() / (mask | truth).sum() > 0.9
     assert not false_premise.see and false_premise.num_seg == 0, false_premise.text
     assert "red square" in false_premise.text  # the correction names the square that is there
+
+
+def test_expression_diagnostics_on_the_shipped_model(tmp_path):
+    """benchmarks/shapes_expressions.py: each direction pair names two different objects, the ones the
+    objects' centres rank there; `direction` counts every question once; `states` measures [SEG]-state
+    distances (two attribute expressions for different objects move the state: their masks differ)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("expressions", os.path.join(ROOT, "benchmarks",
+                                                                              "shapes_expressions.py"))
+    expressions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(expressions)
+    world = tmp_path / "world"
+    generate_world(str(world), WorldConfig(images=40, seed=HELD_OUT_SEED, val_fraction=0.0, test_fraction=1.0))
+    asks = expressions._direction_asks(expressions._manifest(str(world)), 12)
+    assert len(asks) == 12
+    for im, pair in asks:
+        assert pair[0][1] != pair[1][1]
+        for text, target in pair:
+            m = expressions.ORDER.fullmatch(text)
+            d = expressions._description(m[2])
+            group = [o for o in im["objects"] if all(getattr(d, a) in (None, o[a]) for a in ("kind", "color", "size"))]
+            axis, reverse = {"left": (0, False), "right": (0, True), "top": (1, False), "bottom": (1, True)}[m[3]]
+            ranked = sorted(group, key=lambda o: o["center"][axis], reverse=reverse)
+            assert ranked[expressions.ORDINALS.index(m[1])] is im["objects"][target]
+    d = expressions.direction(SHIPPED, str(world), 12, "cpu")
+    assert d["pairs"] == 12
+    assert sum(d.get(k, 0) for k in ("asked object", "another object", "no object")) == pytest.approx(1.0)
+    s = expressions.states(SHIPPED, str(world), 12, "cpu")
+    assert s["attribute, another object"]["pairs"] > 0 and s["attribute, another object"]["mean"] > 1.0
+    assert s["order, direction flipped"]["pairs"] > 0

@@ -6,12 +6,13 @@ patch features still say nothing about an object's kind (benchmarks/shapes_clip_
 than an untrained tower), so the model cannot tell a green triangle from a green circle.
 This trains the tower on the world's own pixels, densely: from the features the projector reads
 (`select_layer`), one linear head names the kind and another the colour of the object under each
-patch centre (or background), and two more name the patch's own row and column of the grid
-(`--position_weight`). The last two are there because a tower trained on kind and colour alone forgets
-where a patch is (a ridge probe reads a patch's column from its features no better than from an
-untrained tower's), and the language model sees image tokens only through RoPE's relative offsets: with
-no absolute place in the features it cannot tell "the first square from the left" from "... from the
-right". The heads are dropped afterwards; the tower is written in the released layout, into a copy of a
+patch centre (or background), and, with `--position_weight`, two more name the patch's own row and
+column of the grid. A tower trained on kind and colour alone keeps a patch's place only loosely
+(benchmarks/shapes_clip_probe.py reads the exact row of about half the patches from the shipped tower;
+with the target, all of them), and the language model sees image tokens only through RoPE's relative
+offsets, so orders ("the first square from the left") need the place in the features. The target is off
+by default: on its own it did not teach the shipped model to read orders (benchmarks/RESULTS.md, eleventh
+session). The heads are dropped afterwards; the tower is written in the released layout, into a copy of a
 model directory (`--model`) or alone (`--out` only).
 
     python -m training.clip_pretrain --dataset_dir ./dataset_shapes --model runs/shapes/hf_model \\
@@ -206,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--position_weight", type=float, default=1.0,
-                   help="weight of the row and column targets (0: kind and colour only, as the c512 tower was trained)")
+    p.add_argument("--position_weight", type=float, default=0.0,
+                   help="weight of the row and column targets (0: kind and colour only, as the shipped model's tower "
+                        "was trained; 1 makes every patch's place readable from its features)")
     p.add_argument("--select_layer", type=int, default=-2, help="the hidden state LLaVA's projector reads")
     p.add_argument("--test_images", type=int, default=300, help="test-split images scored after training")
     p.add_argument("--workers", type=int, default=4)
