@@ -267,7 +267,8 @@ def order_questions(scene: Scene, colour_word: str = "colour") -> list[tuple[str
             hit = Expression(Description(), order=(k, direction)).resolve(objs, side)
             if hit and len(hit) == 1 and len(objs) >= 2:
                 o = objs[hit[0]]
-                qa.append((f"What is the {ordinal} shape from the {direction}?", f"It is a {o.size} {o.color} {o.kind}."))
+                qa.append((f"What is the {ordinal} shape from the {direction}?",
+                           f"It is a {o.size} {o.color} {o.kind}."))
             for kind in sorted({o.kind for o in objs}):
                 if sum(o.kind == kind for o in objs) < 2:
                     continue
