@@ -250,6 +250,8 @@ def test_missing_validation_set_and_bad_lora_targets_are_named(inputs):
         train_sesame.main(flags(inputs, "bad", dataset_dir=inputs / "data" / "refer_seg"))
     with pytest.raises(InputError, match="gate_proj"):
         train_sesame.main(flags(inputs, "bad", lora_target_modules="q_proj,gate_proj") + ["--no_eval"])
+    with pytest.raises(InputError, match="--checkpointed_layers 9: .* between 0 and the LLM's 2"):
+        train_sesame.main(flags(inputs, "bad", checkpointed_layers=9) + ["--no_eval"])
 
 
 @pytest.fixture

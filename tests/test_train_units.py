@@ -80,6 +80,7 @@ def test_flags_keep_the_original_defaults():
     assert a.wandb_run_name == a.exp_name
     b = parse_args(["--no-gradient_checkpointing", "--vision-tower", "x/clip", "--local_rank=3"])
     assert not b.gradient_checkpointing and b.vision_tower == "x/clip" and b.local_rank == 3
+    assert a.checkpointed_layers is None and parse_args(["--checkpointed_layers", "20"]).checkpointed_layers == 20
     with pytest.raises(SystemExit):
         parse_args(["--no_eval", "--eval_only"])
 

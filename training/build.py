@@ -156,7 +156,10 @@ def build_model(args: argparse.Namespace, device: torch.device):
                              "LLM (LoRA goes on LLaMA's self_attn q_proj/k_proj/v_proj/o_proj)")
     set_trainable(model, train_all=args.train_all, freeze_vision_tower=args.freeze_vision_tower)
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model, args.checkpointed_layers)
+        try:
+            enable_gradient_checkpointing(model, args.checkpointed_layers)
+        except ValueError as e:
+            raise InputError(f"--checkpointed_layers {args.checkpointed_layers}: {e}") from e
     if args.compile:
         compile_blocks(model)
     model.train()
