@@ -10,6 +10,8 @@
     # does the direction word reach the state that prompts SAM? the distance between the [SEG] states of
     # the two directions, beside that between two attribute expressions for different objects
     python benchmarks/shapes_expressions.py states --model assets/shapes_sesame --world WORLD --device cpu
+    # the same in text: "What is the first shape from the left?" / "... from the right?"
+    python benchmarks/shapes_expressions.py order_answers --model MODEL --world WORLD --device cpu
 """
 from __future__ import annotations
 
@@ -109,11 +111,12 @@ def _predictor(model: str, device: str):
     return build_predictor(load_pretrained(model, device=device, dtype=dtype), max_new_tokens=32)
 
 
-def _answers(predictor, world: str, chunk: list) -> list:
+def _answers(predictor, world: str, chunk: list, template: str = QUESTION) -> list:
+    """The answers to each (image, [(text, _), ...]) of `chunk`, each text put into `template`."""
     from dataset.image_io import read_image_rgb
 
     paths = [os.path.join(image_dir(world), coco_file(im["image_id"])) for im, _ in chunk]
-    return predictor.ask_many([(read_image_rgb(path, "image"), [QUESTION.format(t) for t, _ in pair])
+    return predictor.ask_many([(read_image_rgb(path, "image"), [template.format(t) for t, _ in pair])
                                for path, (_, pair) in zip(paths, chunk)])
 
 
@@ -176,6 +179,40 @@ def states(model: str, world: str, limit: int, device: str) -> dict:
     return out
 
 
+def order_answers(model: str, world: str, limit: int, device: str) -> dict:
+    """The same question in text: "What is the first shape from the left?" and "... from the right?" on
+    test pictures where the two name different objects (the VQA form of `--order_questions`); an answer
+    is right when it names the object's colour and kind."""
+    asks = []
+    for im in _manifest(world).values():
+        if im["split"] != "test" or len(im["objects"]) < 2:
+            continue
+        objects = [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
+                   for o in im["objects"]]
+        side = min(im["width"], im["height"])
+        named = [Expression(Description(), order=(0, d)).resolve(objects, side) for d in ("left", "right")]
+        if all(n and len(n) == 1 for n in named) and named[0] != named[1]:
+            asks.append((im, [(f"What is the first shape from the {d}?", f"{objects[n[0]].color} {objects[n[0]].kind}")
+                              for d, n in zip(("left", "right"), named)]))
+        if len(asks) >= limit:
+            break
+    predictor = _predictor(model, device)
+    counts = collections.Counter()
+    for start in range(0, len(asks), 16):
+        chunk = asks[start:start + 16]
+        for (_, qs), answers in zip(chunk, _answers(predictor, world, chunk, template="{}")):
+            right = [want in a.text for (_, want), a in zip(qs, answers)]
+            counts["questions right"] += sum(right)
+            counts["pairs both right"] += all(right)
+            counts["pairs, same answer"] += answers[0].text == answers[1].text
+    pairs = len(asks)
+    out = {"pairs": pairs, "questions right": counts["questions right"] / max(1, 2 * pairs),
+           "pairs both right": counts["pairs both right"] / max(1, pairs),
+           "pairs, same answer": counts["pairs, same answer"] / max(1, pairs)}
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -192,7 +229,14 @@ def main(argv=None) -> dict:
     c.add_argument("--world", required=True)
     c.add_argument("--limit", type=int, default=200, help="order pairs (and as many attribute pairs)")
     c.add_argument("--device", default="cuda")
+    d = sub.add_parser("order_answers")
+    d.add_argument("--model", required=True)
+    d.add_argument("--world", required=True)
+    d.add_argument("--limit", type=int, default=120, help="pictures (each asked both ways)")
+    d.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
+    if args.cmd == "order_answers":
+        return order_answers(args.model, args.world, args.limit, args.device)
     if args.cmd == "by_type":
         return by_type(args.records, args.world)
     if args.cmd == "states":

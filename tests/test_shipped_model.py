@@ -64,7 +64,8 @@ def test_the_readme_examples_on_the_bundled_picture(shipped):
 def test_expression_diagnostics_on_the_shipped_model(tmp_path):
     """benchmarks/shapes_expressions.py: each direction pair names two different objects, the ones the
     objects' centres rank there; `direction` counts every question once; `states` measures [SEG]-state
-    distances (two attribute expressions for different objects move the state: their masks differ)."""
+    distances (two attribute expressions for different objects move the state: their masks differ);
+    `order_answers` asks the text form of both directions."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("expressions", os.path.join(ROOT, "benchmarks",
@@ -90,3 +91,5 @@ def test_expression_diagnostics_on_the_shipped_model(tmp_path):
     s = expressions.states(SHIPPED, str(world), 12, "cpu")
     assert s["attribute, another object"]["pairs"] > 0 and s["attribute, another object"]["mean"] > 1.0
     assert s["order, direction flipped"]["pairs"] > 0
+    a = expressions.order_answers(SHIPPED, str(world), 6, "cpu")
+    assert a["pairs"] == 6 and 0.0 <= a["pairs both right"] <= a["questions right"] <= 1.0
