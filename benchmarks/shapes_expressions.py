@@ -47,6 +47,12 @@ def _manifest(world: str) -> dict[int, dict]:
         return {im["image_id"]: im for im in json.load(f)["images"]}
 
 
+def _scene_objects(im: dict) -> list[SimpleNamespace]:
+    """A manifest image's objects as `Expression.resolve` reads them."""
+    return [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
+            for o in im["objects"]]
+
+
 def _description(text: str) -> Description:
     words = text.split()
     kind = words.pop()
@@ -85,8 +91,7 @@ def _direction_asks(images: dict[int, dict], limit: int) -> list:
     for im in images.values():
         if im["split"] != "test":
             continue
-        objects = [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
-                   for o in im["objects"]]
+        objects = _scene_objects(im)
         for ref in im["refs"]:
             for text, kind in ref["positives"]:
                 m = ORDER.fullmatch(text) if kind == "order" else None
@@ -187,8 +192,7 @@ def order_answers(model: str, world: str, limit: int, device: str) -> dict:
     for im in _manifest(world).values():
         if im["split"] != "test" or len(im["objects"]) < 2:
             continue
-        objects = [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
-                   for o in im["objects"]]
+        objects = _scene_objects(im)
         side = min(im["width"], im["height"])
         named = [Expression(Description(), order=(0, d)).resolve(objects, side) for d in ("left", "right")]
         if all(n and len(n) == 1 for n in named) and named[0] != named[1]:
@@ -219,29 +223,20 @@ def main(argv=None) -> dict:
     a = sub.add_parser("by_type")
     a.add_argument("--records", required=True)
     a.add_argument("--world", required=True)
-    b = sub.add_parser("direction")
-    b.add_argument("--model", required=True)
-    b.add_argument("--world", required=True)
-    b.add_argument("--limit", type=int, default=200, help="order expressions (each asked both ways)")
-    b.add_argument("--device", default="cuda")
-    c = sub.add_parser("states")
-    c.add_argument("--model", required=True)
-    c.add_argument("--world", required=True)
-    c.add_argument("--limit", type=int, default=200, help="order pairs (and as many attribute pairs)")
-    c.add_argument("--device", default="cuda")
-    d = sub.add_parser("order_answers")
-    d.add_argument("--model", required=True)
-    d.add_argument("--world", required=True)
-    d.add_argument("--limit", type=int, default=120, help="pictures (each asked both ways)")
-    d.add_argument("--device", default="cuda")
+    # the three that ask a model: (function, --limit default, what --limit counts)
+    asking = {"direction": (direction, 200, "order expressions (each asked both ways)"),
+              "states": (states, 200, "order pairs (and as many attribute pairs)"),
+              "order_answers": (order_answers, 120, "pictures (each asked both ways)")}
+    for name, (_, limit, counts) in asking.items():
+        b = sub.add_parser(name)
+        b.add_argument("--model", required=True)
+        b.add_argument("--world", required=True)
+        b.add_argument("--limit", type=int, default=limit, help=counts)
+        b.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
-    if args.cmd == "order_answers":
-        return order_answers(args.model, args.world, args.limit, args.device)
     if args.cmd == "by_type":
         return by_type(args.records, args.world)
-    if args.cmd == "states":
-        return states(args.model, args.world, args.limit, args.device)
-    return direction(args.model, args.world, args.limit, args.device)
+    return asking[args.cmd][0](args.model, args.world, args.limit, args.device)
 
 
 if __name__ == "__main__":
