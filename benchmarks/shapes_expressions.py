@@ -12,6 +12,9 @@
     python benchmarks/shapes_expressions.py states --model assets/shapes_sesame --world WORLD --device cpu
     # the same in text: "What is the first shape from the left?" / "... from the right?"
     python benchmarks/shapes_expressions.py order_answers --model MODEL --world WORLD --device cpu
+    # does the language model say where an object is? "Where is the red square?" (a VQA form of every
+    # world), scored against the 3 x 3 region of the object's centre in what CLIP sees
+    python benchmarks/shapes_expressions.py where_answers --model MODEL --world WORLD --device cpu
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from dataset.coco_masks import decode_segmentation  # noqa: E402
 from dataset.shapes.language import DIRECTIONS, ORDINALS, Description, Expression  # noqa: E402
 from dataset.shapes.scene import COLORS, KINDS, SIZES  # noqa: E402
 from dataset.shapes.world import MANIFEST, coco_file, image_dir  # noqa: E402
+from dataset.templates import region_phrase  # noqa: E402
 
 QUESTION = ("Segment {} if you can see it in this image. Otherwise, answer that it is not present and, "
             "if possible, name something resembling it.")
@@ -217,6 +221,53 @@ def order_answers(model: str, world: str, limit: int, device: str) -> dict:
     return out
 
 
+def where_asks(images: dict[int, dict], limit: int) -> list:
+    """(image, [(question, expected answer), ...]) for test pictures: every object unique by colour and
+    kind, answered as the world's VQA answers it (the region of its centre within CLIP's square crop)."""
+    asks = []
+    for im in images.values():
+        if im["split"] != "test":
+            continue
+        objects = _scene_objects(im)
+        side = min(im["width"], im["height"])
+        x0, y0 = (im["width"] - side) // 2, (im["height"] - side) // 2
+        pair = [(f"Where is the {o.color} {o.kind}?",
+                 f"It is {region_phrase((o.center[0] - x0) / side, (o.center[1] - y0) / side)}.")
+                for i, o in enumerate(objects)
+                if Expression(Description(o.kind, o.color)).resolve(objects, 1.0) == [i]]
+        if pair:
+            asks.append((im, pair))
+        if len(asks) >= limit:
+            break
+    return asks
+
+
+def _row_column(answer: str) -> tuple[str, str]:
+    row = next((w for w in ("top", "bottom") if w in answer), "middle")
+    column = next((w for w in ("left", "right") if w in answer), "middle")
+    return row, column
+
+
+def where_answers(model: str, world: str, limit: int, device: str) -> dict:
+    asks = where_asks(_manifest(world), limit)
+    predictor = _predictor(model, device)
+    counts = collections.Counter()
+    for start in range(0, len(asks), 16):
+        chunk = asks[start:start + 16]
+        for (_, qs), answers in zip(chunk, _answers(predictor, world, chunk, template="{}")):
+            for (_, want), a in zip(qs, answers):
+                got, expected = _row_column(a.text), _row_column(want)
+                counts["questions"] += 1
+                counts["region right"] += a.text.strip() == want
+                counts["row right"] += got[0] == expected[0]
+                counts["column right"] += got[1] == expected[1]
+    n = max(1, counts["questions"])
+    out = {"questions": counts["questions"],
+           **{k: counts[k] / n for k in ("region right", "row right", "column right")}}
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -226,7 +277,8 @@ def main(argv=None) -> dict:
     # the three that ask a model: (function, --limit default, what --limit counts)
     asking = {"direction": (direction, 200, "order expressions (each asked both ways)"),
               "states": (states, 200, "order pairs (and as many attribute pairs)"),
-              "order_answers": (order_answers, 120, "pictures (each asked both ways)")}
+              "order_answers": (order_answers, 120, "pictures (each asked both ways)"),
+              "where_answers": (where_answers, 120, "pictures (each object unique by colour and kind asked)")}
     for name, (_, limit, counts) in asking.items():
         b = sub.add_parser(name)
         b.add_argument("--model", required=True)

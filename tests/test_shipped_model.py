@@ -65,7 +65,8 @@ def test_expression_diagnostics_on_the_shipped_model(tmp_path):
     """benchmarks/shapes_expressions.py: each direction pair names two different objects, the ones the
     objects' centres rank there; `direction` counts every question once; `states` measures [SEG]-state
     distances (two attribute expressions for different objects move the state: their masks differ);
-    `order_answers` asks the text form of both directions."""
+    `order_answers` asks the text form of both directions; `where_answers` expects the answers the
+    world's own VQA gives."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("expressions", os.path.join(ROOT, "benchmarks",
@@ -93,3 +94,19 @@ def test_expression_diagnostics_on_the_shipped_model(tmp_path):
     assert s["order, direction flipped"]["pairs"] > 0
     a = expressions.order_answers(SHIPPED, str(world), 6, "cpu")
     assert a["pairs"] == 6 and 0.0 <= a["pairs both right"] <= a["questions right"] <= 1.0
+    # where_answers' expected answer is the world's: every "Where is" round of its VQA is one of them
+    train = WorldConfig(images=40, seed=HELD_OUT_SEED)  # the same pictures with a train split: VQA is written for it
+    generate_world(str(tmp_path / "train_world"), train)
+    with open(tmp_path / "train_world" / "llava_dataset" / "llava_instruct_150k.json") as f:
+        conversations = json.load(f)
+    vqa = {(c["image"], t["value"].replace("<image>\n", "")): a["value"] for c in conversations
+           for t, a in zip(c["conversations"][0::2], c["conversations"][1::2]) if "Where is" in t["value"]}
+    images = expressions._manifest(str(tmp_path / "train_world"))
+    for im in images.values():
+        im["split"] = "test"  # where_asks reads test pictures
+    expected = {(f"{im['image_id']:012d}.jpg", q): want
+                for im, pairs in expressions.where_asks(images, 1000) for q, want in pairs}
+    shared = vqa.keys() & expected.keys()
+    assert len(shared) >= 5 and all(vqa[k] == expected[k] for k in shared)
+    w = expressions.where_answers(SHIPPED, str(world), 4, "cpu")
+    assert w["questions"] > 0 and 0.0 <= w["region right"] <= min(w["row right"], w["column right"])
