@@ -31,10 +31,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.coco_masks import decode_segmentation  # noqa: E402
-from dataset.shapes.language import DIRECTIONS, ORDINALS, Description, Expression  # noqa: E402
+from dataset.shapes.language import DIRECTIONS, ORDINALS, Description, Expression, region_of  # noqa: E402
 from dataset.shapes.scene import COLORS, KINDS, SIZES  # noqa: E402
 from dataset.shapes.world import MANIFEST, coco_file, image_dir  # noqa: E402
-from dataset.templates import region_phrase  # noqa: E402
 
 QUESTION = ("Segment {} if you can see it in this image. Otherwise, answer that it is not present and, "
             "if possible, name something resembling it.")
@@ -223,16 +222,13 @@ def order_answers(model: str, world: str, limit: int, device: str) -> dict:
 
 def where_asks(images: dict[int, dict], limit: int) -> list:
     """(image, [(question, expected answer), ...]) for test pictures: every object unique by colour and
-    kind, answered as the world's VQA answers it (the region of its centre within CLIP's square crop)."""
+    kind, answered as the world's VQA answers it (`language.region_of` its centre)."""
     asks = []
     for im in images.values():
         if im["split"] != "test":
             continue
         objects = _scene_objects(im)
-        side = min(im["width"], im["height"])
-        x0, y0 = (im["width"] - side) // 2, (im["height"] - side) // 2
-        pair = [(f"Where is the {o.color} {o.kind}?",
-                 f"It is {region_phrase((o.center[0] - x0) / side, (o.center[1] - y0) / side)}.")
+        pair = [(f"Where is the {o.color} {o.kind}?", f"It is {region_of(o.center, im['width'], im['height'])}.")
                 for i, o in enumerate(objects)
                 if Expression(Description(o.kind, o.color)).resolve(objects, 1.0) == [i]]
         if pair:

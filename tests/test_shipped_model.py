@@ -95,7 +95,7 @@ def test_expression_diagnostics_on_the_shipped_model(tmp_path):
     a = expressions.order_answers(SHIPPED, str(world), 6, "cpu")
     assert a["pairs"] == 6 and 0.0 <= a["pairs both right"] <= a["questions right"] <= 1.0
     # where_answers' expected answer is the world's: every "Where is" round of its VQA is one of them
-    train = WorldConfig(images=40, seed=HELD_OUT_SEED)  # the same pictures with a train split: VQA is written for it
+    train = WorldConfig(images=40, seed=HELD_OUT_SEED)  # VQA is written for training pictures only
     generate_world(str(tmp_path / "train_world"), train)
     with open(tmp_path / "train_world" / "llava_dataset" / "llava_instruct_150k.json") as f:
         conversations = json.load(f)

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..templates import region_phrase
-from .scene import COLORS, KINDS, Scene, SceneObject
+from .scene import COLORS, KINDS, Scene, SceneObject, centre_crop
 
 RELATIONS = ("left of", "right of", "above", "below")
 DIRECTIONS = ("left", "right", "top", "bottom")
@@ -216,9 +216,11 @@ def _count_phrase(n: int, noun: str, plural: str) -> str:
     return f"There are {NUMBERS[n]} {plural}."
 
 
-def _region(scene: Scene, obj: SceneObject) -> str:
-    x0, y0, side = scene.crop
-    return region_phrase((obj.center[0] - x0) / side, (obj.center[1] - y0) / side)
+def region_of(center: tuple[float, float], width: int, height: int) -> str:
+    """`region_phrase` of a point within the centred square CLIP sees of a width x height picture:
+    the answer to "Where is the ...?"."""
+    x0, y0, side = centre_crop(width, height)
+    return region_phrase((center[0] - x0) / side, (center[1] - y0) / side)
 
 
 def _listing(objects: Sequence[SceneObject]) -> str:
@@ -247,7 +249,7 @@ def vqa_rounds(rng: np.random.Generator, scene: Scene, colors: Sequence[str] = t
         if Expression(Description(color=o.color)).resolve(objs, 1.0) == [i]:
             qa.append((f"What shape is the {o.color} one?", f"It is a {o.kind}."))
         if Expression(Description(o.kind, o.color)).resolve(objs, 1.0) == [i]:
-            qa.append((f"Where is the {o.name}?", f"It is {_region(scene, o)}."))
+            qa.append((f"Where is the {o.name}?", f"It is {region_of(o.center, scene.width, scene.height)}."))
             qa.append((f"Is the {o.name} big or small?", f"It is {o.size}."))
     c, k = colors[int(rng.integers(len(colors)))], kinds[int(rng.integers(len(kinds)))]
     there = any(o.color == c and o.kind == k for o in objs)

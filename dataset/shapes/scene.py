@@ -29,6 +29,12 @@ BACKGROUND_STYLES = ("plain", "gradient", "striped", "checkered", "cloudy")
 SIZE_RANGE = {"small": (0.13, 0.18), "big": (0.27, 0.36)}
 
 
+def centre_crop(width: int, height: int) -> tuple[int, int, int]:
+    """(x0, y0, side) of the centred square CLIP sees of a width x height picture."""
+    side = min(height, width)
+    return (width - side) // 2, (height - side) // 2, side
+
+
 @dataclass(frozen=True)
 class SceneSpec:
     """What scenes to draw. The world's defaults; dataset/synthetic.py asks for a stricter kind."""
@@ -88,8 +94,7 @@ class Scene:
     @property
     def crop(self) -> tuple[int, int, int]:
         """(x0, y0, side) of the centred square CLIP sees."""
-        side = min(self.height, self.width)
-        return (self.width - side) // 2, (self.height - side) // 2, side
+        return centre_crop(self.width, self.height)
 
 
 # --- geometry -------------------------------------------------------------------------------------
