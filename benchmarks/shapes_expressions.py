@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset.coco_masks import decode_segmentation  # noqa: E402
 from dataset.shapes.language import DIRECTIONS, ORDINALS, Description, Expression, region_of  # noqa: E402
 from dataset.shapes.scene import COLORS, KINDS, SIZES  # noqa: E402
-from dataset.shapes.world import MANIFEST, coco_file, image_dir  # noqa: E402
+from dataset.shapes.world import MANIFEST, coco_file, image_dir, manifest_scene  # noqa: E402
 
 QUESTION = ("Segment {} if you can see it in this image. Otherwise, answer that it is not present and, "
             "if possible, name something resembling it.")
@@ -48,12 +47,6 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def _manifest(world: str) -> dict[int, dict]:
     with open(os.path.join(world, MANIFEST)) as f:
         return {im["image_id"]: im for im in json.load(f)["images"]}
-
-
-def _scene_objects(im: dict) -> list[SimpleNamespace]:
-    """A manifest image's objects as `Expression.resolve` reads them."""
-    return [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
-            for o in im["objects"]]
 
 
 def _description(text: str) -> Description:
@@ -94,7 +87,7 @@ def _direction_asks(images: dict[int, dict], limit: int) -> list:
     for im in images.values():
         if im["split"] != "test":
             continue
-        objects = _scene_objects(im)
+        objects = manifest_scene(im).objects
         for ref in im["refs"]:
             for text, kind in ref["positives"]:
                 m = ORDER.fullmatch(text) if kind == "order" else None
@@ -195,7 +188,7 @@ def order_answers(model: str, world: str, limit: int, device: str) -> dict:
     for im in _manifest(world).values():
         if im["split"] != "test" or len(im["objects"]) < 2:
             continue
-        objects = _scene_objects(im)
+        objects = manifest_scene(im).objects
         side = min(im["width"], im["height"])
         named = [Expression(Description(), order=(0, d)).resolve(objects, side) for d in ("left", "right")]
         if all(n and len(n) == 1 for n in named) and named[0] != named[1]:
@@ -227,7 +220,7 @@ def where_asks(images: dict[int, dict], limit: int) -> list:
     for im in images.values():
         if im["split"] != "test":
             continue
-        objects = _scene_objects(im)
+        objects = manifest_scene(im).objects
         pair = [(f"Where is the {o.color} {o.kind}?", f"It is {region_of(o.center, im['width'], im['height'])}.")
                 for i, o in enumerate(objects)
                 if Expression(Description(o.kind, o.color)).resolve(objects, 1.0) == [i]]

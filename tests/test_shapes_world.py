@@ -1,5 +1,6 @@
 """The shapes world generator: deterministic, in the loaders' formats, every expression naming
 exactly one object, false premises naming nothing, ground truth = the visible pixels."""
+import collections
 import functools
 import json
 import os
@@ -313,6 +314,51 @@ def test_order_questions_are_answered_by_the_scene(tmp_path):
         first = [question.search(t["value"]) is not None for t in conv[::2]]
         assert first == sorted(first, reverse=True)  # the order questions come first
     assert checked > 20
+
+
+def test_position_questions_ask_every_place_and_keep_the_world(tmp_path):
+    """--position_questions: the world's own conversations stay (the pictures too), and the added ones ask,
+    of each training picture, "Where is ...?" once for every object its colour and kind name alone, with
+    the row and column words of its centre in CLIP's crop, and order questions; 4 rounds at most, the
+    image once, after the first question."""
+    plain, mixed = str(tmp_path / "plain"), str(tmp_path / "mixed")
+    shapes_main([plain, "--images", "30", "--seed", "3", "--workers", "1"])
+    shapes_main([mixed, "--images", "30", "--seed", "3", "--workers", "1", "--position_questions"])
+    manifest = _manifest(mixed)
+    assert [im["objects"] for im in _manifest(plain).values()] == [im["objects"] for im in manifest.values()]
+
+    def vqa(root):
+        with open(os.path.join(root, "llava_dataset", "llava_instruct_150k.json")) as f:
+            return json.load(f)
+
+    own = vqa(plain)
+    added = [c for c in vqa(mixed) if c not in own]
+    assert len(vqa(mixed)) == len(own) + len(added) and len(added) > len(own)
+    asked, order = collections.Counter(), 0
+    for conv in added:
+        turns = conv["conversations"]
+        assert 2 <= len(turns) <= 8 and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].endswith("\n<image>") and all("<image>" not in t["value"] for t in turns[1:])
+        im = manifest[int(conv["id"])]
+        assert im["split"] == "train"
+        x0, y0, side = (im["width"] - min(im["width"], im["height"])) // 2, \
+            (im["height"] - min(im["width"], im["height"])) // 2, min(im["width"], im["height"])
+        for q, a in zip(turns[::2], turns[1::2]):
+            m = re.fullmatch(r"Where is the (\w+) (\w+)\?", q["value"].replace("\n<image>", ""))
+            if not m:
+                order += "from the" in q["value"]
+                continue
+            named = [o for o in im["objects"] if (o["color"], o["kind"]) == (m[1], m[2])]
+            assert len(named) == 1
+            fx, fy = (named[0]["center"][0] - x0) / side, (named[0]["center"][1] - y0) / side
+            assert ("left" in a["value"]) == (fx < 1 / 3) and ("right" in a["value"]) == (fx > 2 / 3)
+            assert ("top" in a["value"]) == (fy < 1 / 3) and ("bottom" in a["value"]) == (fy > 2 / 3)
+            asked[(im["image_id"], m[1], m[2])] += 1
+    names = {im["image_id"]: collections.Counter((o["color"], o["kind"]) for o in im["objects"])
+             for im in manifest.values() if im["split"] == "train"}
+    unique = {(i, *name) for i, counts in names.items() for name, n in counts.items() if n == 1}
+    assert set(asked) == unique and set(asked.values()) == {1}
+    assert order > len(unique)
 
 
 def test_bundled_world_scene_is_what_its_json_says():

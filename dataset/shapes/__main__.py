@@ -39,6 +39,9 @@ def main(argv=None) -> None:
                    help="VQA rounds per training image that ask what an order names ('What is the second shape "
                         "from the left?'), where the scene has such orders: a language-loss signal that turns on "
                         "the direction word (default 0: none, the worlds before 2026-11-26 night)")
+    p.add_argument("--position_questions", action="store_true",
+                   help="mix into the VQA file, for each training image, conversations asking every 'Where is the "
+                        "red square?' and every order question it has (the shipped model's last stage)")
     g = p.add_argument_group("a reduced world (default: the full one)")
     g.add_argument("--max_shapes", type=int, default=SceneSpec.max_shapes, help="shapes per image at most")
     g.add_argument("--min_shapes", type=int, default=SceneSpec.min_shapes, help="shapes per image at least")
@@ -55,7 +58,7 @@ def main(argv=None) -> None:
                              test_fraction=args.test_fraction, scene=spec,
                              binding_false_premises=args.binding_false_premises,
                              favoured_expressions=tuple(t for t in args.favour.split(",") if t),
-                             order_questions=args.order_questions)
+                             order_questions=args.order_questions, position_questions=args.position_questions)
     except ValueError as e:
         p.error(str(e))
     t0 = time.perf_counter()

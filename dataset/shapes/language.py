@@ -223,6 +223,11 @@ def region_of(center: tuple[float, float], width: int, height: int) -> str:
     return region_phrase((center[0] - x0) / side, (center[1] - y0) / side)
 
 
+def where_question(obj, width: int, height: int) -> tuple[str, str]:
+    """"Where is the red square?" and its answer, for an object its colour and kind name alone."""
+    return f"Where is the {obj.color} {obj.kind}?", f"It is {region_of(obj.center, width, height)}."
+
+
 def _listing(objects: Sequence[SceneObject]) -> str:
     names = [f"a {o.size} {o.color} {o.kind}" for o in objects]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -249,7 +254,7 @@ def vqa_rounds(rng: np.random.Generator, scene: Scene, colors: Sequence[str] = t
         if Expression(Description(color=o.color)).resolve(objs, 1.0) == [i]:
             qa.append((f"What shape is the {o.color} one?", f"It is a {o.kind}."))
         if Expression(Description(o.kind, o.color)).resolve(objs, 1.0) == [i]:
-            qa.append((f"Where is the {o.name}?", f"It is {region_of(o.center, scene.width, scene.height)}."))
+            qa.append(where_question(o, scene.width, scene.height))
             qa.append((f"Is the {o.name} big or small?", f"It is {o.size}."))
     c, k = colors[int(rng.integers(len(colors)))], kinds[int(rng.integers(len(kinds)))]
     there = any(o.color == c and o.kind == k for o in objs)
@@ -279,6 +284,25 @@ def order_questions(scene: Scene, colour_word: str = "colour") -> list[tuple[str
                     qa.append((f"What {colour_word} is the {ordinal} {kind} from the {direction}?",
                                f"It is {objs[hit[0]].color}."))
     return qa
+
+
+def position_conversations(rng: np.random.Generator, scene, rounds: int = 4) -> list[list[dict]]:
+    """Every question of a picture whose answer is a place or turns on one: "Where is the red square?"
+    for each object its colour and kind name alone, and all its `order_questions`; shuffled, `rounds` to
+    a conversation, `<image>` after the first question. `scene` needs only objects (kind, colour, size,
+    centre), width, height and crop, so a manifest entry will do (`world.manifest_scene`)."""
+    objs = scene.objects
+    qa = [where_question(o, scene.width, scene.height) for i, o in enumerate(objs)
+          if Expression(Description(o.kind, o.color)).resolve(objs, 1.0) == [i]]
+    qa += order_questions(scene, "colour" if rng.random() < 0.5 else "color")
+    qa = [qa[int(i)] for i in rng.permutation(len(qa))]
+    conversations = []
+    for start in range(0, len(qa), rounds):
+        turns = []
+        for k, (q, a) in enumerate(qa[start:start + rounds]):
+            turns += [{"from": "human", "value": q + "\n<image>" if k == 0 else q}, {"from": "gpt", "value": a}]
+        conversations.append(turns)
+    return conversations
 
 
 def vqa_conversation(rng: np.random.Generator, scene: Scene, rounds: int, colors: Sequence[str] = tuple(COLORS),

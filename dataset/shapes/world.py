@@ -18,12 +18,20 @@ import os
 import pickle
 import shutil
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 
-from .language import EXPRESSION_TYPES, candidate_expressions, false_premises, pick_expressions, vqa_conversation
-from .scene import KINDS, SceneSpec, make_scene
+from .language import (
+    EXPRESSION_TYPES,
+    candidate_expressions,
+    false_premises,
+    pick_expressions,
+    position_conversations,
+    vqa_conversation,
+)
+from .scene import KINDS, SceneSpec, centre_crop, make_scene
 
 SPLITS = ("train", "val", "test")
 REFER_SETS = {"refcoco": "unc_exclude_unified", "fprefcoco": "berkeley_exclude_unified"}
@@ -47,6 +55,9 @@ class WorldConfig:
     binding_false_premises: bool = True
     vqa_rounds: tuple[int, int] = (2, 4)
     order_questions: int = 0  # VQA rounds per image that ask an order ("What is the first square from the left?")
+    # besides each training picture's own conversation, conversations that ask every "Where is ...?" and
+    # every order question it has, mixed in (the model must learn to read places from the image tokens)
+    position_questions: bool = False
     jpeg_quality: int = 95
     scene: SceneSpec = SceneSpec()  # a reduced world: fewer shapes, kinds or colours
 
@@ -164,6 +175,30 @@ def vqa_records(records: list[dict]) -> list[dict]:
             for rec in records if "vqa" in rec]
 
 
+def manifest_scene(record: dict) -> SimpleNamespace:
+    """A manifest (or record) entry as the language functions read a scene: objects with kind, colour,
+    size and centre, the picture's size and CLIP's crop."""
+    objects = [SimpleNamespace(kind=o["kind"], color=o["color"], size=o["size"], center=tuple(o["center"]))
+               for o in record["objects"]]
+    return SimpleNamespace(objects=objects, width=record["width"], height=record["height"],
+                           crop=centre_crop(record["width"], record["height"]))
+
+
+def with_position_questions(vqa: list[dict], records: list[dict]) -> list[dict]:
+    """`vqa` plus, for each picture in it, `position_conversations`, all shuffled together. The stream
+    is seeded apart from the pictures' own (seed 0), so the questions follow from the pictures alone."""
+    rng = np.random.default_rng(0)
+    asked = {rec["image"] for rec in vqa}
+    extra = []
+    for rec in records:
+        image = f"{rec['image_id']:012d}.jpg"
+        if image in asked:
+            extra += [{"id": image[:-4], "image": image, "conversations": turns}
+                      for turns in position_conversations(rng, manifest_scene(rec))]
+    mixed = vqa + extra
+    return [mixed[int(i)] for i in rng.permutation(len(mixed))]
+
+
 def _write_json(path: str, payload) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -193,7 +228,10 @@ def generate_world(root: str, config: WorldConfig, workers: int = 1) -> list[dic
         canonical = json.loads(json.dumps(refs[name]))
         with open(os.path.join(folder, f"refs({split_by}).p"), "wb") as f:
             pickle.dump(canonical, f, protocol=2)  # as the released (Python 2 era) files
-    _write_json(os.path.join(root, "llava_dataset", VQA_FILE + ".json"), vqa_records(records))
+    vqa = vqa_records(records)
+    if config.position_questions:
+        vqa = with_position_questions(vqa, records)
+    _write_json(os.path.join(root, "llava_dataset", VQA_FILE + ".json"), vqa)
     manifest = [{k: v for k, v in rec.items() if k != "vqa"} for rec in records]
     for rec in manifest:
         rec["objects"] = [{k: v for k, v in o.items() if k != "segmentation"} for o in rec["objects"]]
