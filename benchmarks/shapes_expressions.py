@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.coco_masks import decode_segmentation  # noqa: E402
-from dataset.shapes.language import DIRECTIONS, ORDINALS, Description, Expression, region_of  # noqa: E402
+from dataset.shapes.language import DIRECTIONS, ORDINALS, Description, Expression, where_questions  # noqa: E402
 from dataset.shapes.scene import COLORS, KINDS, SIZES  # noqa: E402
 from dataset.shapes.world import MANIFEST, coco_file, image_dir, manifest_scene  # noqa: E402
 
@@ -215,15 +215,12 @@ def order_answers(model: str, world: str, limit: int, device: str) -> dict:
 
 def where_asks(images: dict[int, dict], limit: int) -> list:
     """(image, [(question, expected answer), ...]) for test pictures: every object unique by colour and
-    kind, answered as the world's VQA answers it (`language.region_of` its centre)."""
+    kind, answered as the world's VQA answers it (`language.where_questions`)."""
     asks = []
     for im in images.values():
         if im["split"] != "test":
             continue
-        objects = manifest_scene(im).objects
-        pair = [(f"Where is the {o.color} {o.kind}?", f"It is {region_of(o.center, im['width'], im['height'])}.")
-                for i, o in enumerate(objects)
-                if Expression(Description(o.kind, o.color)).resolve(objects, 1.0) == [i]]
+        pair = where_questions(manifest_scene(im))
         if pair:
             asks.append((im, pair))
         if len(asks) >= limit:

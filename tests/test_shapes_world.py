@@ -17,7 +17,7 @@ from dataset.image_io import read_image_rgb
 from dataset.refer import ReferData, sentence_exists
 from dataset.shapes.__main__ import main as shapes_main
 from dataset.shapes.language import DIRECTIONS, ORDINALS, RELATIONS, Description, Expression, pick_expressions
-from dataset.shapes.scene import COLORS, KINDS, SIZES, pixel_outlines, polygon_mask
+from dataset.shapes.scene import COLORS, KINDS, SIZES, centre_crop, pixel_outlines, polygon_mask
 from dataset.shapes.world import MANIFEST, WorldConfig, generate_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,8 +341,7 @@ def test_position_questions_ask_every_place_and_keep_the_world(tmp_path):
         assert turns[0]["value"].endswith("\n<image>") and all("<image>" not in t["value"] for t in turns[1:])
         im = manifest[int(conv["id"])]
         assert im["split"] == "train"
-        x0, y0, side = (im["width"] - min(im["width"], im["height"])) // 2, \
-            (im["height"] - min(im["width"], im["height"])) // 2, min(im["width"], im["height"])
+        x0, y0, side = centre_crop(im["width"], im["height"])
         for q, a in zip(turns[::2], turns[1::2]):
             m = re.fullmatch(r"Where is the (\w+) (\w+)\?", q["value"].replace("\n<image>", ""))
             if not m:

@@ -228,6 +228,13 @@ def where_question(obj, width: int, height: int) -> tuple[str, str]:
     return f"Where is the {obj.color} {obj.kind}?", f"It is {region_of(obj.center, width, height)}."
 
 
+def where_questions(scene) -> list[tuple[str, str]]:
+    """`where_question` for each object of `scene` that its colour and kind name alone, in scene order."""
+    objs = scene.objects
+    return [where_question(o, scene.width, scene.height) for i, o in enumerate(objs)
+            if Expression(Description(o.kind, o.color)).resolve(objs, 1.0) == [i]]
+
+
 def _listing(objects: Sequence[SceneObject]) -> str:
     names = [f"a {o.size} {o.color} {o.kind}" for o in objects]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -291,10 +298,7 @@ def position_conversations(rng: np.random.Generator, scene, rounds: int = 4) -> 
     for each object its colour and kind name alone, and all its `order_questions`; shuffled, `rounds` to
     a conversation, `<image>` after the first question. `scene` needs only objects (kind, colour, size,
     centre), width, height and crop, so a manifest entry will do (`world.manifest_scene`)."""
-    objs = scene.objects
-    qa = [where_question(o, scene.width, scene.height) for i, o in enumerate(objs)
-          if Expression(Description(o.kind, o.color)).resolve(objs, 1.0) == [i]]
-    qa += order_questions(scene, "colour" if rng.random() < 0.5 else "color")
+    qa = where_questions(scene) + order_questions(scene, "colour" if rng.random() < 0.5 else "color")
     qa = [qa[int(i)] for i in rng.permutation(len(qa))]
     conversations = []
     for start in range(0, len(qa), rounds):
