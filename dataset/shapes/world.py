@@ -185,15 +185,15 @@ def manifest_scene(record: dict) -> SimpleNamespace:
 
 
 def with_position_questions(vqa: list[dict], records: list[dict]) -> list[dict]:
-    """`vqa` plus, for each picture in it, `position_conversations`, all shuffled together. The stream
-    is seeded apart from the pictures' own (seed 0), so the questions follow from the pictures alone."""
+    """`vqa` (`vqa_records(records)`) plus, for each picture with VQA (the training ones),
+    `position_conversations`, all shuffled together. The stream is seeded apart from the pictures' own
+    (seed 0), so the questions follow from the pictures alone."""
     rng = np.random.default_rng(0)
-    asked = {rec["image"] for rec in vqa}
     extra = []
     for rec in records:
-        image = f"{rec['image_id']:012d}.jpg"
-        if image in asked:
-            extra += [{"id": image[:-4], "image": image, "conversations": turns}
+        if "vqa" in rec:
+            image_id = f"{rec['image_id']:012d}"
+            extra += [{"id": image_id, "image": f"{image_id}.jpg", "conversations": turns}
                       for turns in position_conversations(rng, manifest_scene(rec))]
     mixed = vqa + extra
     return [mixed[int(i)] for i in rng.permutation(len(mixed))]
