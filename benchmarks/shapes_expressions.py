@@ -203,10 +203,14 @@ def order_answers(model: str, world: str, limit: int, device: str) -> dict:
         for (_, qs), answers in zip(chunk, _answers(predictor, world, chunk, template="{}")):
             right = [want in a.text for (_, want), a in zip(qs, answers)]
             counts["questions right"] += sum(right)
+            counts["from the left: right"] += right[0]
+            counts["from the right: right"] += right[1]
             counts["pairs both right"] += all(right)
             counts["pairs, same answer"] += answers[0].text == answers[1].text
     pairs = len(asks)
     out = {"pairs": pairs, "questions right": counts["questions right"] / max(1, 2 * pairs),
+           "from the left: right": counts["from the left: right"] / max(1, pairs),
+           "from the right: right": counts["from the right: right"] / max(1, pairs),
            "pairs both right": counts["pairs both right"] / max(1, pairs),
            "pairs, same answer": counts["pairs, same answer"] / max(1, pairs)}
     print(json.dumps(out, indent=1))

@@ -374,3 +374,35 @@ def test_bundled_world_scene_is_what_its_json_says():
     pixels = cv2.imread(os.path.join(assets, "shapes_world.jpg"))[:, :, ::-1]
     assert pixels.shape == (meta["height"], meta["width"], 3) == scene.image.shape
     assert np.abs(pixels.astype(int) - scene.image.astype(int)).mean() < 2.0
+
+
+def test_order_directions_count_from_the_named_sides_only(tmp_path, capsys):
+    """--order_directions left (a curriculum's first stage): every order, in positives, false premises,
+    order questions and position questions, counts from the left; the pictures are those of the full
+    world, whose orders count from all four sides."""
+    full, left = str(tmp_path / "full"), str(tmp_path / "left")
+    flags = ["--images", "40", "--seed", "3", "--workers", "1", "--favour", "order", "--order_questions", "2",
+             "--position_questions"]
+    shapes_main([full, *flags])
+    shapes_main([left, *flags, "--order_directions", "left"])
+    assert [im["objects"] for im in _manifest(full).values()] == [im["objects"] for im in _manifest(left).values()]
+
+    def sides(root):
+        said = collections.Counter()
+        for name in ("refcoco", "fprefcoco"):
+            for ref in _refs(root, name):
+                for s in ref["sentences"]:
+                    order = parse(s["sent"]).order
+                    said[order[1] if order else None] += 1
+        with open(os.path.join(root, "llava_dataset", "llava_instruct_150k.json")) as f:
+            for conv in json.load(f):
+                for turn in conv["conversations"][::2]:
+                    said.update(re.findall(rf"from the ({'|'.join(DIRECTIONS)})\?", turn["value"]))
+        return said
+
+    everywhere, left_only = sides(full), sides(left)
+    assert all(everywhere[d] > 20 for d in DIRECTIONS)
+    assert left_only["left"] > 50 and not any(left_only[d] for d in ("right", "top", "bottom"))
+    with pytest.raises(SystemExit):
+        shapes_main([str(tmp_path / "x"), "--images", "4", "--order_directions", "left,up"])
+    assert "--order_directions" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from .language import DIRECTIONS
 from .scene import COLORS, KINDS, SceneSpec
 from .world import WorldConfig, generate_world, summary
 
@@ -42,6 +43,9 @@ def main(argv=None) -> None:
     p.add_argument("--position_questions", action="store_true",
                    help="mix into the VQA file, for each training image, conversations asking every 'Where is the "
                         "red square?' and every order question it has (the shipped model's last stage)")
+    p.add_argument("--order_directions", default=",".join(DIRECTIONS),
+                   help="comma-separated directions orders are counted from, in expressions and questions "
+                        "(default: all four; a curriculum's first stage counts from the left only)")
     g = p.add_argument_group("a reduced world (default: the full one)")
     g.add_argument("--max_shapes", type=int, default=SceneSpec.max_shapes, help="shapes per image at most")
     g.add_argument("--min_shapes", type=int, default=SceneSpec.min_shapes, help="shapes per image at least")
@@ -58,7 +62,8 @@ def main(argv=None) -> None:
                              test_fraction=args.test_fraction, scene=spec,
                              binding_false_premises=args.binding_false_premises,
                              favoured_expressions=tuple(t for t in args.favour.split(",") if t),
-                             order_questions=args.order_questions, position_questions=args.position_questions)
+                             order_questions=args.order_questions, position_questions=args.position_questions,
+                             order_directions=_names(args.order_directions, DIRECTIONS, "order_directions"))
     except ValueError as e:
         p.error(str(e))
     t0 = time.perf_counter()

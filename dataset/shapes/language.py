@@ -120,8 +120,10 @@ def names_one(expr: Expression, scene: Scene, index: int) -> bool:
 
 
 # --- expressions for one object --------------------------------------------------------------
-def candidate_expressions(scene: Scene, index: int) -> dict[str, list[Expression]]:
-    """Every expression of each type that names object `index` and nothing else."""
+def candidate_expressions(scene: Scene, index: int,
+                          directions: Sequence[str] = DIRECTIONS) -> dict[str, list[Expression]]:
+    """Every expression of each type that names object `index` and nothing else (orders counted from
+    `directions` only)."""
     o = scene.objects[index]
     attribute = [Description(o.kind, o.color), Description(o.kind), Description(color=o.color)]
     sized = [Description(o.kind, o.color, o.size), Description(o.kind, size=o.size),
@@ -132,7 +134,7 @@ def candidate_expressions(scene: Scene, index: int) -> dict[str, list[Expression
             unique_others += [d for d in (Description(a.kind, a.color), Description(a.kind))
                               if Expression(d).resolve(scene.objects, 1.0) == [j]]
     relations = [Expression(t, (rel, anchor)) for t in attribute[:2] for anchor in unique_others for rel in RELATIONS]
-    orders = [Expression(t, order=(k, d)) for t in attribute for d in DIRECTIONS for k in range(len(scene.objects))]
+    orders = [Expression(t, order=(k, d)) for t in attribute for d in directions for k in range(len(scene.objects))]
     found: dict[str, list[Expression]] = {}
     for expr in [Expression(d) for d in attribute + sized] + relations + orders:
         if names_one(expr, scene, index):
@@ -270,13 +272,14 @@ def vqa_rounds(rng: np.random.Generator, scene: Scene, colors: Sequence[str] = t
     return [qa[int(i)] for i in rng.permutation(len(qa))]
 
 
-def order_questions(scene: Scene, colour_word: str = "colour") -> list[tuple[str, str]]:
+def order_questions(scene: Scene, colour_word: str = "colour",
+                    directions: Sequence[str] = DIRECTIONS) -> list[tuple[str, str]]:
     """Questions whose answer turns on an order's ordinal and direction ("What is the second shape from
     the left?"), one for each order that names a single object among all shapes, or among two or more of
     one kind. In the language loss, a model that ignores the direction word answers half of them wrongly."""
     objs, side = scene.objects, scene.crop[2]
     qa = []
-    for direction in DIRECTIONS:
+    for direction in directions:
         for k, ordinal in enumerate(ORDINALS):
             hit = Expression(Description(), order=(k, direction)).resolve(objs, side)
             if hit and len(hit) == 1 and len(objs) >= 2:
@@ -293,12 +296,13 @@ def order_questions(scene: Scene, colour_word: str = "colour") -> list[tuple[str
     return qa
 
 
-def position_conversations(rng: np.random.Generator, scene, rounds: int = 4) -> list[list[dict]]:
+def position_conversations(rng: np.random.Generator, scene, rounds: int = 4,
+                           directions: Sequence[str] = DIRECTIONS) -> list[list[dict]]:
     """Every question of a picture whose answer is a place or turns on one: "Where is the red square?"
     for each object its colour and kind name alone, and all its `order_questions`; shuffled, `rounds` to
     a conversation, `<image>` after the first question. `scene` needs only objects (kind, colour, size,
     centre), width, height and crop, so a manifest entry will do (`world.manifest_scene`)."""
-    qa = where_questions(scene) + order_questions(scene, "colour" if rng.random() < 0.5 else "color")
+    qa = where_questions(scene) + order_questions(scene, "colour" if rng.random() < 0.5 else "color", directions)
     qa = [qa[int(i)] for i in rng.permutation(len(qa))]
     conversations = []
     for start in range(0, len(qa), rounds):
@@ -310,13 +314,14 @@ def position_conversations(rng: np.random.Generator, scene, rounds: int = 4) -> 
 
 
 def vqa_conversation(rng: np.random.Generator, scene: Scene, rounds: int, colors: Sequence[str] = tuple(COLORS),
-                     kinds: Sequence[str] = KINDS, order_rounds: int = 0) -> list[dict]:
+                     kinds: Sequence[str] = KINDS, order_rounds: int = 0,
+                     directions: Sequence[str] = DIRECTIONS) -> list[dict]:
     """LLaVA-Instruct turns: `rounds` question-answer pairs, `<image>` in the first question; with
     `order_rounds`, that many of them (where the scene has them) are `order_questions`, asked first."""
     turns = []
     qa = vqa_rounds(rng, scene, colors, kinds)
     if order_rounds:
-        ordered = order_questions(scene, "colour" if rng.random() < 0.5 else "color")
+        ordered = order_questions(scene, "colour" if rng.random() < 0.5 else "color", directions)
         ordered = [ordered[int(i)] for i in rng.permutation(len(ordered))[:order_rounds]]
         qa = ordered + qa
     for k, (q, a) in enumerate(qa[:rounds]):

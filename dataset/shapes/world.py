@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from .language import (
+    DIRECTIONS,
     EXPRESSION_TYPES,
     candidate_expressions,
     false_premises,
@@ -58,6 +59,9 @@ class WorldConfig:
     # besides each training picture's own conversation, conversations that ask every "Where is ...?" and
     # every order question it has, mixed in (the model must learn to read places from the image tokens)
     position_questions: bool = False
+    # the directions orders are counted from, in expressions and questions (a curriculum's first stage
+    # may count from one side only: see README, "The Shapes world")
+    order_directions: tuple[str, ...] = DIRECTIONS
     jpeg_quality: int = 95
     scene: SceneSpec = SceneSpec()  # a reduced world: fewer shapes, kinds or colours
 
@@ -71,6 +75,10 @@ class WorldConfig:
         if unknown:
             raise ValueError(f"--favour: unknown expression type(s) {', '.join(unknown)}; "
                              f"choose from {', '.join(EXPRESSION_TYPES)}")
+        wrong = [d for d in self.order_directions if d not in DIRECTIONS]
+        if wrong or not self.order_directions:
+            raise ValueError(f"--order_directions: unknown or no directions {wrong or list(self.order_directions)}; "
+                             f"choose from {', '.join(DIRECTIONS)}")
 
 
 def coco_file(image_id: int) -> str:
@@ -109,7 +117,7 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
         objects.append({"ann_id": image_id * 10 + j, "kind": obj.kind, "color": obj.color, "size": obj.size,
                         "center": [round(obj.center[0], 2), round(obj.center[1], 2)], "bbox": obj.bbox(),
                         "area": obj.area, "covered": obj.covered, "segmentation": obj.segmentation})
-        candidates = candidate_expressions(scene, j)
+        candidates = candidate_expressions(scene, j, config.order_directions)
         positives = pick_expressions(rng, candidates, config.positives_per_object, config.favoured_expressions)
         forms = {k: v for k, v in candidates.items() if k in config.premise_forms}
         premises = false_premises(rng, scene, j, spec.colors, spec.kinds, forms,
@@ -122,7 +130,7 @@ def draw_image(root: str, config: WorldConfig, index: int) -> dict:
     if split == "train":
         lo, hi = config.vqa_rounds
         record["vqa"] = vqa_conversation(rng, scene, int(rng.integers(lo, hi + 1)), spec.colors, spec.kinds,
-                                         config.order_questions)
+                                         config.order_questions, config.order_directions)
         _link(os.path.join(image_dir(root), coco_file(image_id)),
               os.path.join(root, "coco", "train2017", f"{image_id:012d}.jpg"))
     return record
@@ -184,7 +192,8 @@ def manifest_scene(record: dict) -> SimpleNamespace:
                            crop=centre_crop(record["width"], record["height"]))
 
 
-def with_position_questions(vqa: list[dict], records: list[dict]) -> list[dict]:
+def with_position_questions(vqa: list[dict], records: list[dict],
+                            directions: tuple[str, ...] = DIRECTIONS) -> list[dict]:
     """`vqa` (`vqa_records(records)`) plus, for each picture with VQA (the training ones),
     `position_conversations`, all shuffled together. The stream is seeded apart from the pictures' own
     (seed 0), so the questions follow from the pictures alone."""
@@ -194,7 +203,7 @@ def with_position_questions(vqa: list[dict], records: list[dict]) -> list[dict]:
         if "vqa" in rec:
             image_id = f"{rec['image_id']:012d}"
             extra += [{"id": image_id, "image": f"{image_id}.jpg", "conversations": turns}
-                      for turns in position_conversations(rng, manifest_scene(rec))]
+                      for turns in position_conversations(rng, manifest_scene(rec), directions=directions)]
     mixed = vqa + extra
     return [mixed[int(i)] for i in rng.permutation(len(mixed))]
 
@@ -230,7 +239,7 @@ def generate_world(root: str, config: WorldConfig, workers: int = 1) -> list[dic
             pickle.dump(canonical, f, protocol=2)  # as the released (Python 2 era) files
     vqa = vqa_records(records)
     if config.position_questions:
-        vqa = with_position_questions(vqa, records)
+        vqa = with_position_questions(vqa, records, config.order_directions)
     _write_json(os.path.join(root, "llava_dataset", VQA_FILE + ".json"), vqa)
     manifest = [{k: v for k, v in rec.items() if k != "vqa"} for rec in records]
     for rec in manifest:
