@@ -127,7 +127,7 @@ def direction(model: str, world: str, limit: int, device: str) -> dict:
     with open(os.path.join(world, "refer_seg", "fprefcoco", "instances.json")) as f:  # the visible pixels
         segmentation = {a["id"]: a["segmentation"] for a in json.load(f)["annotations"]}
     predictor = _predictor(model, device)
-    per_question, per_pair = collections.Counter(), collections.Counter()
+    per_question, per_pair, per_axis = collections.Counter(), collections.Counter(), collections.Counter()
     for start in range(0, len(asks), 16):
         chunk = asks[start:start + 16]
         for (im, pair), outs in zip(chunk, _answers(predictor, world, chunk)):
@@ -140,11 +140,16 @@ def direction(model: str, world: str, limit: int, device: str) -> dict:
                 hits.append(best if _iou(mask, truths[best]) > 0.5 else -1)
                 where = "asked object" if hits[-1] == target else "another object" if hits[-1] >= 0 else "no object"
                 per_question[where] += 1
-            per_pair["both right"] += hits[0] == pair[0][1] and hits[1] == pair[1][1]
+            axis = "left/right" if ORDER.fullmatch(pair[0][0])[3] in ("left", "right") else "top/bottom"
+            both = hits[0] == pair[0][1] and hits[1] == pair[1][1]
+            per_pair["both right"] += both
             per_pair["same object for both directions"] += hits[0] == hits[1] >= 0
+            per_axis[axis] += 1
+            per_axis[f"{axis}: both right"] += both
     pairs = len(asks)
     out = {"pairs": pairs, **{k: v / (2 * pairs) for k, v in per_question.items()},
-           **{k: v / pairs for k, v in per_pair.items()}}
+           **{k: v / pairs for k, v in per_pair.items()},
+           **{k: per_axis[k] / per_axis[k.split(":")[0]] for k in per_axis if ":" in k}}
     print(json.dumps(out, indent=1))
     return out
 
