@@ -149,6 +149,7 @@ def direction(model: str, world: str, limit: int, device: str) -> dict:
     pairs = len(asks)
     out = {"pairs": pairs, **{k: v / (2 * pairs) for k, v in per_question.items()},
            **{k: v / pairs for k, v in per_pair.items()},
+           **{f"{axis} pairs": per_axis[axis] for axis in ("left/right", "top/bottom")},
            **{k: per_axis[k] / per_axis[k.split(":")[0]] for k in per_axis if ":" in k}}
     print(json.dumps(out, indent=1))
     return out

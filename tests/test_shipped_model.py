@@ -89,11 +89,15 @@ def test_expression_diagnostics_on_the_shipped_model(tmp_path):
     d = expressions.direction(SHIPPED, str(world), 12, "cpu")
     assert d["pairs"] == 12
     assert sum(d.get(k, 0) for k in ("asked object", "another object", "no object")) == pytest.approx(1.0)
+    axes = ("left/right", "top/bottom")  # each pair counted on its own axis, the axes' shares add up
+    assert sum(d[f"{a} pairs"] for a in axes) == 12
+    assert sum(d.get(f"{a}: both right", 0) * d[f"{a} pairs"] for a in axes) == pytest.approx(12 * d["both right"])
     s = expressions.states(SHIPPED, str(world), 12, "cpu")
     assert s["attribute, another object"]["pairs"] > 0 and s["attribute, another object"]["mean"] > 1.0
     assert s["order, direction flipped"]["pairs"] > 0
     a = expressions.order_answers(SHIPPED, str(world), 6, "cpu")
     assert a["pairs"] == 6 and 0.0 <= a["pairs both right"] <= a["questions right"] <= 1.0
+    assert (a["from the left: right"] + a["from the right: right"]) / 2 == pytest.approx(a["questions right"])
     # where_answers' expected answer is the world's: every "Where is" round of its VQA is one of them
     train = WorldConfig(images=40, seed=HELD_OUT_SEED)  # VQA is written for training pictures only
     generate_world(str(tmp_path / "train_world"), train)
