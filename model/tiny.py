@@ -123,7 +123,9 @@ def write_clip_checkpoint(vision_tower, out_dir: str, dtype: Optional[torch.dtyp
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
                 max_position_embeddings=16, projection_dim=vc.projection_dim, bos_token_id=0, eos_token_id=1,
                 pad_token_id=1)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vc.to_dict(), projection_dim=vc.projection_dim))
+    with torch.random.fork_rng(devices=[]):  # the unused text tower's init: the same bytes for the same tower
+        torch.manual_seed(0)
+        clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vc.to_dict(), projection_dim=vc.projection_dim))
     clip.vision_model.load_state_dict(vision_tower.state_dict())
     clip.save_pretrained(out_dir) if dtype is None else clip.to(dtype).save_pretrained(out_dir)
     processor = None

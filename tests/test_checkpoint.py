@@ -570,3 +570,18 @@ def test_pickled_code_is_refused(release, tmp_path):
     with pytest.raises(CheckpointError, match=r"pytorch_model-00001-of-00003\.bin: not a weights-only"):
         load_pretrained(d, device="cpu")
     assert not os.path.exists(marker)
+
+
+def test_clip_checkpoint_is_the_same_bytes_for_the_same_tower(source, tmp_path):
+    """The unused text tower written beside CLIP is seeded: merging one model twice gives identical files
+    (and the global random stream is left as it was)."""
+    model = source[0]
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = write_clip_checkpoint(model.vision_tower, str(tmp_path / "a"))
+    assert torch.equal(torch.rand(1), expected_next)
+    b = write_clip_checkpoint(model.vision_tower, str(tmp_path / "b"))
+    for name in sorted(os.listdir(a)):
+        with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+            assert fa.read() == fb.read(), name
