@@ -83,6 +83,17 @@ def held_out_scores(records) -> dict:
             "other_object_iou": float(np.mean(other)), "present": len(present), "absent": len(absent)}
 
 
+def evaluate_held_out(model_dir, world, out, val_dataset: str, conv_type: str, max_new_tokens: int) -> dict:
+    """test_sesame.py on the world's test split (CPU, fp32), then `held_out_scores` of its records."""
+    assert test_sesame.main(["--pretrained_model_path", str(model_dir), "--dataset_dir", str(world), "--val_dataset",
+                             val_dataset, "--split", "test", "--vis_save_path", str(out), "--device", "cpu",
+                             "--precision", "fp32", "--conv_type", conv_type, "--max_new_tokens", str(max_new_tokens),
+                             "--num_workers", "0", "--no_progress"]) == 0
+    scores = held_out_scores(read_shard(shard_path(str(out), val_dataset, "test", 0, 1)))
+    print(scores)
+    return scores
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
@@ -112,13 +123,7 @@ def test_training_from_scratch_learns_to_see_and_segment(tmp_path, one_thread):
     assert json.loads((merged / "config.json").read_text())["vision_tower"] == "vision_tower"  # trained CLIP, beside
     assert (merged / "model.safetensors").exists() and (merged / "vision_tower" / "model.safetensors").exists()
 
-    out = tmp_path / "eval"
-    assert test_sesame.main(["--pretrained_model_path", str(merged), "--dataset_dir", str(world), "--val_dataset",
-                             "fprefcoco", "--split", "test", "--vis_save_path", str(out), "--device", "cpu",
-                             "--precision", "fp32", "--conv_type", "llava_v1", "--max_new_tokens", "16",
-                             "--num_workers", "0", "--no_progress"]) == 0
-    scores = held_out_scores(read_shard(shard_path(str(out), "fprefcoco", "test", 0, 1)))
-    print(scores)
+    scores = evaluate_held_out(merged, world, tmp_path / "eval", "fprefcoco", "llava_v1", max_new_tokens=16)
     assert scores["present"] >= 100 and scores["absent"] >= 50
     assert scores["balanced_see"] >= 0.7, scores  # chance: 0.5 (seen: 0.82-0.92 over five seeds)
     assert scores["mask_iou"] >= max(0.15, 4 * scores["full_mask_iou"]), scores  # blank 0, full ~0.03 (seen: 0.24-0.31)
@@ -137,15 +142,10 @@ def test_training_keeps_each_mask_with_its_seg(tmp_path, one_thread):
         "--steps_per_epoch", "20", "--batch_size", "2", "--lr", "2e-3", "--warmup_steps", "2",
         "--num_classes_per_sample", "6", "--workers", "1", "--no_eval", "--no-gradient_checkpointing",
         "--log_base_dir", str(runs), "--exp_name", "ft", "--logger", "none", "--no_progress"])
-    merged, out = tmp_path / "merged", tmp_path / "eval"
+    merged = tmp_path / "merged"
     merge_lora_weights.main(["--ckpt_dir", str(runs / "ft" / "ckpt_model"), "--save_path", str(merged),
                              "--dtype", "bf16", "--safe_serialization"])
-    assert test_sesame.main(["--pretrained_model_path", str(merged), "--dataset_dir", str(world), "--val_dataset",
-                             "refcoco", "--split", "test", "--vis_save_path", str(out), "--device", "cpu",
-                             "--precision", "fp32", "--conv_type", "vicuna_v1", "--max_new_tokens", "32",
-                             "--num_workers", "0", "--no_progress"]) == 0
-    scores = held_out_scores(read_shard(shard_path(str(out), "refcoco", "test", 0, 1)))
-    print(scores)
+    scores = evaluate_held_out(merged, world, tmp_path / "eval", "refcoco", "vicuna_v1", max_new_tokens=32)
     assert scores["present"] >= 100
     assert scores["mask_iou"] >= 0.5, scores  # seen 0.78; masks reversed within each sample: 0.16
     assert scores["mask_iou"] >= 3 * scores["other_object_iou"], scores  # seen 0.14; reversed: 0.16
