@@ -1,5 +1,7 @@
 """SAM ViT-H image encoder throughput: segment_anything's own attention vs the SDPA attention this
-project uses (model/sam.py), optionally under torch.compile. Random bf16 weights on the GPU.
+project uses (model/sam.py), with its relative-position channels written by the Triton kernels
+(model/sam_rel_pos_kernel.py) and by PyTorch calls, optionally under torch.compile. Random bf16
+weights on the GPU.
 
     python benchmarks/sam_encoder.py [--batch 8] [--iters 5] [--compile]
 """
@@ -16,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the library reference encoder
 
 from sam_reference import library_encoder  # noqa: E402
 
+from model import sam_rel_pos_kernel  # noqa: E402
 from model.config import SAM_PRESETS  # noqa: E402
 from model.sam import SdpaSamAttention, build_sam  # noqa: E402
 
@@ -44,10 +47,20 @@ def main():
     lib = library_encoder(encoder)
     t_lib, out_lib = timeit(lib, x, args.iters)
     t_sdpa, out_sdpa = timeit(encoder, x, args.iters)
+    kernel = sam_rel_pos_kernel.available
+    sam_rel_pos_kernel.available = lambda _qkv: False  # the relative-position channels in PyTorch calls
+    try:
+        t_torch, out_torch = timeit(encoder, x, args.iters)
+    finally:
+        sam_rel_pos_kernel.available = kernel
     diff = (out_lib.float() - out_sdpa.float()).abs().max().item()
+    diff_torch = (out_torch.float() - out_sdpa.float()).abs().max().item()
     print(f"| SAM ViT-H encoder, batch {args.batch}, bf16 | library blocks {1000 * t_lib / args.batch:.1f} ms/image "
-          f"| this project's blocks (SDPA attention, WindowedBlock) {1000 * t_sdpa / args.batch:.1f} ms/image "
-          f"| max |diff| {diff:.3g} |")
+          f"| this project's blocks (SDPA attention, WindowedBlock), relative-position channels by PyTorch calls "
+          f"{1000 * t_torch / args.batch:.1f} ms/image, "
+          f"by the Triton kernels {1000 * t_sdpa / args.batch:.1f} ms/image "
+          f"| max |diff| vs library {diff:.3g}, kernels vs PyTorch calls {diff_torch:.3g} "
+          f"(output max |value| {out_lib.float().abs().max().item():.3g}) |")
     if args.compile:
         compiled = torch.compile(encoder)
         t0 = time.time()

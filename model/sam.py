@@ -16,6 +16,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import get_rel_pos, window_unpartition
 
+from . import sam_rel_pos_kernel
 from .config import SamConfig
 
 
@@ -58,30 +59,42 @@ class SdpaSamAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         heads = self.num_heads
-        q, k, v = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (b, heads, hw, d)
+        qkv = self.qkv(x).reshape(b, h * w, 3, heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (b, heads, hw, d)
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
         d = q.shape[-1]
         width = -(-(d + h + w) // 8) * 8  # zero channels up to a multiple of 8: fused kernels take it as is
-        grid_q, grid_k = q.unflatten(2, (h, w)), k.unflatten(2, (h, w))  # (b, heads, h, w, d)
         unscale = 1.0 / self.scale  # SDPA multiplies every channel's product by the scale
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, self._rel_table(h, self.rel_pos_h, q.dtype) * unscale)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, self._rel_table(w, self.rel_pos_w, q.dtype) * unscale)
+        table_h = self._rel_table(h, self.rel_pos_h, q.dtype) * unscale
+        table_w = self._rel_table(w, self.rel_pos_w, q.dtype) * unscale
+        if sam_rel_pos_kernel.available(qkv):  # the same channels, written by two GPU kernels
+            q_ext, k_ext = sam_rel_pos_kernel.extend_qk(qkv, table_h, table_w, (h, w), width)
+        else:
+            q_ext, k_ext = self._extend(q, k, table_h, table_w, (h, w), width)
+        out = F.scaled_dot_product_attention(q_ext, k_ext, v, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+    def _extend(self, q, k, table_h, table_w, grid: tuple[int, int], width: int):
+        """(b, heads, hw, width) extended queries and keys, in PyTorch calls."""
+        (b, heads, _, d), (h, w) = q.shape, grid
+        grid_q, grid_k = q.unflatten(2, (h, w)), k.unflatten(2, (h, w))  # (b, heads, h, w, d)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)
 
         def key_channels() -> torch.Tensor:  # (h, w, width - d): e(hk), e(wk), zeros
-            rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+            rows, cols = torch.arange(h, device=q.device), torch.arange(w, device=q.device)
             e_h = (rows[:, None, None] == rows[None, None, :]).expand(h, w, h)
             e_w = (cols[None, :, None] == cols[None, None, :]).expand(h, w, w)
-            pad = torch.zeros((h, w, width - d - h - w), dtype=torch.bool, device=x.device)
+            pad = torch.zeros((h, w, width - d - h - w), dtype=torch.bool, device=q.device)
             return torch.cat([e_h, e_w, pad], dim=-1).to(q.dtype)
 
-        extra = self._constant(("keys", h, w, width, x.device, q.dtype), key_channels)
+        extra = self._constant(("keys", h, w, width, q.device, q.dtype), key_channels)
         zeros = q.new_zeros(())
         q_ext = torch.cat([grid_q, rel_h, rel_w, zeros.expand(b, heads, h, w, width - d - h - w)], dim=-1)
         k_ext = torch.cat([grid_k, extra.expand(b, heads, h, w, width - d)], dim=-1)
-        out = F.scaled_dot_product_attention(q_ext.flatten(2, 3), k_ext.flatten(2, 3), v, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+        return q_ext.flatten(2, 3), k_ext.flatten(2, 3)
 
 
 def _regions(size: int, window: int) -> list[tuple[int, int, int, int]]:
