@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay decode steps as captured CUDA graphs (each new step shape costs a capture)")
     p.add_argument("--compile_sam", action="store_true",
                    help="torch.compile SAM's image encoder (a one-time compile of about a minute)")
+    p.add_argument("--no_overlap_sam", action="store_true",
+                   help="run SAM's image encoder on the main CUDA stream, not beside the LLM (slower; for comparison)")
     p.add_argument("--num_workers", type=int, default=4, help="image loading / preprocessing threads (0: inline)")
     p.add_argument("--limit_images", type=int, default=0, help="evaluate only the first N images (0: all)")
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
@@ -77,7 +79,8 @@ def engine_config(args):
 
     return EngineConfig(queries_per_batch=args.queries_per_batch, sam_batch=args.sam_batch,
                         prefix_batch=args.prefix_batch, slots_per_group=args.slots_per_group,
-                        cuda_graphs=args.cuda_graphs, compile_sam=args.compile_sam)
+                        cuda_graphs=args.cuda_graphs, compile_sam=args.compile_sam,
+                        overlap_sam=not args.no_overlap_sam)
 
 
 def load_eval_images(args):

@@ -16,7 +16,7 @@ inside each step; masks of the chunk's [SEG]s. Its queries/s is extrapolated fro
 
     python benchmarks/eval_throughput.py                  # GPU, full size
     python benchmarks/eval_throughput.py --skip_original --profile_dir DIR   # + per-stage kernel profile
-    python benchmarks/eval_throughput.py --cuda_graphs | --compile_sam       # engine options
+    python benchmarks/eval_throughput.py --cuda_graphs | --compile_sam | --no_overlap_sam   # engine options
     python benchmarks/eval_throughput.py --tiny           # CPU smoke check, tiny random model
 
 Prints a Markdown table to paste into benchmarks/RESULTS.md and one JSON line with every figure.
@@ -159,6 +159,7 @@ def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
             str(args.slots_per_group), "--num_workers", str(args.num_workers), "--no_progress"]
     argv += ["--queries_per_batch", str(args.queries_per_batch)] if args.queries_per_batch else []
     argv += (["--cuda_graphs"] if args.cuda_graphs else []) + (["--compile_sam"] if args.compile_sam else [])
+    argv += ["--no_overlap_sam"] if args.no_overlap_sam else []
     eval_args = test_sesame.build_parser().parse_args(argv)
     cfg = loaded.model.config
     predictor = build_predictor(loaded, conv_type=eval_args.conv_type, max_new_tokens=eval_args.max_new_tokens,
@@ -315,6 +316,8 @@ def main(argv=None) -> None:
     ap.add_argument("--original_chunk", type=int, default=5)
     ap.add_argument("--skip_original", action="store_true")
     ap.add_argument("--cuda_graphs", action="store_true", help="decode steps replayed as CUDA graphs")
+    ap.add_argument("--no_overlap_sam", action="store_true",
+                    help="SAM's image encoder on the main stream (the old way)")
     ap.add_argument("--compile_sam", action="store_true", help="torch.compile SAM's image encoder (compile counted "
                     "in the warm-up run, reported as cold_seconds)")
     ap.add_argument("--profile_dir", default=None,
@@ -381,7 +384,7 @@ def main(argv=None) -> None:
         "queries_per_batch": args.queries_per_batch, "engine_sizes": summary["engine_sizes"],
         "slots_per_group": args.slots_per_group, "memory_cap_gib": args.memory_cap_gib,
         "llm_weights": f"int{quant}" if quant else "bf16", "resident_gib": resident,
-        "cuda_graphs": args.cuda_graphs, "compile_sam": args.compile_sam,
+        "cuda_graphs": args.cuda_graphs, "compile_sam": args.compile_sam, "overlap_sam": not args.no_overlap_sam,
         "engine_seconds": summary["seconds"], "engine_queries_per_s": qps,
         "decode_graphs": summary.get("decode_graphs"),
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
@@ -398,7 +401,8 @@ def main(argv=None) -> None:
     print(f"| GPU memory | cap {args.memory_cap_gib or 'none'} GiB; LLM weights {figures['llm_weights']}; "
           f"resident {resident if resident is None else round(resident, 2)} GiB |")
     print(f"| engine | **{qps:.1f} queries/s** ({summary['seconds']:.2f} s, real loop incl. loading and records; "
-          f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, SAM {'compiled' if args.compile_sam else 'eager'}) |")
+          f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, SAM {'compiled' if args.compile_sam else 'eager'}"
+          f"{', on the main stream' if args.no_overlap_sam else ', on its own stream'}) |")
     print(f"| warm-up run (first batch, cold) | {cold['queries_run']} queries in {cold['seconds']:.2f} s |")
     parts = ", ".join(f"{k} {v:.2f} s ({100 * v / stage_total:.0f}%)" for k, v in breakdown.items())
     print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts}; the main thread waited for the "

@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--image_hw", type=int, nargs=2, default=(480, 640))
     ap.add_argument("--no_graphs", action="store_true", help="decode steps without CUDA graphs")
     ap.add_argument("--compile_sam", action="store_true")
+    ap.add_argument("--no_overlap_sam", action="store_true", help="SAM's image encoder on the main stream")
     bits = ap.add_mutually_exclusive_group()
     bits.add_argument("--load_in_8bit", action="store_true")
     bits.add_argument("--load_in_4bit", action="store_true")
@@ -104,6 +105,7 @@ def main(argv=None) -> dict:
     engine = EngineConfig.interactive()
     engine.cuda_graphs = not args.no_graphs
     engine.compile_sam = args.compile_sam
+    engine.overlap_sam = not args.no_overlap_sam
     predictor = build_predictor(loaded, max_new_tokens=args.answer_tokens, config=engine, logits_hook=hook)
 
     h, w = args.image_hw
@@ -111,7 +113,8 @@ def main(argv=None) -> dict:
     figures = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
                "model": "tiny random" if args.tiny else "LLaMA-7B + CLIP ViT-L/14-336 + SAM ViT-H, random bf16",
                "llm_weights": f"int{quant}" if quant else "bf16", "answer_tokens": args.answer_tokens,
-               "cuda_graphs": engine.cuda_graphs, "compile_sam": args.compile_sam, "image": f"{w}x{h} JPEG",
+               "cuda_graphs": engine.cuda_graphs, "compile_sam": args.compile_sam,
+               "overlap_sam": engine.overlap_sam, "image": f"{w}x{h} JPEG",
                "resident_gib": resident}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "image.jpg")

@@ -32,7 +32,11 @@ the step. With `EngineConfig.cuda_graphs` (opt-in, see there) each step is captu
 graph and replayed: the cache, the mask and the step's inputs live at fixed addresses and are kept
 between batches, and a step reads whole blocks of `column_block` cache columns for
 `row_block`-rounded groups (columns past the last written one are masked), so one capture serves
-many steps and later batches.
+many steps and later batches. The host learns whether answers have ended one step late (a small
+copy it waits for only after queueing the next step), so it never holds the GPU up between steps.
+
+On CUDA, SAM's image encoder runs on a stream of its own (`EngineConfig.overlap_sam`) while the LLM
+stages run on a higher-priority one; only the masks wait for its embeddings.
 
 The decoder layers' own modules (projections, rotary embedding, norms, MLP, LoRA-wrapped or not)
 do the work; only the attention call and the cache are ours, because transformers' caches have no
@@ -69,6 +73,23 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=t.is_pinned())
 
 
+def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """A small tensor's copy on its way to the host (pinned, not waited for), and the event after it."""
+    if not flags.is_cuda:
+        return flags, None
+    host = flags.to("cpu", non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _read(pending: tuple[torch.Tensor, Optional[torch.cuda.Event]]) -> list:
+    host, done = pending
+    if done is not None:
+        done.synchronize()
+    return host.tolist()
+
+
 class BatchedInference:
     """See the module docstring: a `model.predictor.Backend`. `run` takes any number of images;
     callers size batches with `plan.batch_images` (KV memory grows with queries x prompt length). The
@@ -91,6 +112,14 @@ class BatchedInference:
         self._layers_of: Optional[LlamaLayers] = None
         self.sizes = batch_sizes(model, config)  # from free GPU memory where config leaves them unset
         self._sam_encoder = None
+        # config.overlap_sam (CUDA): SAM's image encoder on a stream of its own, the LLM's stages on a
+        # stream of higher priority, so SAM's blocks mostly fill what decode leaves idle rather than
+        # slowing the compute-bound prefills
+        self._sam_stream = self._llm_stream = None
+        self._sam_done = None  # event recorded on SAM's stream after the last run's embeddings
+        if config.overlap_sam and model.device.type == "cuda":
+            self._sam_stream = torch.cuda.Stream(model.device, priority=0)
+            self._llm_stream = torch.cuda.Stream(model.device, priority=-5)  # the highest the device allows
         if config.compile_sam:
             self._sam_encoder = torch.compile(model.visual_model.image_encoder, dynamic=False)
 
@@ -129,6 +158,16 @@ class BatchedInference:
         `images` may be a lazy iterable (e.g. images still being decoded by loader threads): the
         encoders start on the first `sam_batch` images as soon as they are there, so the GPU works
         while the rest of the batch loads."""
+        if self._llm_stream is None:
+            return self._run(images, max_new_tokens)
+        caller = torch.cuda.current_stream(self.model.device)
+        self._llm_stream.wait_stream(caller)
+        with torch.cuda.stream(self._llm_stream):
+            out = self._run(images, max_new_tokens)
+        caller.wait_stream(self._llm_stream)  # what the caller queues next sees this run's tensors
+        return out
+
+    def _run(self, images: Iterable[ImageWork], max_new_tokens: int) -> list[list[QueryPrediction]]:
         with self._stage("encoders"):
             images, clip_features, sam_embeddings = self._encode(images)
         flat: list[tuple[int, int]] = [(i, k) for i, im in enumerate(images) for k in range(len(im.prompts))]
@@ -160,11 +199,21 @@ class BatchedInference:
         seen: list[ImageWork] = []
         clip_features, sam_embeddings = [], []
 
+        side = self._sam_stream
+        main = torch.cuda.current_stream(device) if side is not None else None
+
         def encode(part: list[ImageWork]) -> None:
+            sam_inputs = [_to_device(im.sam_pixels, device) for im in part]
+            if side is not None:  # SAM on its stream, after these copies; CLIP meanwhile on the main one
+                side.wait_stream(main)
+                for t in sam_inputs:
+                    t.record_stream(side)  # made on the main stream, read on the side one
+                with torch.cuda.stream(side):
+                    sam_embeddings.append(self._encode_sam(self._sam_pixels(sam_inputs)))
             pixels = torch.stack([_to_device(im.clip_pixels, device) for im in part])
             clip_features.append(self.model.encode_images_clip(pixels))
-            pixels = torch.stack([self._sam_pixels(im.sam_pixels, device) for im in part])
-            sam_embeddings.append(self._encode_sam(pixels))
+            if side is None:
+                sam_embeddings.append(self._encode_sam(self._sam_pixels(sam_inputs)))
 
         start = 0
         for im in images:
@@ -176,13 +225,25 @@ class BatchedInference:
             encode(seen[start:])
         if not seen:
             return seen, torch.empty(0), torch.empty(0)
-        return seen, torch.cat(clip_features), torch.cat(sam_embeddings)
+        if side is None:
+            return seen, torch.cat(clip_features), torch.cat(sam_embeddings)
+        with torch.cuda.stream(side):
+            embeddings = torch.cat(sam_embeddings)
+            self._sam_done = side.record_event()
+        embeddings.record_stream(main)  # made on the side stream, read on the main one (after _sam_ready)
+        return seen, torch.cat(clip_features), embeddings
 
-    def _sam_pixels(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        pixels = _to_device(pixels, device)
-        if pixels.dtype == torch.uint8:  # resized only: normalise and pad here, on the device
-            return normalize_and_pad(pixels, self.model.config.sam.image_size)
-        return pixels
+    def _sam_ready(self) -> None:
+        """The main stream waits here for the side stream's SAM embeddings (a GPU-side wait; the host
+        goes on queueing work)."""
+        if self._sam_done is not None:
+            torch.cuda.current_stream(self.model.device).wait_event(self._sam_done)
+
+    def _sam_pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, S, S) SAM input from images on the device, each either ready or resized only (uint8,
+        normalised and padded here)."""
+        size = self.model.config.sam.image_size
+        return torch.stack([normalize_and_pad(t, size) if t.dtype == torch.uint8 else t for t in images])
 
     def _encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
         # channels-last pixels make the patch-embedding convolution write channels-last, so the
@@ -407,7 +468,8 @@ class BatchedInference:
         own = torch.full((n, n), float("-inf"), dtype=embed_dtype, device=device).fill_diagonal_(0)
         slot_offsets = torch.arange(n, device=device)
         seg_steps = []
-        step = 0
+        steps_run = 0
+        last_flags = None  # the last step's (every group done, groups done), on their way to the host
         for step in range(max_new_tokens):
             logits = lm_head(hidden).float()  # (g, n, V)
             if self.logits_hook is not None:
@@ -418,14 +480,25 @@ class BatchedInference:
             is_seg = (next_ids == seg_id) & ~finished
             finished = finished | (next_ids == eos_id)
             group_done = finished.all(1)
-            # one host sync per step
-            flags = torch.stack([group_done.all().long(), is_seg.any().long(), group_done.sum()]).tolist()
-            if flags[1]:
-                seg_steps.append((step, active, is_seg, hidden.clone()))  # graph outputs are overwritten
-            if flags[0] or step == max_new_tokens - 1:
+            # every step's states are kept ([SEG]s are picked out after decoding, with no wait here)
+            seg_steps.append((step, active, is_seg, hidden.clone()))  # graph outputs are overwritten
+            steps_run = step + 1
+            # The host reads whether groups are done one step late: it has queued this step before it
+            # waits for the last one's flags, so the GPU does not idle while the host decides. The
+            # price: one step run after every answer has ended, whose tokens are dropped.
+            flags, last_flags = last_flags, _to_host(torch.stack([group_done.all().long(), group_done.sum()]))
+            all_done, groups_done = _read(flags) if flags is not None else (False, 0)
+            if all_done:
+                seg_steps.pop()
+                steps_run = step
                 break
-            if flags[2] * 2 >= active.numel() and flags[2] > 0:  # drop groups that are done: less to read
+            if step == max_new_tokens - 1:
+                break
+            if groups_done * 2 >= active.numel() and groups_done > 0:  # drop groups that are done: less to read
+                last_flags = None  # counted over the rows before this drop
                 keep = (~group_done).nonzero()[:, 0]
+                if keep.numel() == 0:  # every group ended at this very step (a late flag did not say so)
+                    break
                 active, finished, slot_query, suffix_len, next_ids = (
                     active[keep], finished[keep], slot_query[keep], suffix_len[keep], next_ids[keep])
                 cache.select(keep)
@@ -449,7 +522,7 @@ class BatchedInference:
                 rows, read = g, min(self._round_columns(column + n, 1), cache.columns)
             hidden = self._step(decoder, llm, buf, rows, n, read)[:g]
             cache.used = column + n
-        return tokens, step + 1, seg_steps
+        return tokens, steps_run, seg_steps
 
     def _step(self, decoder, llm, buf: StepBuffers, rows: int, n: int, read: int) -> torch.Tensor:
         """One decode step over cache rows [0, rows) reading columns [0, read): (rows, n, H) final-norm
@@ -489,8 +562,11 @@ class BatchedInference:
         libraries set up per stream, never while capturing), then capture it there. Returns the
         graph, its output tensor and the eager result of this step. (Not `torch.cuda.graph`, which
         empties the allocator's cache at every capture: costly with a large KV cache around.)"""
-        if self._graph_pool is None:
+        if self._graph_pool is None or not self._graphs:
+            # a fresh memory pool once every graph of the last one is dropped: PyTorch's allocator
+            # refuses to capture into a pool whose graphs are gone while tensors of it are still alive
             self._graph_pool = torch.cuda.graph_pool_handle()
+        if self._capture_stream is None:
             self._capture_stream = torch.cuda.Stream()
         side, main = self._capture_stream, torch.cuda.current_stream()
         side.wait_stream(main)
@@ -513,13 +589,17 @@ class BatchedInference:
         from one `SesameModel.seg_masks` call (a mask group per answer), copied to the host with one wait."""
         model = self.model
         eos = model.config.llm.eos_token_id
+        self._sam_ready()
         tokens = tokens[:, :, :steps_run].cpu()
         # [SEG] states per (group, slot), in step order
         seg_states: dict[tuple[int, int], list[torch.Tensor]] = {}
         for _, active, is_seg, hidden in seg_steps:
-            where = is_seg.nonzero().tolist()
+            where = is_seg.cpu().nonzero().tolist()
+            if not where:
+                continue
+            groups = active.tolist()
             for (row, j), h in zip(where, hidden[is_seg]):
-                seg_states.setdefault((int(active[row]), j), []).append(h)
+                seg_states.setdefault((groups[row], j), []).append(h)
         answer_ids: dict[int, list[int]] = {}
         answer_seg: dict[int, torch.Tensor] = {}
         width = model.language_model.config.hidden_size

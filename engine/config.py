@@ -25,6 +25,9 @@ class EngineConfig:
     row_block: int = 4
     max_graphs: int = 48  # captured decode steps kept (oldest dropped first)
     compile_sam: bool = False  # torch.compile SAM's image encoder (fixed batch of sam_batch images)
+    # On CUDA, SAM's image encoder runs on a stream of its own while the LLM prefills and decodes (only
+    # the masks need its embeddings, and decode leaves most of the GPU's arithmetic idle)
+    overlap_sam: bool = True
 
     def __post_init__(self) -> None:
         for name in ("queries_per_batch", "max_images_per_batch", "slots_per_group", "sam_batch", "prefix_batch",

@@ -61,6 +61,35 @@ def test_engine_equals_predict_on_cuda(tokenizer, token_ids, no_tf32, graphs, co
     assert (engine.graph_captures >= 1) == graphs
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_sam_beside_the_llm_equals_predict(tokenizer, token_ids, no_tf32, overlap):
+    """SAM's image encoder on its own stream: the masks wait for it. SAM is slowed on purpose (a GPU
+    sleep before each encoder call, on the stream it runs on), so masks that read the embeddings
+    before they are written differ from `predict`'s."""
+    model = tiny_model(token_ids, len(tokenizer), seed=2).to("cuda")
+    works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77)], [2, 3, 1])
+    hook = _hook(token_ids)
+    pack_qkv(model.language_model.model)
+    engine = BatchedInference(model, EngineConfig(slots_per_group=3, first_capacity=4, sam_batch=2,
+                                                  overlap_sam=overlap), logits_hook=hook)
+    streams = []
+    encode_sam = engine._encode_sam
+
+    def slow_sam(pixels):
+        streams.append(torch.cuda.current_stream())
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU clock cycles
+        return encode_sam(pixels)
+
+    engine._encode_sam = slow_sam
+    single = _one_at_a_time(model, works, token_ids, 9, hook)
+    for run in range(2):
+        problems = _differences(engine.run(works, 9), single)
+        assert not problems, f"run {run}: " + "; ".join(problems[:8])
+    assert len(streams) == 4  # two chunks of two images per run
+    on_side = [s == engine._sam_stream for s in streams]
+    assert all(on_side) if overlap else not any(on_side)
+
+
 @pytest.mark.parametrize("heads,kv_heads,d", [(32, 32, 128), (4, 2, 16), (40, 40, 128), (3, 1, 64)])
 def test_rotary_kernel_equals_transformers(heads, kv_heads, d):
     """The Triton rotary kernel gives transformers' apply_rotary_pos_emb bit for bit in bf16, on the
