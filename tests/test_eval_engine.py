@@ -318,3 +318,25 @@ def test_engine_takes_resized_uint8_sam_input_and_lazy_images(tokenizer, token_i
     got = BatchedInference(model, cfg, logits_hook=hook).run(lazily(), 6)
     assert len(pulled) == 3
     _assert_same(got, want)
+
+
+def test_decode_stops_when_every_group_ends_at_a_drop(tokenizer, token_ids, monkeypatch):
+    """The decode reads whether groups have ended one step late. Two one-query groups end at steps 3
+    and 4: at step 4 the late flags ask for a drop of the ended group, and the drop finds every group
+    ended. Decoding stops there (a step over no cache rows fails on a GPU) with the same answers."""
+    steps = []
+    step = BatchedInference._step
+
+    def counted(self, decoder, llm, buf, rows, n, read):
+        steps.append(rows)
+        return step(self, decoder, llm, buf, rows, n, read)
+
+    monkeypatch.setattr(BatchedInference, "_step", counted)
+    model = tiny_model(token_ids, len(tokenizer), seed=1)
+    works = _work(model, tokenizer, [(40, 60)], [2])
+    hook = _hook(token_ids)  # EOS at step 3 + q: queries 0 and 1 end at steps 3 and 4
+    engine = BatchedInference(model, EngineConfig(slots_per_group=1), logits_hook=hook)
+    batched = engine.run(works, 9)
+    _assert_same(batched, _one_at_a_time(model, works, token_ids, 9, hook))
+    assert [len(p.output_ids) for p in batched[0]] == [4, 5]
+    assert steps == [2, 2, 2, 2], steps  # steps 0-3 over both groups; none after both ended
