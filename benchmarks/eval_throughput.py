@@ -18,6 +18,8 @@ inside each step; masks of the chunk's [SEG]s. Its queries/s is extrapolated fro
     python benchmarks/eval_throughput.py --skip_original --profile_dir DIR   # + per-stage kernel profile
     python benchmarks/eval_throughput.py --cuda_graphs | --compile_sam | --no_overlap_sam   # engine options
     python benchmarks/eval_throughput.py --tiny           # CPU smoke check, tiny random model
+    python benchmarks/eval_throughput.py --skip_original --repeats 3 --compare no_overlap_sam
+                                                          # + 3 rounds of A/B, alternated in one process
 
 Prints a Markdown table to paste into benchmarks/RESULTS.md and one JSON line with every figure.
 """
@@ -28,11 +30,13 @@ import gc
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
 import zlib
 from types import SimpleNamespace
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -57,6 +61,7 @@ EXPRESSIONS = ["man in red", "left zebra", "white car behind the bus", "person o
                "woman holding an umbrella near the door", "bowl", "second giraffe from the left",
                "blue chair", "guy in the black shirt sitting down"]
 STAGES = ("encoders", "prefill_prefix", "prefill_suffix", "decode", "masks")
+COMPARABLE = ("no_overlap_sam", "cuda_graphs", "compile_sam")  # engine flags --compare can toggle
 
 
 class SyntheticTokenizer:
@@ -170,6 +175,24 @@ def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
     sync(args.device)
     summary["engine_sizes"] = vars(predictor.backend.sizes)
     return summary
+
+
+def alternate_rounds(loaded, images, args, tmp: str) -> Optional[dict[str, list[float]]]:
+    """--repeats N: N more engine runs as configured, each followed by one with --compare's flag
+    toggled when given, so that both settings see the same machine at nearly the same time.
+    Returns queries/s per setting, in round order."""
+    if args.repeats <= 0:
+        return None
+    settings = {"as run": args}
+    if args.compare:
+        toggled = argparse.Namespace(**{**vars(args), args.compare: not getattr(args, args.compare)})
+        settings[f"--{args.compare} {'on' if getattr(toggled, args.compare) else 'off'}"] = toggled
+    out: dict[str, list[float]] = {name: [] for name in settings}
+    for k in range(args.repeats):
+        for name, setting in settings.items():
+            summary = run_engine(loaded, images, setting, os.path.join(tmp, f"round{k}-{len(out[name])}-{name}"))
+            out[name].append(summary["queries_per_s"])
+    return out
 
 
 @torch.inference_mode()
@@ -295,7 +318,7 @@ def first_batch(images, queries_per_batch: int):
     return images[:n]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke check with the tiny random model")
     ap.add_argument("--device", default=None)
@@ -320,6 +343,11 @@ def main(argv=None) -> None:
                     help="SAM's image encoder on the main stream (the old way)")
     ap.add_argument("--compile_sam", action="store_true", help="torch.compile SAM's image encoder (compile counted "
                     "in the warm-up run, reported as cold_seconds)")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="then N more rounds of the engine run in this process (machines differ, and one machine's "
+                         "runs vary by several per cent: compare medians of rounds, not single runs)")
+    ap.add_argument("--compare", choices=COMPARABLE, default=None,
+                    help="with --repeats: each round also runs the engine with this flag toggled (A/B alternated)")
     ap.add_argument("--profile_dir", default=None,
                     help="also profile one batch: per-stage GPU busy time and top kernels; trace saved here")
     args = ap.parse_args(argv)
@@ -361,6 +389,7 @@ def main(argv=None) -> None:
         peak_engine = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
         timer = StageTimer(sync=True)
         timed = run_engine(loaded, images, args, os.path.join(tmp, "timed"), timer=timer)
+        rounds = alternate_rounds(loaded, images, args, tmp)
         profile_rows = None
         if args.profile_dir:
             profile_rows = profile_one_batch(loaded, warm, args, os.path.join(tmp, "profiled"), args.profile_dir)
@@ -390,6 +419,7 @@ def main(argv=None) -> None:
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
         "breakdown_s": breakdown, "waited_s": waits, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
         "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,
+        "rounds": rounds,
     }
     print("\n| what | figure |\n|---|---|")
     print(f"| device | {device_name}, torch {torch.__version__}, transformers {transformers.__version__} |")
@@ -402,7 +432,7 @@ def main(argv=None) -> None:
           f"resident {resident if resident is None else round(resident, 2)} GiB |")
     print(f"| engine | **{qps:.1f} queries/s** ({summary['seconds']:.2f} s, real loop incl. loading and records; "
           f"CUDA graphs {'on' if args.cuda_graphs else 'off'}, SAM {'compiled' if args.compile_sam else 'eager'}"
-          f"{', on the main stream' if args.no_overlap_sam else ', on its own stream'}) |")
+          f"{', on its own stream' if args.device.startswith('cuda') and not args.no_overlap_sam else ''}) |")
     print(f"| warm-up run (first batch, cold) | {cold['queries_run']} queries in {cold['seconds']:.2f} s |")
     parts = ", ".join(f"{k} {v:.2f} s ({100 * v / stage_total:.0f}%)" for k, v in breakdown.items())
     print(f"| engine breakdown (synchronised run, {stage_total:.2f} s) | {parts}; the main thread waited for the "
@@ -410,11 +440,16 @@ def main(argv=None) -> None:
           f"{waits['records']:.2f} s (in other) |")
     if peak_engine is not None:
         print(f"| engine peak GPU memory | {peak_engine:.1f} GiB |")
+    for name, figures_of in (rounds or {}).items():
+        runs = ", ".join(f"{q:.1f}" for q in figures_of)
+        print(f"| {len(figures_of)} more rounds, {name} | {runs} queries/s (median "
+              f"**{statistics.median(figures_of):.1f}**) |")
     if original:
         print(f"| original strategy ({original['queries']} queries after a warm-up chunk) | "
               f"**{original['queries_per_s']:.2f} queries/s** ({original['seconds']:.1f} s) |")
         print(f"| speed-up | **{figures['speedup']:.1f}x** |")
     print(json.dumps(figures))
+    return figures
 
 
 if __name__ == "__main__":
