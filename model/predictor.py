@@ -205,7 +205,10 @@ class SesamePredictor:
     def ask_many(self, items: Iterable[tuple[np.ndarray, Sequence[str]]]) -> list[list[Answer]]:
         """Answers to several questions about several images (each image encoded once)."""
         items = [(image, list(questions)) for image, questions in items]
-        works = [self.prepare(image, [self.prompt_ids(q) for q in questions]) for image, questions in items]
+        # SAM's input resized only: the backend normalises and pads it where the model runs (on the GPU
+        # for the engine: a quarter of the bytes to copy and ~10 ms less host work per image)
+        works = [self.prepare(image, [self.prompt_ids(q) for q in questions], resize_only=True)
+                 for image, questions in items]
         predictions = self.run(works)
         return [[self.answer_of(q, p) for q, p in zip(questions, preds)]
                 for (_, questions), preds in zip(items, predictions)]

@@ -340,3 +340,31 @@ def test_decode_stops_when_every_group_ends_at_a_drop(tokenizer, token_ids, monk
     _assert_same(batched, _one_at_a_time(model, works, token_ids, 9, hook))
     assert [len(p.output_ids) for p in batched[0]] == [4, 5]
     assert steps == [2, 2, 2, 2], steps  # steps 0-3 over both groups; none after both ended
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_ask_gives_what_fully_prepared_work_gives(tokenizer, token_ids, engine):
+    """`ask_many` hands the backend SAM's input resized only (normalised where the model runs): the
+    same answers and masks as work prepared in full on the host, for both backends."""
+    from model.builder import LoadedSesame
+    from model.predictor import SesamePredictor
+
+    model = tiny_model(token_ids, len(tokenizer), seed=4)
+    loaded = LoadedSesame(model, tokenizer, ClipTransform(model.config.vision.image_size),
+                          SamTransform(model.config.sam.image_size))
+    hook = _hook(token_ids, seg_every=1)
+    backend = BatchedInference(model, EngineConfig(), logits_hook=hook) if engine else None
+    predictor = SesamePredictor(loaded, conv_type="llava_v1", max_new_tokens=6, backend=backend)
+    if not engine:
+        from model.predictor import ReferenceBackend
+        predictor.backend = ReferenceBackend(model, logits_hook=hook)
+    images = [(np.random.default_rng(k).random((37 + 9 * k, 52, 3)) * 255).astype(np.uint8) for k in range(2)]
+    questions = ["Is there a red square? Please segment it.", "the left zebra"]
+    answers = predictor.ask_many([(image, questions) for image in images])
+    works = [predictor.prepare(image, [predictor.prompt_ids(q) for q in questions]) for image in images]
+    assert works[0].sam_pixels.dtype == torch.float32  # prepared in full
+    expected = predictor.run(works)
+    for got, want in zip(answers, expected):
+        for a, p in zip(got, want):
+            assert a.output_ids == p.output_ids
+            assert torch.equal(a.masks, p.masks) and a.masks.shape[0] >= 1
