@@ -31,6 +31,19 @@ def available(qkv: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _queries_times_table(qkv_ptr, table_ptr, b, n, token, keep, table_row, heads, length, size,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """The queries of `token` (one head, one window), their rows' start in qkv, and their products
+        with table[table_row]^T (size x D): (tokens, BLOCK_R), float32 accumulation."""
+        c = tl.arange(0, BLOCK_D)
+        base = qkv_ptr + b.to(tl.int64) * length * 3 * heads * D + token[:, None].to(tl.int64) * 3 * heads * D + n * D
+        q = tl.load(base + c[None, :], mask=keep[:, None] & (c[None, :] < D), other=0.0)
+        r = tl.arange(0, BLOCK_R)
+        table = tl.load(table_ptr + table_row * size * D + r[:, None] * D + c[None, :],
+                        mask=(r[:, None] < size) & (c[None, :] < D), other=0.0)
+        return base, q, tl.dot(q, tl.trans(table))
+
+    @triton.jit
     def _rows_kernel(qkv_ptr, th_ptr, q_out, k_out, heads, length, grid_h, grid_w, width,
                      D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr):
@@ -41,16 +54,12 @@ if triton is not None:
         col = tl.arange(0, BLOCK_T)
         keep = col < grid_w
         token = row * grid_w + col
-        c = tl.arange(0, BLOCK_D)
-        base = qkv_ptr + b.to(tl.int64) * length * 3 * heads * D + token[:, None].to(tl.int64) * 3 * heads * D + n * D
-        in_d = keep[:, None] & (c[None, :] < D)
-        q = tl.load(base + c[None, :], mask=in_d, other=0.0)
+        base, q, rel = _queries_times_table(qkv_ptr, th_ptr, b, n, token, keep, row, heads, length, grid_h,
+                                            D, BLOCK_D, BLOCK_R)
         dst = (bn.to(tl.int64) * length + token[:, None].to(tl.int64)) * width
-        tl.store(q_out + dst + c[None, :], q, mask=in_d)
+        c = tl.arange(0, BLOCK_D)
+        tl.store(q_out + dst + c[None, :], q, mask=keep[:, None] & (c[None, :] < D))
         r = tl.arange(0, BLOCK_R)
-        table = tl.load(th_ptr + row * grid_h * D + r[:, None] * D + c[None, :],
-                        mask=(r[:, None] < grid_h) & (c[None, :] < D), other=0.0)
-        rel = tl.dot(q, tl.trans(table))  # (tokens, grid_h), float32 accumulation
         tl.store(q_out + dst + D + r[None, :], rel.to(q.dtype), mask=keep[:, None] & (r[None, :] < grid_h))
         z = D + grid_h + grid_w + tl.arange(0, BLOCK_Z)
         tl.store(q_out + dst + z[None, :], tl.zeros((BLOCK_T, BLOCK_Z), q.dtype),
@@ -70,15 +79,10 @@ if triton is not None:
         row = tl.arange(0, BLOCK_T)
         keep = row < grid_h
         token = row * grid_w + column
-        c = tl.arange(0, BLOCK_D)
-        src = (qkv_ptr + b.to(tl.int64) * length * 3 * heads * D + token[:, None].to(tl.int64) * 3 * heads * D
-               + n * D + c[None, :])
-        q = tl.load(src, mask=keep[:, None] & (c[None, :] < D), other=0.0)
-        k = tl.arange(0, BLOCK_C)
-        table = tl.load(tw_ptr + column * grid_w * D + k[:, None] * D + c[None, :],
-                        mask=(k[:, None] < grid_w) & (c[None, :] < D), other=0.0)
-        rel = tl.dot(q, tl.trans(table))
+        _, q, rel = _queries_times_table(qkv_ptr, tw_ptr, b, n, token, keep, column, heads, length, grid_w,
+                                         D, BLOCK_D, BLOCK_C)
         dst = (bn.to(tl.int64) * length + token[:, None].to(tl.int64)) * width
+        k = tl.arange(0, BLOCK_C)
         tl.store(q_out + dst + D + grid_h + k[None, :], rel.to(q.dtype), mask=keep[:, None] & (k[None, :] < grid_w))
 
 
