@@ -202,18 +202,19 @@ class BatchedInference:
         side = self._sam_stream
         main = torch.cuda.current_stream(device) if side is not None else None
 
+        def on_sam_stream():
+            return torch.cuda.stream(side) if side is not None else nullcontext()
+
         def encode(part: list[ImageWork]) -> None:
             sam_inputs = [_to_device(im.sam_pixels, device) for im in part]
             if side is not None:  # SAM on its stream, after these copies; CLIP meanwhile on the main one
                 side.wait_stream(main)
                 for t in sam_inputs:
                     t.record_stream(side)  # made on the main stream, read on the side one
-                with torch.cuda.stream(side):
-                    sam_embeddings.append(self._encode_sam(self._sam_pixels(sam_inputs)))
+            with on_sam_stream():
+                sam_embeddings.append(self._encode_sam(self._sam_pixels(sam_inputs)))
             pixels = torch.stack([_to_device(im.clip_pixels, device) for im in part])
             clip_features.append(self.model.encode_images_clip(pixels))
-            if side is None:
-                sam_embeddings.append(self._encode_sam(self._sam_pixels(sam_inputs)))
 
         start = 0
         for im in images:
@@ -225,12 +226,11 @@ class BatchedInference:
             encode(seen[start:])
         if not seen:
             return seen, torch.empty(0), torch.empty(0)
-        if side is None:
-            return seen, torch.cat(clip_features), torch.cat(sam_embeddings)
-        with torch.cuda.stream(side):
+        with on_sam_stream():
             embeddings = torch.cat(sam_embeddings)
+        if side is not None:
             self._sam_done = side.record_event()
-        embeddings.record_stream(main)  # made on the side stream, read on the main one (after _sam_ready)
+            embeddings.record_stream(main)  # made on the side stream, read on the main one (after _sam_ready)
         return seen, torch.cat(clip_features), embeddings
 
     def _sam_ready(self) -> None:
@@ -480,8 +480,9 @@ class BatchedInference:
             is_seg = (next_ids == seg_id) & ~finished
             finished = finished | (next_ids == eos_id)
             group_done = finished.all(1)
-            # every step's states are kept ([SEG]s are picked out after decoding, with no wait here)
-            seg_steps.append((step, active, is_seg, hidden.clone()))  # graph outputs are overwritten
+            # every step's states are kept ([SEG]s are picked out after decoding, with no wait here);
+            # a replayed graph overwrites its output, an eager step makes a new one
+            seg_steps.append((step, active, is_seg, hidden.clone() if self._use_graphs() else hidden))
             steps_run = step + 1
             # The host reads whether groups are done one step late: it has queued this step before it
             # waits for the last one's flags, so the GPU does not idle while the host decides. The
