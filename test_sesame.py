@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile_sam", action="store_true",
                    help="torch.compile SAM's image encoder (a one-time compile of about a minute)")
     p.add_argument("--no_overlap_sam", action="store_true",
-                   help="run SAM's image encoder on the main CUDA stream, not beside the LLM (slower; for comparison)")
+                   help="run SAM's image encoder on the main CUDA stream, not beside the LLM (for comparison)")
     p.add_argument("--num_workers", type=int, default=4, help="image loading / preprocessing threads (0: inline)")
     p.add_argument("--limit_images", type=int, default=0, help="evaluate only the first N images (0: all)")
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",

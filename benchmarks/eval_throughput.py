@@ -190,7 +190,7 @@ def alternate_rounds(loaded, images, args, tmp: str) -> Optional[dict[str, list[
     out: dict[str, list[float]] = {name: [] for name in settings}
     for k in range(args.repeats):
         for name, setting in settings.items():
-            summary = run_engine(loaded, images, setting, os.path.join(tmp, f"round{k}-{len(out[name])}-{name}"))
+            summary = run_engine(loaded, images, setting, os.path.join(tmp, f"round{k}-{name}"))
             out[name].append(summary["queries_per_s"])
     return out
 
