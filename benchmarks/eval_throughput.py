@@ -7,7 +7,9 @@ FP-RefCOCO-like work: N images x Q queries, prompts in the vicuna_v1 template (t
 SESAME's question wording, answers capped at --max_new_tokens, [SEG] forced in half of the answers (so
 mask decoding is counted) and EOS suppressed (every answer has the full length, in both strategies).
 A warm-up run over the first batch comes first (reported as "cold"); the engine figure is the next
-run over all images, and a third, synchronised run splits the time by stage.
+run over all images with the same predictor (what a long evaluation sees after its first batch;
+--fresh_predictor builds one per run, as before session 16), and a third, synchronised run splits
+the time by stage.
 
 Then it times the original's strategy on a subset (`eval_sesame.py` + `evaluate()`): chunks of 5
 queries of one image, left padded; SAM ViT-H run once per query (the image is repeated); every
@@ -154,32 +156,57 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(loaded, images, args, out_dir: str, timer=None) -> dict:
-    """One evaluation run with a new predictor; the last run's engine (and its KV cache) is freed
-    first, so each run sizes its batches from the same free memory."""
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+def eval_arguments(args, out_dir: str) -> argparse.Namespace:
+    """test_sesame.py's arguments for this benchmark's settings."""
     argv = ["--vis_save_path", out_dir, "--max_new_tokens", str(args.max_new_tokens), "--slots_per_group",
             str(args.slots_per_group), "--num_workers", str(args.num_workers), "--no_progress"]
     argv += ["--queries_per_batch", str(args.queries_per_batch)] if args.queries_per_batch else []
     argv += (["--cuda_graphs"] if args.cuda_graphs else []) + (["--compile_sam"] if args.compile_sam else [])
     argv += ["--no_overlap_sam"] if args.no_overlap_sam else []
-    eval_args = test_sesame.build_parser().parse_args(argv)
+    return test_sesame.build_parser().parse_args(argv)
+
+
+def new_predictor(loaded, args):
+    """A predictor for these settings; the last one's engine (and its KV cache) is freed first, so each
+    sizes its batches from the same free memory."""
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    eval_args = eval_arguments(args, "")
     cfg = loaded.model.config
-    predictor = build_predictor(loaded, conv_type=eval_args.conv_type, max_new_tokens=eval_args.max_new_tokens,
-                                max_text_tokens=eval_args.model_max_length, config=test_sesame.engine_config(eval_args),
-                                logits_hook=make_hook(cfg.seg_token_id, cfg.llm.eos_token_id), timer=timer)
+    return build_predictor(loaded, conv_type=eval_args.conv_type, max_new_tokens=eval_args.max_new_tokens,
+                           max_text_tokens=eval_args.model_max_length, config=test_sesame.engine_config(eval_args),
+                           logits_hook=make_hook(cfg.seg_token_id, cfg.llm.eos_token_id))
+
+
+def run_engine(loaded, images, args, out_dir: str, timer=None, predictor=None) -> dict:
+    """One evaluation run (test_sesame.py's loop) with `predictor`, or with a new one when None."""
+    if predictor is None:
+        predictor = new_predictor(loaded, args)
+    predictor.backend.timer = timer
+    eval_args = eval_arguments(args, out_dir)
     sync(args.device)
     summary = run_shard(test_sesame.eval_run(eval_args), predictor, images, test_sesame.image_reader(eval_args, None))
     sync(args.device)
+    predictor.backend.timer = None
     summary["engine_sizes"] = vars(predictor.backend.sizes)
     return summary
 
 
-def alternate_rounds(loaded, images, args, tmp: str) -> Optional[dict[str, list[float]]]:
+def warmed_predictor(loaded, warm, args, out_dir: str):
+    """None with --fresh_predictor (every run builds its own); otherwise a new predictor that has run
+    the warm-up batch once, as a long evaluation's predictor has after its first batch."""
+    if args.fresh_predictor:
+        return None
+    predictor = new_predictor(loaded, args)
+    run_engine(loaded, warm, args, out_dir, predictor=predictor)
+    return predictor
+
+
+def alternate_rounds(loaded, images, warm, args, tmp: str) -> Optional[dict[str, list[float]]]:
     """--repeats N: N more engine runs as configured, each followed by one with --compare's flag
-    toggled when given, so that both settings see the same machine at nearly the same time.
+    toggled when given, so that both settings see the same machine at nearly the same time. Each run
+    has a predictor of its own, warmed up first (not timed) unless --fresh_predictor.
     Returns queries/s per setting, in round order."""
     if args.repeats <= 0:
         return None
@@ -189,9 +216,12 @@ def alternate_rounds(loaded, images, args, tmp: str) -> Optional[dict[str, list[
         settings[f"--{args.compare} {'on' if getattr(toggled, args.compare) else 'off'}"] = toggled
     out: dict[str, list[float]] = {name: [] for name in settings}
     for k in range(args.repeats):
-        for name, setting in settings.items():
-            summary = run_engine(loaded, images, setting, os.path.join(tmp, f"round{k}-{name}"))
+        for i, (name, setting) in enumerate(settings.items()):
+            where = os.path.join(tmp, f"round{k}-setting{i}")
+            predictor = warmed_predictor(loaded, warm, setting, where + "-warmup")
+            summary = run_engine(loaded, images, setting, where, predictor=predictor)
             out[name].append(summary["queries_per_s"])
+            del predictor
     return out
 
 
@@ -283,7 +313,7 @@ def summarize_trace(path: str, top: int = 4) -> list[dict]:
     return rows
 
 
-def profile_one_batch(loaded, images, args, out_dir: str, trace_dir: str) -> list[dict]:
+def profile_one_batch(loaded, images, args, out_dir: str, trace_dir: str, predictor=None) -> list[dict]:
     """One engine batch under torch.profiler; the trace is kept (gzip) in trace_dir."""
     import gzip
     import shutil
@@ -292,7 +322,7 @@ def profile_one_batch(loaded, images, args, out_dir: str, trace_dir: str) -> lis
 
     timer = StageTimer(sync=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_engine(loaded, images, args, out_dir, timer=timer)
+        run_engine(loaded, images, args, out_dir, timer=timer, predictor=predictor)
     os.makedirs(trace_dir, exist_ok=True)
     path = os.path.join(trace_dir, "eval_trace.json")
     prof.export_chrome_trace(path)
@@ -306,6 +336,69 @@ def profile_one_batch(loaded, images, args, out_dir: str, trace_dir: str) -> lis
         top = "; ".join(f"{k} {v:.1f}" for k, v in r["top"])
         print(f"| {r['stage']} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels']} | {r['launches']} "
               f"| {top} |")
+    return rows
+
+
+def summarize_timeline(path: str, top: int = 6) -> dict:
+    """From a torch.profiler Chrome trace of one whole, unsynchronised run: how long the run took on
+    the GPU's clock, how much of it some kernel was running (any stream), each stream's busy time,
+    and the idle gaps, each charged to the engine stage the host was in when the gap began (no stage:
+    between batches, loading, records). Says whether the run is bound by the GPU's work or by the host."""
+    import bisect
+    from collections import Counter
+
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e.get("args", {}).get("stream"), e["name"])
+                     for e in events if e.get("cat") == "kernel")
+    stages = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                    if e.get("cat") == "user_annotation" and e.get("name") in STAGES)
+    if not kernels:
+        return {}
+    begin, end = kernels[0][0], max(b for _, b, _, _ in kernels)
+    streams: dict = {}
+    for a, b, stream, _ in kernels:
+        streams.setdefault(stream, []).append((a, b))
+    gaps, reach = [], begin
+    for a, b, _, _ in kernels:
+        if a > reach:
+            gaps.append((reach, a))
+        reach = max(reach, b)
+    starts = [s[0] for s in stages]
+
+    def stage_at(t: float) -> str:
+        k = bisect.bisect_right(starts, t) - 1
+        return stages[k][2] if k >= 0 and stages[k][1] >= t else "no stage"
+
+    idle_by_stage = Counter()
+    for a, b in gaps:
+        idle_by_stage[stage_at(a)] += b - a
+    cost = Counter()
+    for a, b, _, name in kernels:
+        cost[name[:80]] += b - a
+    return {"gpu_window_ms": (end - begin) / 1e3,
+            "busy_ms": _union_length([(a, b) for a, b, _, _ in kernels]) / 1e3,
+            "stream_busy_ms": {str(s): _union_length(v) / 1e3 for s, v in streams.items()},
+            "idle_ms_by_host_stage": {k: v / 1e3 for k, v in idle_by_stage.most_common()},
+            "gaps_over_1ms": sum(1 for a, b in gaps if b - a > 1e3),
+            "top_kernels_ms": [(k, v / 1e3) for k, v in cost.most_common(top)]}
+
+
+def profile_timeline(loaded, images, args, out_dir: str, trace_dir: str, predictor=None) -> dict:
+    """One whole run (all images, stages not synchronised) under torch.profiler: summarize_timeline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        summary = run_engine(loaded, images, args, out_dir, timer=StageTimer(sync=False), predictor=predictor)
+    os.makedirs(trace_dir, exist_ok=True)
+    path = os.path.join(trace_dir, "eval_timeline.json")
+    prof.export_chrome_trace(path)
+    rows = summarize_timeline(path)
+    os.remove(path)  # large; the summary is what is kept
+    rows["profiled_run_s"] = summary["seconds"]
+    print(f"\n| whole run, profiled ({summary['seconds']:.2f} s) | figure |\n|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v} |")
     return rows
 
 
@@ -349,7 +442,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--compare", choices=COMPARABLE, default=None,
                     help="with --repeats: each round also runs the engine with this flag toggled (A/B alternated)")
     ap.add_argument("--profile_dir", default=None,
-                    help="also profile one batch: per-stage GPU busy time and top kernels; trace saved here")
+                    help="also profile one batch (per-stage GPU busy time and top kernels; trace saved here) and one "
+                         "whole unsynchronised run (GPU busy and idle time over the run, idle charged to host stages)")
+    ap.add_argument("--fresh_predictor", action="store_true",
+                    help="every run builds its own predictor (before session 16: per-predictor state such as "
+                         "captured CUDA graphs was paid again in each timed run); default: one predictor per "
+                         "setting, warmed up by the first batch, as a long evaluation's is")
     args = ap.parse_args(argv)
     tiny = args.tiny
     defaults = dict(images=(6, 64), queries_per_image=(3, 8), max_new_tokens=(8, 24), num_workers=(0, 8),
@@ -382,17 +480,22 @@ def main(argv=None) -> dict:
         # warm-up: one full batch (kernels chosen, allocator pools sized, compilation if asked for), so
         # the figures are what a long evaluation sees per batch; its own time is reported as "cold"
         warm = first_batch(images, args.queries_per_batch or 256)
-        cold = run_engine(loaded, warm, args, os.path.join(tmp, "warmup"))
+        predictor = None if args.fresh_predictor else new_predictor(loaded, args)
+        cold = run_engine(loaded, warm, args, os.path.join(tmp, "warmup"), predictor=predictor)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        summary = run_engine(loaded, images, args, os.path.join(tmp, "run"))
+        summary = run_engine(loaded, images, args, os.path.join(tmp, "run"), predictor=predictor)
         peak_engine = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
         timer = StageTimer(sync=True)
-        timed = run_engine(loaded, images, args, os.path.join(tmp, "timed"), timer=timer)
-        rounds = alternate_rounds(loaded, images, args, tmp)
-        profile_rows = None
+        timed = run_engine(loaded, images, args, os.path.join(tmp, "timed"), timer=timer, predictor=predictor)
+        profile_rows = timeline = None
         if args.profile_dir:
-            profile_rows = profile_one_batch(loaded, warm, args, os.path.join(tmp, "profiled"), args.profile_dir)
+            profile_rows = profile_one_batch(loaded, warm, args, os.path.join(tmp, "profiled"), args.profile_dir,
+                                             predictor=predictor)
+            timeline = profile_timeline(loaded, images, args, os.path.join(tmp, "timeline"), args.profile_dir,
+                                        predictor=predictor)
+        del predictor
+        rounds = alternate_rounds(loaded, images, warm, args, tmp)
         original = None
         if not args.skip_original:
             n_orig, s_orig = run_original(loaded, images[:args.original_images], args)
@@ -417,6 +520,7 @@ def main(argv=None) -> dict:
         "engine_seconds": summary["seconds"], "engine_queries_per_s": qps,
         "decode_graphs": summary.get("decode_graphs"),
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,
+        "timeline": timeline, "fresh_predictor": args.fresh_predictor,
         "breakdown_s": breakdown, "waited_s": waits, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
         "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,
         "rounds": rounds,
