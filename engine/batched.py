@@ -51,7 +51,7 @@ import gc
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ from .cache import GroupKVCache, StepBuffers
 from .config import EngineConfig
 from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
 from .memory import batch_sizes
-from .plan import Plan, plan_groups, round_up, split_prompt
+from .plan import Plan, common_start, plan_groups, round_up, split_prompt
 from .timing import StageTimer
 
 
@@ -307,11 +307,14 @@ class BatchedInference:
         llm = model.language_model
         decoder = llm.model
         device, dtype = model.device, model.dtype
+        # what every suffix starts with (e.g. "<im_end>\n" and the question's first words) is run
+        # once per image with the prefix, not once per query
+        shared = common_start([ids for _, ids, _ in queries])
+        queries = [(image, ids[len(shared):], q) for image, ids, q in queries]
         plan = plan_groups(queries, cfg.slots_per_group)
         groups, n = len(plan.group_image), plan.slots
         num_patches = clip_features.shape[1]
-        text_len = len(prefix)
-        P = text_len + num_patches
+        P = len(prefix) + num_patches + len(shared)
         # suffix columns: each group's slots one after another, unpadded; groups padded to the longest
         lengths = [[len(queries[local][1]) for local in slot_list] for slot_list in plan.slot_query]
         S = max(sum(row) for row in lengths)
@@ -321,7 +324,7 @@ class BatchedInference:
         # 1) prefix: each distinct image once, copied into each of its groups' cache rows
         with self._stage("prefill_prefix"):
             image_ids = sorted(set(plan.group_image))
-            image_hidden = self._prefill_prefix(decoder, prefix, image_ids, clip_features, cache, plan)
+            image_hidden = self._prefill_prefix(decoder, prefix, shared, image_ids, clip_features, cache, plan)
         cache.used = P
 
         # 2) suffixes: slot j of group g holds columns P + offset_gj .. + len - 1
@@ -354,7 +357,7 @@ class BatchedInference:
             mask[:, 0, :, :P] = 0
             mask[:, 0, :, P:end].masked_fill_(visible, 0)
             x = llm.get_input_embeddings()(ids)
-            x = self._layers(decoder, x, P + index_in_slot, cache, torch.arange(P, end, device=device), read, mask)
+            x = self._layers(decoder, x, P + index_in_slot, cache, slice(P, end), read, mask)
             rows = torch.arange(groups, device=device)[:, None]
             hidden = rms_norm(decoder.norm, x[rows, last])  # (G, n, H): each slot's last suffix token
             cache.used = end
@@ -371,19 +374,23 @@ class BatchedInference:
             return self._finish(queries, plan, tokens, steps_run, seg_steps, sam_embeddings, image_hidden,
                                 images)
 
-    def _prefill_prefix(self, decoder, prefix, image_ids, clip_features, cache: GroupKVCache, plan: Plan):
+    def _prefill_prefix(self, decoder, prefix, shared, image_ids, clip_features, cache: GroupKVCache, plan: Plan):
+        """Cache columns [0, P) of every group: the prefix text, the image's patches, then `shared`
+        (the start of every suffix)."""
         model = self.model
         device = model.device
-        prefix_ids = torch.tensor(prefix, dtype=torch.long, device=device)
-        text = model.language_model.get_input_embeddings()(prefix_ids)
+        embed = model.language_model.get_input_embeddings()
+        text = embed(torch.tensor(prefix, dtype=torch.long, device=device))
+        after = embed(torch.tensor(shared, dtype=torch.long, device=device))
         text_len, num_patches = len(prefix), clip_features.shape[1]
-        P = text_len + num_patches
+        P = text_len + num_patches + len(shared)
         keep_image_hidden = model.config.sasp is not None
         image_hidden: dict[int, torch.Tensor] = {}
         for a in range(0, len(image_ids), self.sizes.prefix_batch):
             chunk = image_ids[a:a + self.sizes.prefix_batch]
             feats = clip_features[torch.tensor(chunk, device=device)].to(text.dtype)
-            x = torch.cat([text[None].expand(len(chunk), -1, -1), feats], dim=1)
+            x = torch.cat([text[None].expand(len(chunk), -1, -1), feats, after[None].expand(len(chunk), -1, -1)],
+                          dim=1)
             positions = torch.arange(P, device=device)[None].expand(len(chunk), -1)
             # cache rows (groups) of these images, and which chunk row feeds each
             rows = [g for g, im in enumerate(plan.group_image) if im in chunk]
@@ -400,15 +407,16 @@ class BatchedInference:
         return image_hidden
 
     def _layers(self, decoder, x: torch.Tensor, positions: torch.Tensor, cache: GroupKVCache,
-                columns: Optional[torch.Tensor], read: int, mask: Optional[torch.Tensor],
+                columns: Union[torch.Tensor, slice, None], read: int, mask: Optional[torch.Tensor],
                 prefix_rows=None):
         """Run every decoder layer over x (B, L, H).
 
         mask None (the prefix pass): plain causal attention over x itself; its keys and values go to
         cache columns [0, L) of rows prefix_rows[0], taken from x's rows prefix_rows[1] (or of the rows
         of slice prefix_rows, one per row of x). Otherwise x's
-        B rows are cache rows [0, B), its L tokens take cache columns `columns` (L,), and they attend
-        to columns [0, read) through `mask` (B, 1, L, read), additive (0 or -inf).
+        B rows are cache rows [0, B), its L tokens take cache columns `columns` (an (L,) tensor, or a
+        slice of L columns), and they attend to columns [0, read) through `mask` (B, 1, L, read),
+        additive (0 or -inf).
         """
         layers = self._llama_layers(decoder)
         heads, kv_heads = layers.heads, layers.kv_heads
@@ -431,7 +439,10 @@ class BatchedInference:
                 k, v = new_kv[:, :, 0].transpose(1, 2), new_kv[:, :, 1].transpose(1, 2)
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
             else:
-                store[:batch].index_copy_(1, columns, new_kv)
+                if isinstance(columns, slice):
+                    store[:batch, columns].copy_(new_kv)
+                else:  # a replayed graph's columns, on the device
+                    store[:batch].index_copy_(1, columns, new_kv)
                 k, v = cache.keys_values(i, batch, read)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
@@ -515,6 +526,7 @@ class BatchedInference:
             buf.ids[:g] = next_ids
             buf.positions[:g] = P + suffix_len + step
             torch.add(slot_offsets, column, out=buf.columns)
+            buf.first_column = column
             buf.mask[:g, 0, :, column:column + n] = own
             if self._use_graphs():  # whole blocks: few shapes, so few captures
                 rows = min(round_up(g, cfg.row_block), cache.rows)
@@ -529,14 +541,16 @@ class BatchedInference:
         """One decode step over cache rows [0, rows) reading columns [0, read): (rows, n, H) final-norm
         states. On CUDA, replayed from a graph captured once per (rows, n, read)."""
         cache, embed = self._cache, llm.get_input_embeddings()
+        graphed = self._use_graphs()
+        # a graph's step reads its columns from the device; an eager one writes a slice
+        columns = buf.columns if graphed else slice(buf.first_column, buf.first_column + n)
 
         def step() -> torch.Tensor:
             x = embed(buf.ids[:rows])
-            x = self._layers(decoder, x, buf.positions[:rows], cache, buf.columns, read,
-                             buf.mask[:rows, :, :, :read])
+            x = self._layers(decoder, x, buf.positions[:rows], cache, columns, read, buf.mask[:rows, :, :, :read])
             return rms_norm(decoder.norm, x)
 
-        if not self._use_graphs():
+        if not graphed:
             return step()
         key = (rows, n, read)
         entry = self._graphs.get(key)

@@ -56,3 +56,6 @@ class StepBuffers:
     ids: torch.Tensor  # (rows, n) token fed at this step
     positions: torch.Tensor  # (rows, n) its position id
     columns: torch.Tensor  # (n,) cache columns this step writes
+    # the first of them, known on the host: an eager step writes its n consecutive columns as one
+    # slice (a plain copy, cheaper than index_copy_); a replayed graph reads `columns` instead
+    first_column: int = 0

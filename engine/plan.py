@@ -25,6 +25,19 @@ def split_prompt(ids: Sequence[int], where: str) -> tuple[tuple[int, ...], list[
     return tuple(ids[:k]), list(ids[k + 1:])
 
 
+def common_start(suffixes: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens that every suffix starts with, leaving each suffix at least its last token (whose
+    final state starts that query's answer). The engine runs them once per image, with the prefix."""
+    if not suffixes:
+        return []
+    limit = min(len(s) for s in suffixes) - 1
+    first = suffixes[0]
+    k = 0
+    while k < limit and all(s[k] == first[k] for s in suffixes):
+        k += 1
+    return list(first[:k])
+
+
 @dataclass
 class Plan:
     """Which query sits in which (group, slot)."""

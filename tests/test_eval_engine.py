@@ -199,6 +199,15 @@ def test_bad_prompts_are_named(tokenizer, token_ids):
         EngineConfig(queries_per_batch=0)
 
 
+def test_common_start_leaves_every_suffix_its_last_token():
+    from engine.plan import common_start
+
+    assert common_start([[5, 6, 7, 8], [5, 6, 9], [5, 6, 7]]) == [5, 6]
+    assert common_start([[5, 6, 7], [5, 6, 7, 8]]) == [5, 6]  # one suffix is a start of another
+    assert common_start([[5, 6, 7]]) == [5, 6]  # a lone query: all but its last token
+    assert common_start([[1, 2], [3, 2]]) == [] and common_start([[4]]) == [] and common_start([]) == []
+
+
 def test_batch_images_respects_budget():
     items = [3, 1, 7, 2, 2, 9, 1]
     batches = list(batch_images(items, lambda n: n, queries_per_batch=5))
