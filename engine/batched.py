@@ -446,7 +446,7 @@ class BatchedInference:
                 k, v = cache.keys_values(i, batch, read)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+            x = x + layers.mlp(i, rms_norm(layer.post_attention_layernorm, x))
         return x
 
     def _llama_layers(self, decoder) -> LlamaLayers:

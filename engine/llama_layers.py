@@ -6,12 +6,14 @@ transformers' caches) and calls the layers' own modules for everything else. Whe
 
 - q/k/v projections as one matrix product, once `pack_qkv` has moved the three weights into one
   tensor (the modules' parameters become views of it: same values, same modules, no extra memory).
-  Other modules (LoRA-wrapped, quantised) are called one by one. gate/up are left apart: packed,
-  their halves of the product are strided and the SiLU and product after them run several times slower.
+  Other modules (LoRA-wrapped, quantised) are called one by one.
+- gate/up projections likewise, once `pack_gate_up` has packed them (where the activation is SiLU):
+  one matrix product, then the SiLU and the product of its two strided halves in one kernel on CUDA
+  in bf16 / fp16 (engine/fused_kernels.py), two elsewhere; then the layer's own down_proj module.
 - the rotary embedding of q and k together, in place: one kernel on CUDA, four elsewhere, instead
   of ten.
-- RMSNorm as one fused normalisation plus the weight product (transformers' rounding: normalise in
-  float32, round to the input dtype, then multiply by the weight).
+- RMSNorm with its weight product: one kernel on CUDA in bf16 / fp16, two elsewhere (transformers'
+  rounding: normalise in float32, round to the input dtype, then multiply by the weight).
 
 A decode step is bound by how fast the host issues kernels as much as by the GPU, so kernel count
 is what this file is about.
@@ -24,14 +26,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import rotary_kernel
+from . import fused_kernels, rotary_kernel
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaRMSNorm in two kernels; other norm modules are called as they are."""
+    """transformers' LlamaRMSNorm in one kernel on CUDA in bf16 / fp16 outside autograd, two
+    elsewhere; other norm modules are called as they are."""
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None or type(norm).__name__ != "LlamaRMSNorm":
         return norm(x)
+    if (fused_kernels.available(x, norm.weight) and norm.weight.dtype == x.dtype
+            and x.shape[-1] <= fused_kernels.MAX_WIDTH):
+        return fused_kernels.rms_norm_weighted(x, norm.weight, eps)
     return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
@@ -87,11 +93,44 @@ def _packed_of(attn: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.T
     return packed
 
 
+PACKED_GATE_UP = "packed_gate_up"  # attribute of a packed MLP module: (weight, bias or None)
+
+
+def _silu(mlp: nn.Module) -> bool:
+    """LlamaMLP's act_fn is SiLU (config hidden_act "silu": transformers' SiLUActivation; nn.SiLU)."""
+    return type(getattr(mlp, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")
+
+
+def pack_gate_up(decoder: nn.Module) -> int:
+    """Pack each decoder layer's gate/up weights into one (2 * intermediate, hidden) tensor, in place,
+    as `pack_qkv` does for q/k/v (same conditions: plain nn.Linear, final device and dtype), where the
+    activation is SiLU. Returns the number of layers packed."""
+    packed = 0
+    for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+        mlp = layer.mlp
+        projections = [mlp.gate_proj, mlp.up_proj]
+        if _gate_up_of(mlp) is None and _silu(mlp) and _plain_linears(projections):
+            mlp.__dict__[PACKED_GATE_UP] = _pack(projections)
+            packed += 1
+    return packed
+
+
+def _gate_up_of(mlp: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The packed (weight, bias) of an MLP whose gate/up parameters still are views of it and whose
+    activation still is SiLU, else None."""
+    packed = mlp.__dict__.get(PACKED_GATE_UP)
+    if packed is None or not _silu(mlp) or mlp.gate_proj.weight.data_ptr() != packed[0].data_ptr():
+        return None
+    return packed
+
+
 class LlamaLayers:
-    """The decoder layers of a LlamaModel, run with the packed projections where `pack_qkv` made them.
+    """The decoder layers of a LlamaModel, run with the packed projections where `pack_qkv` and
+    `pack_gate_up` made them.
 
     heads / kv_heads / head_dim: of the attention; `qkv(i, h)` returns layer i's projections as one
-    (B, L, heads + 2 * kv_heads, head_dim) tensor: query heads, then key heads, then value heads."""
+    (B, L, heads + 2 * kv_heads, head_dim) tensor: query heads, then key heads, then value heads;
+    `mlp(i, h)` returns layer i's MLP output."""
 
     def __init__(self, decoder: nn.Module):
         self.decoder = decoder
@@ -101,10 +140,16 @@ class LlamaLayers:
         self.heads = decoder.config.num_attention_heads
         self.kv_heads = decoder.config.num_key_value_heads
         self._packed = [_packed_of(layer.self_attn) for layer in self.layers]
+        self._gate_up = [_gate_up_of(layer.mlp) for layer in self.layers]
 
     @property
     def packed(self) -> bool:
+        """Every layer's q/k/v packed."""
         return all(p is not None for p in self._packed)
+
+    @property
+    def gate_up_packed(self) -> bool:
+        return all(p is not None for p in self._gate_up)
 
     def qkv(self, i: int, h: torch.Tensor) -> torch.Tensor:
         packed = self._packed[i]
@@ -114,6 +159,21 @@ class LlamaLayers:
             a = self.layers[i].self_attn
             out = torch.cat([a.q_proj(h), a.k_proj(h), a.v_proj(h)], dim=-1)
         return out.view(*h.shape[:-1], self.heads + 2 * self.kv_heads, self.head_dim)
+
+    def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h (..., H) -> (..., H): down_proj(silu(gate_proj(h)) * up_proj(h)); unpacked layers (LoRA,
+        quantised, other activations) call their MLP module."""
+        packed = self._gate_up[i]
+        if packed is None:
+            return self.layers[i].mlp(h)
+        gate_up = F.linear(h, *packed)
+        half = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :half], gate_up[..., half:]
+        if fused_kernels.available(gate_up):
+            act = fused_kernels.silu_mul(gate, up)
+        else:
+            act = F.silu(gate) * up
+        return self.layers[i].mlp.down_proj(act)
 
 
 def rotary_tables(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

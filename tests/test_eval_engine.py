@@ -7,7 +7,7 @@ import torch
 from engine.batched import BatchedInference
 from engine.cache import GroupKVCache
 from engine.config import EngineConfig
-from engine.llama_layers import pack_qkv
+from engine.llama_layers import pack_gate_up, pack_qkv
 from engine.plan import batch_images
 from engine.timing import StageTimer
 from model.config import SasPConfig
@@ -132,8 +132,8 @@ def _tiny_gqa_model(token_ids, vocab_size, seed):
 
 @pytest.mark.parametrize("variant", ["gqa", "lora", "unpacked"])
 def test_engine_equals_predict_for_other_llms(tokenizer, token_ids, variant):
-    """Grouped-query attention, an LLM with unmerged LoRA layers (its q/v projections are not packed),
-    and packing turned off all give what `predict` gives."""
+    """Grouped-query attention, an LLM with unmerged LoRA layers (its q/v projections are not packed,
+    its gate/up are), and packing turned off all give what `predict` gives."""
     if variant == "gqa":
         model = _tiny_gqa_model(token_ids, len(tokenizer), seed=6)
     else:
@@ -150,10 +150,12 @@ def test_engine_equals_predict_for_other_llms(tokenizer, token_ids, variant):
     hook = _hook(token_ids)
     if variant != "unpacked":
         pack_qkv(model.language_model.model)
+        pack_gate_up(model.language_model.model)
     engine = BatchedInference(model, EngineConfig(),
                               logits_hook=hook)
     batched = engine.run(works, 7)
     assert engine._layers_of.packed == (variant == "gqa")
+    assert engine._layers_of.gate_up_packed == (variant != "unpacked")
     _assert_same(batched, _one_at_a_time(model, works, token_ids, 7, hook))
 
 

@@ -8,7 +8,7 @@ from test_eval_engine import _hook, _one_at_a_time, _work
 
 from engine.batched import BatchedInference
 from engine.config import EngineConfig
-from engine.llama_layers import pack_qkv
+from engine.llama_layers import pack_gate_up, pack_qkv
 from model.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -50,6 +50,7 @@ def test_engine_equals_predict_on_cuda(tokenizer, token_ids, no_tf32, graphs, co
     works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77), (50, 50)], [3, 1, 7, 2])
     hook = _hook(token_ids)
     pack_qkv(model.language_model.model)
+    pack_gate_up(model.language_model.model)
     engine = BatchedInference(model, EngineConfig(slots_per_group=3, first_capacity=4,
                                                   cuda_graphs=graphs, column_block=column_block,
                                                   row_block=row_block), logits_hook=hook)
@@ -70,6 +71,7 @@ def test_sam_beside_the_llm_equals_predict(tokenizer, token_ids, no_tf32, overla
     works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77)], [2, 3, 1])
     hook = _hook(token_ids)
     pack_qkv(model.language_model.model)
+    pack_gate_up(model.language_model.model)
     engine = BatchedInference(model, EngineConfig(slots_per_group=3, first_capacity=4, sam_batch=2,
                                                   overlap_sam=overlap), logits_hook=hook)
     streams = []

@@ -5,7 +5,7 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from engine.llama_layers import LlamaLayers, pack_qkv, rms_norm, rotary_tables, rotate_
+from engine.llama_layers import LlamaLayers, pack_gate_up, pack_qkv, rms_norm, rotary_tables, rotate_
 
 
 def _llama(kv_heads=2, bias=False, seed=0, dtype=torch.float32):
@@ -93,3 +93,56 @@ def test_no_packing_unless_asked_and_none_after_a_move():
     h = torch.randn(1, 3, 32, dtype=torch.float64)
     want = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1).view(1, 3, 8, 8)
     torch.testing.assert_close(layers.qkv(0, h), want)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gate_up_packing_keeps_the_model_and_its_outputs(bias):
+    model = _llama(bias=bias)
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(input_ids=ids).last_hidden_state
+    separate = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert pack_gate_up(model) == 2
+    assert pack_gate_up(model) == 0  # once
+    layers = LlamaLayers(model)
+    assert layers.gate_up_packed and not layers.packed  # q/k/v are packed on their own
+    after = dict(model.named_parameters())
+    assert after.keys() == separate.keys()
+    for name, p in after.items():
+        assert torch.equal(p, separate[name]), name
+    mlp = model.layers[1].mlp
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
+    assert torch.equal(model(input_ids=ids).last_hidden_state, before)
+    h = torch.randn(2, 7, 32)
+    for i, layer in enumerate(model.layers):
+        torch.testing.assert_close(layers.mlp(i, h), layer.mlp(h), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_wrapped_or_other_activation_mlps_are_called_as_they_are():
+    from peft import LoraConfig, get_peft_model
+
+    model = _llama()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.0\.mlp\.up_proj"))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.3)
+    decoder = peft_model.base_model.model
+    assert pack_gate_up(decoder) == 1  # layer 1 only: layer 0's up_proj is a LoRA layer
+    layers = LlamaLayers(decoder)
+    assert not layers.gate_up_packed
+    h = torch.randn(1, 3, 32)
+    for i, layer in enumerate(decoder.layers):
+        torch.testing.assert_close(layers.mlp(i, h), layer.mlp(h), atol=1e-5, rtol=1e-5)
+    other = _llama()
+    for layer in other.layers:
+        layer.mlp.act_fn = nn.GELU()
+    assert pack_gate_up(other) == 0
+
+
+def test_a_moved_model_runs_its_mlps_unpacked():
+    model = _llama()
+    pack_gate_up(model)
+    model.to(torch.float64)
+    layers = LlamaLayers(model)
+    assert not layers.gate_up_packed
+    h = torch.randn(1, 3, 32, dtype=torch.float64)
+    torch.testing.assert_close(layers.mlp(0, h), model.layers[0].mlp(h))
