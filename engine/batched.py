@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from model.predictor import ImageWork, RowLogitsHook
 from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel, sees_object
 from model.transforms import normalize_and_pad
+from utils.mask_rle_torch import encode_rles
 
 from .cache import GroupKVCache, StepBuffers
 from .config import EngineConfig
@@ -638,10 +639,18 @@ class BatchedInference:
         per_answer = model.seg_masks(sam_embeddings[owner], seg_hidden, seg_query,
                                      [tuple(images[i].resized_size) for i in image_of],
                                      [tuple(images[i].original_size) for i in image_of], sasp_states)
-        masks = [(m.logits > MASK_THRESHOLD).to("cpu", non_blocking=True) for m in per_answer]  # pinned, no wait
+        on_device = [m.logits > MASK_THRESHOLD for m in per_answer]
+        masks = [m.to("cpu", non_blocking=True) for m in on_device]  # pinned, no wait
+        rles: list[Optional[list[dict]]] = [None] * count
+        wanted = self.config.mask_rles
+        if wanted or (wanted is None and model.device.type == "cuda"):
+            flat = encode_rles([m[k] for m in on_device for k in range(m.shape[0])])
+            start = 0
+            for q, m in enumerate(on_device):
+                rles[q], start = flat[start:start + m.shape[0]], start + m.shape[0]
         if model.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         return [QueryPrediction(output_ids=answer_ids[q], masks=masks[q], exists=sees_object(masks[q]),
-                                seg_hidden=answer_seg[q],
+                                seg_hidden=answer_seg[q], rles=rles[q],
                                 sasp=per_answer[q].sasp.detached_cpu() if per_answer[q].sasp is not None else None)
                 for q in range(count)]

@@ -28,6 +28,9 @@ class EngineConfig:
     # On CUDA, SAM's image encoder runs on a stream of its own while the LLM prefills and decodes (only
     # the masks need its embeddings, and decode leaves most of the GPU's arithmetic idle)
     overlap_sam: bool = True
+    # COCO RLEs of the masks (what evaluation records store), made where the masks are, so the host
+    # does not encode them (pycocotools holds the GIL for a whole mask); None: on CUDA only
+    mask_rles: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("queries_per_batch", "max_images_per_batch", "slots_per_group", "sam_batch", "prefix_batch",
@@ -40,4 +43,5 @@ class EngineConfig:
     def interactive(cls) -> "EngineConfig":
         """One question at a time (demo, web demo): decode steps replayed as CUDA graphs on a one-row
         cache read in small blocks (the step is launch-bound, not bandwidth-bound, at batch 1)."""
-        return cls(queries_per_batch=8, max_images_per_batch=1, cuda_graphs=True, column_block=128, row_block=1)
+        return cls(queries_per_batch=8, max_images_per_batch=1, cuda_graphs=True, column_block=128, row_block=1,
+                   mask_rles=False)

@@ -75,11 +75,14 @@ def _record(predictor: SesamePredictor, image, query, gt_rles, prediction) -> Qu
     from utils.mask_io import encode_optional
 
     answer = predictor.answer_of(query.question, prediction)
-    first = answer.masks[0].numpy() if answer.num_seg else None
+    if prediction.rles is not None:  # made by the backend: the first mask's, when it has pixels
+        pred_mask = prediction.rles[0] if answer.see else None
+    else:
+        pred_mask = encode_optional(answer.masks[0].numpy() if answer.num_seg else None)
     return QueryRecord(
         image_id=int(image.image_id), ref_id=int(query.ref_id), sent_id=int(query.sent_id), image_path=image.image_path,
         sentence=query.sentence, question=query.question, answer=answer.text, gt_exists=bool(query.gt_exists),
-        pred_exists=bool(answer.see), pred_mask=encode_optional(first), gt_mask=gt_rles[0], gt_ignore=gt_rles[1],
+        pred_exists=bool(answer.see), pred_mask=pred_mask, gt_mask=gt_rles[0], gt_ignore=gt_rles[1],
         height=int(image.height), width=int(image.width), gt_sent=query.gt_sent, num_seg=answer.num_seg,
         extra=dict(query.extra))
 

@@ -55,6 +55,8 @@ class QueryPrediction:
     exists: bool  # See: the rule of `sees_object`
     seg_hidden: torch.Tensor = field(repr=False)  # (n_seg, H) LLM states that predicted each [SEG]
     sasp: Optional[SasPResult] = field(default=None, repr=False)  # READ only: maps and points per [SEG] (CPU)
+    # COCO RLE of each mask (utils.mask_io's dicts), where the backend made them (the engine on CUDA)
+    rles: Optional[list[dict]] = field(default=None, repr=False)
 
 
 def sees_object(masks: torch.Tensor) -> bool:

@@ -2,6 +2,7 @@
 records, resume, shards, metrics."""
 import json
 import os
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -18,6 +19,7 @@ from evaluation.runner import quick_gil_handoff, run_shard
 from model.builder import LoadedSesame
 from model.tiny import tiny_model
 from model.transforms import ClipTransform, SamTransform
+from utils import mask_io
 from utils.errors import InputError
 
 SIZES = [(40, 60), (64, 32), (23, 77), (50, 50), (33, 41)]
@@ -114,6 +116,25 @@ def test_records_and_metrics(tmp_path, loaded):
     # a rerun finds everything done
     again = _run(loaded, images, tmp_path / "out")
     assert again["queries_run"] == 0 and again["queries_skipped"] == sum(QUERIES)
+
+
+def test_records_take_the_backends_rles_when_it_made_them(tmp_path, loaded, monkeypatch):
+    """The engine's own RLEs (EngineConfig.mask_rles, on by default on CUDA) give the records that
+    host encoding gives."""
+    images = _images(str(tmp_path))
+    _run(loaded, images, tmp_path / "host")
+    config = test_sesame.engine_config
+    monkeypatch.setattr(test_sesame, "engine_config", lambda args: replace(config(args), mask_rles=True))
+    calls = []
+    encode = mask_io.encode_optional
+    monkeypatch.setattr(mask_io, "encode_optional", lambda mask: calls.append(1) or encode(mask))
+    _run(loaded, images, tmp_path / "engine")
+    assert not calls  # no record was encoded on the host
+    host, engine = (_by_key(read_shard(shard_path(str(tmp_path / d), "fprefcoco", "val", 0, 1)))
+                    for d in ("host", "engine"))
+    assert host.keys() == engine.keys() and any(r.pred_mask for r in host.values())
+    for key, record in host.items():
+        assert engine[key].pred_mask == record.pred_mask and engine[key].pred_exists == record.pred_exists
 
 
 def test_killed_then_resumed_equals_uninterrupted(tmp_path, loaded, monkeypatch):
