@@ -134,3 +134,35 @@ def test_rotary_kernel_equals_transformers(heads, kv_heads, d):
     assert mismatched == 0, f"{mismatched} of {got_q.numel() + got_k.numel()} elements differ"
     assert torch.equal(qkv[:, :, heads + kv_heads:], untouched)  # values are not rotated
     assert not rotary_kernel.available(qkv.float()) and not rotary_kernel.available(qkv.half())
+
+
+def test_fused_kernels_in_the_engine_change_only_rounding(tokenizer, token_ids, monkeypatch):
+    """bf16 on the GPU: the engine with the fused RMSNorm and SiLU-product kernels taken for every
+    input size, against the engine with the PyTorch calls: the same answers, [SEG] states equal to
+    bf16 rounding, masks that agree."""
+    from engine import fused_kernels
+
+    model = tiny_model(token_ids, len(tokenizer), seed=3, dtype=torch.bfloat16).to("cuda")
+    pack_qkv(model.language_model.model)
+    pack_gate_up(model.language_model.model)
+    works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77)], [3, 1, 4])
+    hook = _hook(token_ids)
+    calls = []
+    for name in ("rms_norm_weighted", "silu_mul"):
+        original = getattr(fused_kernels, name)
+        monkeypatch.setattr(fused_kernels, name, lambda *a, f=original, key=name: calls.append(key) or f(*a))
+    runs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(fused_kernels, "MIN_ELEMENTS", 0 if fused else 1 << 60)
+        engine = BatchedInference(model, EngineConfig(slots_per_group=3, first_capacity=4), logits_hook=hook)
+        runs[fused] = [p for ps in engine.run(works, 9) for p in ps]
+        assert bool(calls) == fused and (not fused or set(calls) == {"rms_norm_weighted", "silu_mul"})
+    for plain, fused in zip(runs[False], runs[True]):
+        assert fused.output_ids == plain.output_ids
+        assert fused.seg_hidden.shape == plain.seg_hidden.shape
+        if plain.seg_hidden.numel():
+            scale = plain.seg_hidden.float().abs().max()
+            assert float((fused.seg_hidden.float() - plain.seg_hidden.float()).abs().max()) <= 0.05 * scale
+        if plain.masks.numel():
+            assert float((fused.masks == plain.masks).float().mean()) >= 0.98
+    assert any(p.masks.shape[0] for p in runs[True])

@@ -19,11 +19,13 @@ DTYPES = [torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("shape,pad", [((300, 4096), 0), ((2, 150, 4096), 64), ((24, 1, 4096), 0),
                                        ((7, 1000), 0), ((3, 5, 80), 8), ((40, 5120), 0)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_within_one_ulp(shape, pad, dtype):
+def test_rms_norm_within_two_ulp(shape, pad, dtype):
     worst, equal = check_rms(shape, dtype, "cuda", row_pad=pad)
     numel = torch.Size(shape).numel()
     print(f"rms {shape} {dtype}: max {worst} ulp, {equal:.6f} equal")
-    assert worst <= 1, worst  # the mean of squares is summed in another order than PyTorch's
+    # the mean of squares is summed in another order than PyTorch's: the normalised value can be one
+    # ulp off, which a weight above 1 makes two ulps of the product
+    assert worst <= 2, worst
     assert (1 - equal) * numel <= 0.001 * numel + 1, equal
 
 
@@ -40,8 +42,9 @@ def test_silu_mul_within_one_ulp(shape, packed, dtype):
     assert silu <= 1 and product <= 1, (silu, product)
 
 
-def test_the_kernels_stay_out_of_autograd():
-    x = torch.randn(3, 64, device="cuda", dtype=torch.bfloat16)
+def test_the_kernels_stay_out_of_autograd(monkeypatch):
+    monkeypatch.setattr(fused_kernels, "MIN_ELEMENTS", 0)
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
     assert fused_kernels.available(x)
     assert fused_kernels.available(x.half(), x)
     assert not fused_kernels.available(x.float())
@@ -72,7 +75,14 @@ def _llama(hidden=256, intermediate=688, layers=2):
     return model
 
 
+def test_small_inputs_take_the_pytorch_calls():
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)  # a decode step's rows
+    assert not fused_kernels.available(x)
+    assert fused_kernels.available(torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16))
+
+
 def test_the_layers_take_the_kernels_and_give_the_modules_outputs(monkeypatch):
+    monkeypatch.setattr(fused_kernels, "MIN_ELEMENTS", 0)
     model = _llama()
     assert pack_gate_up(model) == 2
     layers = LlamaLayers(model)
@@ -88,7 +98,7 @@ def test_the_layers_take_the_kernels_and_give_the_modules_outputs(monkeypatch):
     with torch.inference_mode():
         for i, layer in enumerate(layers.layers):
             norm = layer.post_attention_layernorm
-            assert int(ulps(rms_norm(norm, h), norm(h)).max()) <= 1
+            assert int(ulps(rms_norm(norm, h), norm(h)).max()) <= 2
             got, want = layers.mlp(i, h), layer.mlp(h)
             # the packed product may take another cuBLAS kernel than the two separate ones
             err = (got.float() - want.float()).abs().max() / want.float().abs().max()
