@@ -28,16 +28,12 @@ except ImportError:  # CPU-only installs
 
 MAX_WIDTH = 65536  # rms_norm_weighted holds one row in registers
 SILU_BLOCK = 1024  # elements of one row per silu_mul program
-# Below this many elements the two PyTorch kernels cost less than one Triton launch's host time: a
-# decode step (LLaMA-7B: 256 x 4096) is held up by the host, a prefill (~20k x 4096) by the GPU
-MIN_ELEMENTS = 1 << 22
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """bf16 / fp16 CUDA tensors outside autograd (the kernels have no backward), the first one with
-    at least MIN_ELEMENTS elements."""
+    """bf16 / fp16 CUDA tensors outside autograd (the kernels have no backward)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return (triton is not None and not grad and tensors[0].numel() >= MIN_ELEMENTS
+    return (triton is not None and not grad
             and all(t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) for t in tensors))
 
 
