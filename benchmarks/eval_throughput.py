@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import test_sesame  # noqa: E402
 from dataset.eval_sets import EvalImage, EvalQuery, read_eval_image  # noqa: E402
 from engine import StageTimer, build_predictor  # noqa: E402
+from engine.memory import MAX_QUERIES  # noqa: E402
 from evaluation.runner import run_shard  # noqa: E402
 from model.builder import LoadedSesame  # noqa: E402
 from model.config import SesameConfig  # noqa: E402
@@ -479,7 +480,7 @@ def main(argv=None) -> dict:
         images = synthetic_images(os.path.join(tmp), args.images, args.queries_per_image, sizes)
         # warm-up: one full batch (kernels chosen, allocator pools sized, compilation if asked for), so
         # the figures are what a long evaluation sees per batch; its own time is reported as "cold"
-        warm = first_batch(images, args.queries_per_batch or 256)
+        warm = first_batch(images, args.queries_per_batch or MAX_QUERIES)
         predictor = None if args.fresh_predictor else new_predictor(loaded, args)
         cold = run_engine(loaded, warm, args, os.path.join(tmp, "warmup"), predictor=predictor)
         if args.device.startswith("cuda"):

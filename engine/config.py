@@ -10,7 +10,7 @@ class EngineConfig:
     """How the engine groups and batches work. Answers do not depend on these (tests check it),
     only speed and memory do. Sizes left None are chosen from free GPU memory (engine/memory.py)."""
 
-    queries_per_batch: Optional[int] = None  # queries decoded together (KV memory grows with it); max 256
+    queries_per_batch: Optional[int] = None  # queries decoded together (KV memory grows with it); max 512
     max_images_per_batch: int = 64
     slots_per_group: int = 8  # queries of one image that share one cached prefix; more -> another group
     sam_batch: Optional[int] = None  # images per CLIP and SAM encoder call; max 8

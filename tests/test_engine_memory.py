@@ -39,7 +39,7 @@ def test_sizes_grow_with_the_budget_and_fit_it():
             assert sizes.queries_per_batch >= previous.queries_per_batch
         previous = sizes
     assert previous == BatchSizes(MAX_QUERIES, MAX_SAM_BATCH, MAX_PREFIX_BATCH)  # an 80 GB card: the maxima
-    # a 22 GiB cap leaves ~6 GiB next to the 15.5 GiB of weights: tens of queries, not 256
+    # a 22 GiB cap leaves ~6 GiB next to the 15.5 GiB of weights: tens of queries, not hundreds
     assert 10 <= choose_sizes(EngineConfig(), cost, 5 * GIB).queries_per_batch <= 64
 
 
