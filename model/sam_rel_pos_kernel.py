@@ -56,7 +56,7 @@ if triton is not None:
         token = row * grid_w + col
         base, q, rel = _queries_times_table(qkv_ptr, th_ptr, b, n, token, keep, row, heads, length, grid_h,
                                             D, BLOCK_D, BLOCK_R)
-        dst = (bn.to(tl.int64) * length + token[:, None].to(tl.int64)) * width
+        dst = ((b.to(tl.int64) * length + token[:, None].to(tl.int64)) * heads + n) * width
         c = tl.arange(0, BLOCK_D)
         tl.store(q_out + dst + c[None, :], q, mask=keep[:, None] & (c[None, :] < D))
         r = tl.arange(0, BLOCK_R)
@@ -81,7 +81,7 @@ if triton is not None:
         token = row * grid_w + column
         _, q, rel = _queries_times_table(qkv_ptr, tw_ptr, b, n, token, keep, column, heads, length, grid_w,
                                          D, BLOCK_D, BLOCK_C)
-        dst = (bn.to(tl.int64) * length + token[:, None].to(tl.int64)) * width
+        dst = ((b.to(tl.int64) * length + token[:, None].to(tl.int64)) * heads + n) * width
         k = tl.arange(0, BLOCK_C)
         tl.store(q_out + dst + D + grid_h + k[None, :], rel.to(q.dtype), mask=keep[:, None] & (k[None, :] < grid_w))
 
@@ -94,10 +94,12 @@ def extend_qk(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, g
               width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv (B, h*w, 3, heads, d) contiguous: the qkv projection's output. table_h (h, h, d) and
     table_w (w, w, d): the gathered relative-position tables, already divided by the attention scale.
-    Returns q_ext and k_ext, (B, heads, h*w, width) contiguous, width >= d + h + w."""
+    Returns q_ext and k_ext, (B, heads, h*w, width) views of (B, h*w, heads, width) memory, width >=
+    d + h + w: laid out so, SDPA writes its output with the heads of a token side by side, which the
+    projection after it reads with no copy."""
     batch, length, _, heads, d = qkv.shape
     h, w = grid
-    q_ext = qkv.new_empty((batch, heads, length, width))
+    q_ext = qkv.new_empty((batch, length, heads, width))
     k_ext = torch.empty_like(q_ext)
     table_h, table_w = table_h.to(qkv.dtype).contiguous(), table_w.to(qkv.dtype).contiguous()
     block_d = _block(d)
@@ -107,4 +109,4 @@ def extend_qk(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, g
                                      BLOCK_Z=max(1, triton.next_power_of_2(max(1, width - d - h - w))))
     _cols_kernel[(batch * heads, w)](qkv, table_w, q_ext, heads, length, h, w, width, D=d,
                                      BLOCK_T=_block(h), BLOCK_C=_block(w), BLOCK_D=block_d)
-    return q_ext, k_ext
+    return q_ext.transpose(1, 2), k_ext.transpose(1, 2)

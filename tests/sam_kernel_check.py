@@ -32,7 +32,9 @@ def check_extend(batch, h, w, heads, d, dtype, device, tolerance):
         got_q, got_k = sam_rel_pos_kernel.extend_qk(qkv, table_h, table_w, (h, w), width)
     where = (batch, h, w, heads, d, dtype)
     assert sam_rel_pos_kernel.available(qkv) == qkv.is_cuda, where  # the GPU path takes the kernels
-    assert got_q.shape == want_q.shape == (batch, heads, h * w, width) and got_q.is_contiguous(), where
+    assert got_q.shape == want_q.shape == (batch, heads, h * w, width), where
+    # the heads of one token side by side in memory (so SDPA's output needs no copy before the projection)
+    assert got_q.transpose(1, 2).is_contiguous() and got_k.transpose(1, 2).is_contiguous(), where
     assert torch.equal(got_k, want_k), where  # copied keys, one-hots and zeros: exact
     assert torch.equal(got_q[..., :d], want_q[..., :d]), where  # copied queries
     assert torch.equal(got_q[..., d + h + w:], want_q[..., d + h + w:]), where  # zeros
