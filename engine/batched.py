@@ -10,8 +10,7 @@ Every SESAME prompt of an image starts with the same tokens:
 never depend on the question.) The engine therefore
 
 1. encodes each image once with CLIP and SAM, for all of its queries;
-2. runs the LLM over each image's prefix once (its text, the same for every image, once in all),
-   followed by the tokens every suffix of the run starts with (e.g. "<im_end>\n");
+2. runs the LLM over each image's prefix once;
 3. gives each query a *slot* next to its image's prefix and runs all suffixes, then all decode
    steps, as one batch over images and slots, with a KV cache;
 4. decodes the masks of all [SEG]s of a batch in one SAM mask-decoder call (`SesameModel.seg_masks`).
@@ -378,8 +377,7 @@ class BatchedInference:
 
     def _prefill_prefix(self, decoder, prefix, shared, image_ids, clip_features, cache: GroupKVCache, plan: Plan):
         """Cache columns [0, P) of every group: the prefix text, the image's patches, then `shared`
-        (the start of every suffix). The text is the same for every image: it runs once, and its keys
-        and values are copied to every group's row."""
+        (the start of every suffix)."""
         model = self.model
         device = model.device
         embed = model.language_model.get_input_embeddings()
@@ -387,16 +385,14 @@ class BatchedInference:
         after = embed(torch.tensor(shared, dtype=torch.long, device=device))
         text_len, num_patches = len(prefix), clip_features.shape[1]
         P = text_len + num_patches + len(shared)
-        every_group = torch.arange(len(plan.group_image), device=device)
-        self._layers(decoder, text[None], torch.arange(text_len, device=device)[None], cache, None, text_len, None,
-                     prefix_rows=(every_group, torch.zeros_like(every_group)))
         keep_image_hidden = model.config.sasp is not None
         image_hidden: dict[int, torch.Tensor] = {}
         for a in range(0, len(image_ids), self.sizes.prefix_batch):
             chunk = image_ids[a:a + self.sizes.prefix_batch]
             feats = clip_features[torch.tensor(chunk, device=device)].to(text.dtype)
-            x = torch.cat([feats, after[None].expand(len(chunk), -1, -1)], dim=1)
-            positions = torch.arange(text_len, P, device=device)[None].expand(len(chunk), -1)
+            x = torch.cat([text[None].expand(len(chunk), -1, -1), feats, after[None].expand(len(chunk), -1, -1)],
+                          dim=1)
+            positions = torch.arange(P, device=device)[None].expand(len(chunk), -1)
             # cache rows (groups) of these images, and which chunk row feeds each
             rows = [g for g, im in enumerate(plan.group_image) if im in chunk]
             source = [chunk.index(plan.group_image[g]) for g in rows]
@@ -404,22 +400,21 @@ class BatchedInference:
                 target = slice(rows[0], rows[0] + len(rows))  # one group per image, in order: a plain copy
             else:
                 target = (torch.tensor(rows, device=device), torch.tensor(source, device=device))
-            x = self._layers(decoder, x, positions, cache, None, P, None, prefix_rows=target, past=text_len)
+            x = self._layers(decoder, x, positions, cache, None, P, None, prefix_rows=target)
             if keep_image_hidden:
-                states = rms_norm(decoder.norm, x[:, :num_patches])
+                states = rms_norm(decoder.norm, x[:, text_len:text_len + num_patches])
                 for r, im in enumerate(chunk):
                     image_hidden[im] = states[r]
         return image_hidden
 
     def _layers(self, decoder, x: torch.Tensor, positions: torch.Tensor, cache: GroupKVCache,
                 columns: Union[torch.Tensor, slice, None], read: int, mask: Optional[torch.Tensor],
-                prefix_rows=None, past: int = 0):
+                prefix_rows=None):
         """Run every decoder layer over x (B, L, H).
 
-        mask None (the prefix pass): causal attention over x itself, after the `past` columns every
-        cache row holds already (the same in every row: the prefix text); x's keys and values go to
-        cache columns [past, past + L) of rows prefix_rows[0], taken from x's rows prefix_rows[1] (or
-        of the rows of slice prefix_rows, one per row of x). Otherwise x's
+        mask None (the prefix pass): plain causal attention over x itself; its keys and values go to
+        cache columns [0, L) of rows prefix_rows[0], taken from x's rows prefix_rows[1] (or of the rows
+        of slice prefix_rows, one per row of x). Otherwise x's
         B rows are cache rows [0, B), its L tokens take cache columns `columns` (an (L,) tensor, or a
         slice of L columns), and they attend to columns [0, read) through `mask` (B, 1, L, read),
         additive (0 or -inf).
@@ -429,8 +424,6 @@ class BatchedInference:
         cos, signed_sin = rotary_tables(decoder, x, positions)
         batch, length = x.shape[:2]
         gqa = {"enable_gqa": True} if heads != kv_heads else {}
-        if mask is None and past:  # token a sees the past columns and x's tokens up to itself
-            after_past = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
         for i, layer in enumerate(layers.layers):
             attn = layer.self_attn
             qkv = layers.qkv(i, rms_norm(layer.input_layernorm, x))  # (B, L, heads + 2 kv_heads, d)
@@ -440,18 +433,12 @@ class BatchedInference:
             store = cache.kv[i]
             if mask is None:
                 if isinstance(prefix_rows, slice):
-                    store[prefix_rows, past:past + length].copy_(new_kv)
+                    store[prefix_rows, :length].copy_(new_kv)
                 else:
                     rows, source = prefix_rows
-                    store[rows, past:past + length] = new_kv[source]
-                kv = new_kv
-                if past:  # row 0 holds the past columns as every row does
-                    kv = torch.cat([store[:1, :past].expand(batch, -1, -1, -1, -1), new_kv], dim=1)
-                k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-                if past:
-                    o = F.scaled_dot_product_attention(q, k, v, attn_mask=after_past, scale=attn.scaling, **gqa)
-                else:
-                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
+                    store[rows, :length] = new_kv[source]
+                k, v = new_kv[:, :, 0].transpose(1, 2), new_kv[:, :, 1].transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
             else:
                 if isinstance(columns, slice):
                     store[:batch, columns].copy_(new_kv)
