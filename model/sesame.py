@@ -233,33 +233,45 @@ class SesameModel(nn.Module):
         Returns one SegMasks per group; a group without [SEG] gets (0, H, W) logits.
         """
         sam = self.visual_model
-        seg_group = torch.as_tensor(list(seg_group), dtype=torch.long)
-        rows_of = [(seg_group == g).nonzero()[:, 0].to(seg_hidden.device) for g in range(sam_embeddings.shape[0])]
-        sasp: list[Optional[SasPResult]] = [None] * len(rows_of)
+        groups = sam_embeddings.shape[0]
+        seg_group = [int(g) for g in seg_group]
+        order_list = sorted(range(len(seg_group)), key=seg_group.__getitem__)  # [SEG]s grouped by group, stable
+        counts = [0] * groups
+        for g in seg_group:
+            counts[g] += 1
+        starts = [sum(counts[:g]) for g in range(groups)]
+        device = seg_hidden.device
+        order = torch.tensor(order_list, dtype=torch.long, device=device)
+        sasp: list[Optional[SasPResult]] = [None] * groups
         if self.config.sasp is not None and seg_hidden.shape[0]:
             if image_hidden is None:
                 raise ValueError("config.sasp is set but no image-token hidden states were passed (image_hidden)")
-            for g, rows in enumerate(rows_of):
-                if rows.numel():
+            for g in range(groups):
+                if counts[g]:
+                    rows = order[starts[g]:starts[g] + counts[g]]
                     sasp[g] = self.sasp_points(seg_hidden[rows], image_hidden[rows], resized_sizes[g],
                                                original_sizes[g])
-        out: list[SegMasks] = []
+        logits_of: list[Optional[torch.Tensor]] = [None] * groups
         if seg_hidden.shape[0]:
-            order = torch.cat(rows_of)  # [SEG]s grouped by group
-            owner = seg_group[order.cpu()].to(sam_embeddings.device)
+            owner = torch.tensor(sorted(seg_group), dtype=torch.long, device=sam_embeddings.device)
             done = [r for r in sasp if r is not None]
             points = (torch.cat([r.sam_points for r in done]), torch.cat([r.labels for r in done])) if done else None
             low_res = decode_masks(sam, sam_embeddings[owner], self.project_seg(seg_hidden[order]), points)
-        start = 0
-        for g, rows in enumerate(rows_of):
-            k = rows.numel()
-            if k:
-                logits = masks_at_original_size(sam, low_res[start:start + k], resized_sizes[g], original_sizes[g])
-            else:
-                logits = seg_hidden.new_zeros((0, *original_sizes[g]), dtype=torch.float32)
-            out.append(SegMasks(logits=logits, sasp=sasp[g]))
-            start += k
-        return out
+            # upscale, crop and resize once per (resized, original) size pair rather than once per group
+            by_size: dict[tuple, list[int]] = {}
+            for g in range(groups):
+                if counts[g]:
+                    by_size.setdefault((tuple(resized_sizes[g]), tuple(original_sizes[g])), []).append(g)
+            for (resized, original), members in by_size.items():
+                rows = [r for g in members for r in range(starts[g], starts[g] + counts[g])]
+                part = low_res[torch.tensor(rows, device=low_res.device)] if len(members) > 1 else low_res[
+                    starts[members[0]]:starts[members[0]] + counts[members[0]]]
+                for g, logits in zip(members, masks_at_original_size(sam, part, resized, original).split(
+                        [counts[g] for g in members])):
+                    logits_of[g] = logits
+        return [SegMasks(logits=logits_of[g] if counts[g] else
+                         seg_hidden.new_zeros((0, *original_sizes[g]), dtype=torch.float32), sasp=sasp[g])
+                for g in range(groups)]
 
     # --- training / teacher-forced forward ---------------------------------------------------
     def forward(self, batch: SesameBatch) -> SesameOutput:
