@@ -16,6 +16,7 @@ Submodules are named so the released checkpoint keys map one-to-one (see `model/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Optional, Sequence
 
 import torch
@@ -239,7 +240,7 @@ class SesameModel(nn.Module):
         counts = [0] * groups
         for g in seg_group:
             counts[g] += 1
-        starts = [sum(counts[:g]) for g in range(groups)]
+        starts = [0, *accumulate(counts)][:groups]  # each group's first row in `order`
         device = seg_hidden.device
         order = torch.tensor(order_list, dtype=torch.long, device=device)
         sasp: list[Optional[SasPResult]] = [None] * groups
@@ -263,12 +264,11 @@ class SesameModel(nn.Module):
                 if counts[g]:
                     by_size.setdefault((tuple(resized_sizes[g]), tuple(original_sizes[g])), []).append(g)
             for (resized, original), members in by_size.items():
-                rows = [r for g in members for r in range(starts[g], starts[g] + counts[g])]
-                part = low_res[torch.tensor(rows, device=low_res.device)] if len(members) > 1 else low_res[
-                    starts[members[0]]:starts[members[0]] + counts[members[0]]]
-                for g, logits in zip(members, masks_at_original_size(sam, part, resized, original).split(
-                        [counts[g] for g in members])):
-                    logits_of[g] = logits
+                rows = torch.tensor([r for g in members for r in range(starts[g], starts[g] + counts[g])],
+                                    device=low_res.device)
+                logits = masks_at_original_size(sam, low_res[rows], resized, original)
+                for g, part in zip(members, logits.split([counts[g] for g in members])):
+                    logits_of[g] = part
         return [SegMasks(logits=logits_of[g] if counts[g] else
                          seg_hidden.new_zeros((0, *original_sizes[g]), dtype=torch.float32), sasp=sasp[g])
                 for g in range(groups)]
