@@ -51,13 +51,14 @@ import gc
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
+from itertools import accumulate
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from model.predictor import ImageWork, RowLogitsHook
-from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel, sees_object
+from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel
 from model.transforms import normalize_and_pad
 from utils.mask_rle_torch import encode_rles
 
@@ -639,18 +640,44 @@ class BatchedInference:
         per_answer = model.seg_masks(sam_embeddings[owner], seg_hidden, seg_query,
                                      [tuple(images[i].resized_size) for i in image_of],
                                      [tuple(images[i].original_size) for i in image_of], sasp_states)
-        on_device = [m.logits > MASK_THRESHOLD for m in per_answer]
-        masks = [m.to("cpu", non_blocking=True) for m in on_device]  # pinned, no wait
-        rles: list[Optional[list[dict]]] = [None] * count
-        wanted = self.config.mask_rles
-        if wanted or (wanted is None and model.device.type == "cuda"):
-            flat = encode_rles([m[k] for m in on_device for k in range(m.shape[0])])
-            start = 0
-            for q, m in enumerate(on_device):
-                rles[q], start = flat[start:start + m.shape[0]], start + m.shape[0]
-        if model.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        return [QueryPrediction(output_ids=answer_ids[q], masks=masks[q], exists=sees_object(masks[q]),
+        masks, exists, rles = self._answer_masks(per_answer)
+        return [QueryPrediction(output_ids=answer_ids[q], masks=masks[q], exists=exists[q],
                                 seg_hidden=answer_seg[q], rles=rles[q],
                                 sasp=per_answer[q].sasp.detached_cpu() if per_answer[q].sasp is not None else None)
                 for q in range(count)]
+
+    def _answer_masks(self, per_answer: list) -> tuple[list[torch.Tensor], list[bool], list[Optional[list[dict]]]]:
+        """Each answer's masks on the host, whether its first one has pixels (`sees_object`), and their
+        RLEs where wanted (`EngineConfig.mask_rles`). Thresholded, copied and encoded once per image
+        size, not once per answer: a batch has hundreds of answers, and per-answer calls were most of
+        the masks stage's host time (benchmarks/RESULTS.md). Waits for the device once."""
+        device = self.model.device
+        count = len(per_answer)
+        masks: list = [None] * count
+        exists = [False] * count
+        rles: list[Optional[list[dict]]] = [None] * count
+        by_size: dict[tuple, list[int]] = {}
+        for q, m in enumerate(per_answer):
+            by_size.setdefault(tuple(m.logits.shape[1:]), []).append(q)
+        wanted = self.config.mask_rles
+        encode = wanted or (wanted is None and device.type == "cuda")
+        copies, on_device = [], []
+        for members in by_size.values():
+            counts = [per_answer[q].logits.shape[0] for q in members]
+            binary = torch.cat([per_answer[q].logits for q in members]) > MASK_THRESHOLD
+            firsts = [start for start, k in zip(accumulate([0, *counts]), counts) if k]
+            seen = binary[firsts].flatten(1).any(1) if firsts else binary.new_zeros(0)
+            copies.append((members, counts, binary.to("cpu", non_blocking=True), seen.to("cpu", non_blocking=True)))
+            on_device += [binary[j] for j in range(binary.shape[0])]
+        flat = encode_rles(on_device) if encode else None  # in the order of on_device
+        if device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the copies above have landed
+        taken = 0
+        for members, counts, host, seen in copies:
+            firsts = iter(seen.tolist())
+            for q, part in zip(members, host.split(counts)):
+                masks[q] = part
+                exists[q] = bool(next(firsts)) if part.shape[0] else False
+                if flat is not None:
+                    rles[q], taken = flat[taken:taken + part.shape[0]], taken + part.shape[0]
+        return masks, exists, rles

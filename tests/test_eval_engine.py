@@ -331,6 +331,34 @@ def test_engine_takes_resized_uint8_sam_input_and_lazy_images(tokenizer, token_i
     _assert_same(got, want)
 
 
+def test_answer_masks_threshold_copy_and_encode_by_size(tokenizer, token_ids):
+    """_answer_masks, done once per image size: the same masks, See decisions and RLEs as answer by
+    answer, for answers without masks, with an empty first mask, and of several sizes, interleaved."""
+    from model.sesame import SegMasks, sees_object
+    from utils.mask_io import encode_rle
+
+    model = tiny_model(token_ids, len(tokenizer), seed=2)
+    engine = BatchedInference(model, EngineConfig(mask_rles=True))
+    g = torch.Generator().manual_seed(0)
+
+    def logits(k, h, w, empty_first=False):
+        x = torch.randn(k, h, w, generator=g)
+        if empty_first and k:
+            x[0] = -1.0
+        return SegMasks(logits=x)
+
+    answers = [logits(1, 5, 7), logits(0, 6, 4), logits(2, 6, 4, empty_first=True), logits(1, 5, 7, empty_first=True),
+               logits(3, 5, 7), logits(0, 5, 7), logits(1, 6, 4)]
+    masks, exists, rles = engine._answer_masks(answers)
+    for a, m, e, r in zip(answers, masks, exists, rles):
+        want = a.logits > 0
+        assert torch.equal(m, want) and e == sees_object(want)
+        assert r == [encode_rle(x.numpy()) for x in want]
+    assert exists == [True, False, False, False, True, False, True]
+    engine.config.mask_rles = False
+    assert engine._answer_masks(answers)[2] == [None] * len(answers)
+
+
 def test_decode_stops_when_every_group_ends_at_a_drop(tokenizer, token_ids, monkeypatch):
     """The decode reads whether groups have ended one step late. Two one-query groups end at steps 3
     and 4: at step 4 the late flags ask for a drop of the ended group, and the drop finds every group

@@ -29,7 +29,14 @@ def encode_rles(masks: Sequence[torch.Tensor]) -> list[dict]:
     if not todo:
         return out
     device = masks[todo[0]].device
-    flat = torch.cat([(masks[i] != 0).t().reshape(-1) for i in todo])  # COCO counts down the columns
+    # masks of one shape stacked and laid out down the columns (COCO's order) together: a few copies
+    # for a batch, not one per mask
+    by_shape: dict[tuple, list[int]] = {}
+    for i in todo:
+        by_shape.setdefault(tuple(masks[i].shape), []).append(i)
+    todo = [i for members in by_shape.values() for i in members]
+    flat = torch.cat([(torch.stack([masks[i] for i in members]) != 0).transpose(1, 2).reshape(-1)
+                      for members in by_shape.values()])
     sizes = torch.tensor([masks[i].numel() for i in todo], device=device)
     starts = torch.cumsum(sizes, 0) - sizes  # each mask's first pixel in `flat`
 
