@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from model.predictor import ImageWork, RowLogitsHook
 from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel
 from model.transforms import normalize_and_pad
-from utils.mask_rle_torch import encode_rles
+from utils.mask_rle_torch import encode_rle_stacks
 
 from .cache import GroupKVCache, StepBuffers
 from .config import EngineConfig
@@ -661,15 +661,15 @@ class BatchedInference:
             by_size.setdefault(tuple(m.logits.shape[1:]), []).append(q)
         wanted = self.config.mask_rles
         encode = wanted or (wanted is None and device.type == "cuda")
-        copies, on_device = [], []
+        copies, stacks = [], []
         for members in by_size.values():
             counts = [per_answer[q].logits.shape[0] for q in members]
             binary = torch.cat([per_answer[q].logits for q in members]) > MASK_THRESHOLD
             firsts = [start for start, k in zip(accumulate([0, *counts]), counts) if k]
             seen = binary[firsts].flatten(1).any(1) if firsts else binary.new_zeros(0)
             copies.append((members, counts, binary.to("cpu", non_blocking=True), seen.to("cpu", non_blocking=True)))
-            on_device += [binary[j] for j in range(binary.shape[0])]
-        flat = encode_rles(on_device) if encode else None  # in the order of on_device
+            stacks.append(binary)
+        flat = encode_rle_stacks(stacks) if encode else None  # mask after mask, size after size
         if device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the copies above have landed
         taken = 0

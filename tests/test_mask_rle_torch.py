@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from utils.mask_io import decode_rle, encode_rle
-from utils.mask_rle_torch import encode_rles
+from utils.mask_rle_torch import encode_rle_stacks, encode_rles
 
 
 def _masks(count=200, seed=0):
@@ -42,6 +42,12 @@ def test_empty_shapes_and_bad_input():
     assert got[0] == {"size": [0, 5], "counts": "0"} and got[2] == {"size": [4, 0], "counts": "0"}
     assert got[1] == encode_rle(np.ones((2, 2), bool))
     assert encode_rles([]) == []
+    # stacks: mask after mask, stack after stack, empty stacks and empty shapes included
+    ones = torch.ones((2, 3, 4), dtype=torch.bool)
+    noise = torch.rand(3, 5, 2, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert encode_rle_stacks([ones, torch.zeros((0, 6, 6), dtype=torch.bool), torch.zeros((1, 0, 3), dtype=torch.bool),
+                              noise]) == ([encode_rle(m.numpy()) for m in ones] + [{"size": [0, 3], "counts": "0"}]
+                                          + [encode_rle(m.numpy()) for m in noise])
     with pytest.raises(ValueError, match="mask 0"):
         encode_rles([torch.zeros((2, 2, 2), dtype=torch.bool)])
 

@@ -17,27 +17,40 @@ _GROUPS = 7  # 5-bit groups per count: 35 bits hold any difference of two counts
 
 def encode_rles(masks: Sequence[torch.Tensor]) -> list[dict]:
     """(H, W) bool masks of any sizes, on one device -> [{"size": [H, W], "counts": str}], in order."""
-    out: list = [None] * len(masks)
-    todo = []
+    by_shape: dict[tuple, list[int]] = {}
     for i, m in enumerate(masks):
         if m.dim() != 2:
             raise ValueError(f"encode_rles expects (H, W) masks, mask {i} has shape {tuple(m.shape)}")
-        if m.numel() == 0:
-            out[i] = {"size": [int(m.shape[0]), int(m.shape[1])], "counts": "0"}  # pycocotools' value
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    # masks of one shape stacked: a few copies for a batch, not one per mask
+    encoded = encode_rle_stacks([torch.stack([masks[i] for i in members]) for members in by_shape.values()])
+    out: list = [None] * len(masks)
+    for i, rle in zip((i for members in by_shape.values() for i in members), encoded):
+        out[i] = rle
+    return out
+
+
+def encode_rle_stacks(stacks: Sequence[torch.Tensor]) -> list[dict]:
+    """(k, H, W) stacks of masks (each stack one shape; all on one device) -> one RLE dict per mask,
+    stack after stack."""
+    out: list = []
+    todo = []  # (stack, flat position of its first mask)
+    for stack in stacks:
+        k, h, w = stack.shape
+        if k == 0:
+            continue
+        if h * w == 0:  # pycocotools' value for an empty shape
+            out += [{"size": [int(h), int(w)], "counts": "0"} for _ in range(k)]
         else:
-            todo.append(i)
+            todo.append((stack, len(out)))
+            out += [None] * k
     if not todo:
         return out
-    device = masks[todo[0]].device
-    # masks of one shape stacked and laid out down the columns (COCO's order) together: a few copies
-    # for a batch, not one per mask
-    by_shape: dict[tuple, list[int]] = {}
-    for i in todo:
-        by_shape.setdefault(tuple(masks[i].shape), []).append(i)
-    todo = [i for members in by_shape.values() for i in members]
-    flat = torch.cat([(torch.stack([masks[i] for i in members]) != 0).transpose(1, 2).reshape(-1)
-                      for members in by_shape.values()])
-    sizes = torch.tensor([masks[i].numel() for i in todo], device=device)
+    device = todo[0][0].device
+    flat = torch.cat([(stack != 0).transpose(1, 2).reshape(-1) for stack, _ in todo])  # COCO counts down columns
+    shapes = [(int(stack.shape[1]), int(stack.shape[2])) for stack, _ in todo for _ in range(stack.shape[0])]
+    places = [place + j for stack, place in todo for j in range(stack.shape[0])]
+    sizes = torch.tensor([h * w for h, w in shapes], device=device)
     starts = torch.cumsum(sizes, 0) - sizes  # each mask's first pixel in `flat`
 
     # runs: a run starts at each mask's first pixel and wherever the value changes
@@ -59,7 +72,7 @@ def encode_rles(masks: Sequence[torch.Tensor]) -> list[dict]:
 
     # maskApi.c's rleToString: from the fourth count of a mask on, store the difference with the count
     # two back; write each value as 5-bit groups, low first, '0' + group, bit 5 set when more follow
-    per_mask = torch.bincount(owner, minlength=len(todo))
+    per_mask = torch.bincount(owner, minlength=len(shapes))
     rank = torch.arange(total, device=device) - (torch.cumsum(per_mask, 0) - per_mask)[owner]
     two_back = torch.cat([counts.new_zeros(2), counts[:-2]])[:total]
     value = counts - torch.where(rank > 2, two_back, torch.zeros_like(counts))
@@ -71,11 +84,10 @@ def encode_rles(masks: Sequence[torch.Tensor]) -> list[dict]:
     chars = (low | (more.long() << 5)) + 48
     keep = torch.arange(_GROUPS, device=device)[None, :] < used[:, None]
     text = chars[keep].to(torch.uint8)  # (waits for the device)
-    lengths = torch.zeros(len(todo), dtype=torch.long, device=device).index_add_(0, owner, used)
+    lengths = torch.zeros(len(shapes), dtype=torch.long, device=device).index_add_(0, owner, used)
     data = text.cpu().numpy().tobytes()
     offset = 0
-    for k, n in zip(todo, lengths.tolist()):
-        h, w = masks[k].shape
-        out[k] = {"size": [int(h), int(w)], "counts": data[offset:offset + n].decode("ascii")}
+    for place, (h, w), n in zip(places, shapes, lengths.tolist()):
+        out[place] = {"size": [h, w], "counts": data[offset:offset + n].decode("ascii")}
         offset += n
     return out
