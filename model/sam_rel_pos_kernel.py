@@ -44,6 +44,11 @@ if triton is not None:
         return base, q, tl.dot(q, tl.trans(table))
 
     @triton.jit
+    def _extended_rows(b, n, token, heads, length, width):
+        """Where the extended rows of `token` (one head, one window) start: (B, h*w, heads, width) memory."""
+        return ((b.to(tl.int64) * length + token[:, None].to(tl.int64)) * heads + n) * width
+
+    @triton.jit
     def _rows_kernel(qkv_ptr, th_ptr, q_out, k_out, heads, length, grid_h, grid_w, width,
                      D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr):
@@ -56,7 +61,7 @@ if triton is not None:
         token = row * grid_w + col
         base, q, rel = _queries_times_table(qkv_ptr, th_ptr, b, n, token, keep, row, heads, length, grid_h,
                                             D, BLOCK_D, BLOCK_R)
-        dst = ((b.to(tl.int64) * length + token[:, None].to(tl.int64)) * heads + n) * width
+        dst = _extended_rows(b, n, token, heads, length, width)
         c = tl.arange(0, BLOCK_D)
         tl.store(q_out + dst + c[None, :], q, mask=keep[:, None] & (c[None, :] < D))
         r = tl.arange(0, BLOCK_R)
@@ -81,7 +86,7 @@ if triton is not None:
         token = row * grid_w + column
         _, q, rel = _queries_times_table(qkv_ptr, tw_ptr, b, n, token, keep, column, heads, length, grid_w,
                                          D, BLOCK_D, BLOCK_C)
-        dst = ((b.to(tl.int64) * length + token[:, None].to(tl.int64)) * heads + n) * width
+        dst = _extended_rows(b, n, token, heads, length, width)
         k = tl.arange(0, BLOCK_C)
         tl.store(q_out + dst + D + grid_h + k[None, :], rel.to(q.dtype), mask=keep[:, None] & (k[None, :] < grid_w))
 
