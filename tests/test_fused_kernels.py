@@ -1,13 +1,7 @@
 """The Triton kernels of engine/fused_kernels.py on the CPU, through Triton's interpreter (no GPU in
 CI): they give what the PyTorch calls give, to one unit in the last place. float16 here (the
 interpreter has no bfloat16); tests/test_fused_kernels_cuda.py covers both on the device."""
-import os
-import subprocess
-import sys
-
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from triton_interpreter import run_in_interpreter
 
 CHECK = """
 import torch
@@ -28,9 +22,5 @@ print("kernels ok")
 
 
 def test_kernels_give_what_the_pytorch_calls_give_in_the_interpreter():
-    pytest.importorskip("triton")
-    path = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])  # the project, and fused_kernels_check
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = run_in_interpreter(CHECK)
     assert done.returncode == 0 and "kernels ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
