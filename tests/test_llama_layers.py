@@ -33,21 +33,26 @@ def test_rotate_is_bit_exact(dtype):
     assert torch.equal(qk[:, :, 4:], want_k.transpose(1, 2))
 
 
+def _pack_keeping_parameters(model, pack) -> None:
+    """pack(model) packs both layers, and only once; the parameters keep their names and values (the
+    projections become views of one tensor per layer and group)."""
+    separate = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert pack(model) == 2
+    assert pack(model) == 0  # once
+    after = dict(model.named_parameters())
+    assert after.keys() == separate.keys()
+    for name, p in after.items():
+        assert torch.equal(p, separate[name]), name
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_packing_keeps_the_model_and_its_outputs(bias):
     model = _llama(bias=bias)
     ids = torch.randint(0, 50, (2, 7))
     before = model(input_ids=ids).last_hidden_state
-    separate = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert pack_qkv(model) == 2
-    assert pack_qkv(model) == 0  # once
+    _pack_keeping_parameters(model, pack_qkv)
     layers = LlamaLayers(model)
     assert layers.packed
-    # same names, same values; the projections are views of one tensor per layer and group
-    after = dict(model.named_parameters())
-    assert after.keys() == separate.keys()
-    for name, p in after.items():
-        assert torch.equal(p, separate[name]), name
     attn = model.layers[0].self_attn
     base = attn.q_proj.weight.untyped_storage().data_ptr()
     assert attn.k_proj.weight.untyped_storage().data_ptr() == base == attn.v_proj.weight.untyped_storage().data_ptr()
@@ -100,15 +105,9 @@ def test_gate_up_packing_keeps_the_model_and_its_outputs(bias):
     model = _llama(bias=bias)
     ids = torch.randint(0, 50, (2, 7))
     before = model(input_ids=ids).last_hidden_state
-    separate = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert pack_gate_up(model) == 2
-    assert pack_gate_up(model) == 0  # once
+    _pack_keeping_parameters(model, pack_gate_up)
     layers = LlamaLayers(model)
     assert layers.gate_up_packed and not layers.packed  # q/k/v are packed on their own
-    after = dict(model.named_parameters())
-    assert after.keys() == separate.keys()
-    for name, p in after.items():
-        assert torch.equal(p, separate[name]), name
     mlp = model.layers[1].mlp
     assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
     assert torch.equal(model(input_ids=ids).last_hidden_state, before)
