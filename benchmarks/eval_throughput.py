@@ -281,19 +281,35 @@ def _union_length(intervals) -> float:
     return total
 
 
+def _read_trace(path: str) -> tuple[list[dict], list[tuple]]:
+    """A torch.profiler Chrome trace's events, and its kernels as (start, end, name, stream), by start (us)."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"], e.get("args", {}).get("stream"))
+                     for e in events if e.get("cat") == "kernel")
+    return events, kernels
+
+
+def _costliest(kernels, top: int) -> list[tuple[str, float]]:
+    """The `top` kernel names (first 80 characters) by summed duration, in ms."""
+    from collections import Counter
+
+    cost = Counter()
+    for a, b, name, _ in kernels:
+        cost[name[:80]] += b - a
+    return [(k, v / 1e3) for k, v in cost.most_common(top)]
+
+
 def summarize_trace(path: str, top: int = 4) -> list[dict]:
     """Per engine stage, from a torch.profiler Chrome trace of a run with a synchronising StageTimer:
     wall time, time the GPU was busy, kernels run, host launches and the costliest kernels."""
     import bisect
-    from collections import Counter
 
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
+    events, kernels = _read_trace(path)
     ranges = {k: [] for k in STAGES}
     for e in events:
         if e.get("cat") == "user_annotation" and e.get("name") in ranges:
             ranges[e["name"]].append((e["ts"], e["ts"] + e["dur"]))
-    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
     launches = sorted(e["ts"] for e in events if e.get("cat") == "cuda_runtime"
                       and e.get("name") in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                             "cuLaunchKernelEx", "cudaGraphLaunch"))
@@ -305,12 +321,9 @@ def summarize_trace(path: str, top: int = 4) -> list[dict]:
         for a, b in spans:
             inside += kernels[bisect.bisect_left(starts, a):bisect.bisect_right(starts, b)]
             n_launch += bisect.bisect_right(launches, b) - bisect.bisect_left(launches, a)
-        busy = _union_length([(a, b) for a, b, _ in inside])
-        cost = Counter()
-        for a, b, name in inside:
-            cost[name[:80]] += b - a
+        busy = _union_length([(a, b) for a, b, _, _ in inside])
         rows.append({"stage": stage, "wall_ms": wall / 1e3, "gpu_busy_ms": busy / 1e3, "kernels": len(inside),
-                     "launches": n_launch, "top": [(k, v / 1e3) for k, v in cost.most_common(top)]})
+                     "launches": n_launch, "top": _costliest(inside, top)})
     return rows
 
 
@@ -348,17 +361,14 @@ def summarize_timeline(path: str, top: int = 6) -> dict:
     import bisect
     from collections import Counter
 
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    kernels = sorted((e["ts"], e["ts"] + e["dur"], e.get("args", {}).get("stream"), e["name"])
-                     for e in events if e.get("cat") == "kernel")
+    events, kernels = _read_trace(path)
     stages = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                     if e.get("cat") == "user_annotation" and e.get("name") in STAGES)
     if not kernels:
         return {}
     begin, end = kernels[0][0], max(b for _, b, _, _ in kernels)
     streams: dict = {}
-    for a, b, stream, _ in kernels:
+    for a, b, _, stream in kernels:
         streams.setdefault(stream, []).append((a, b))
     gaps, reach = [], begin
     for a, b, _, _ in kernels:
@@ -374,15 +384,12 @@ def summarize_timeline(path: str, top: int = 6) -> dict:
     idle_by_stage = Counter()
     for a, b in gaps:
         idle_by_stage[stage_at(a)] += b - a
-    cost = Counter()
-    for a, b, _, name in kernels:
-        cost[name[:80]] += b - a
     return {"gpu_window_ms": (end - begin) / 1e3,
             "busy_ms": _union_length([(a, b) for a, b, _, _ in kernels]) / 1e3,
             "stream_busy_ms": {str(s): _union_length(v) / 1e3 for s, v in streams.items()},
             "idle_ms_by_host_stage": {k: v / 1e3 for k, v in idle_by_stage.most_common()},
             "gaps_over_1ms": sum(1 for a, b in gaps if b - a > 1e3),
-            "top_kernels_ms": [(k, v / 1e3) for k, v in cost.most_common(top)]}
+            "top_kernels_ms": _costliest(kernels, top)}
 
 
 def profile_timeline(loaded, images, args, out_dir: str, trace_dir: str, predictor=None) -> dict:
