@@ -20,7 +20,7 @@ is what this file is about.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -68,6 +68,32 @@ def _pack(modules: list[nn.Module]) -> tuple[torch.Tensor, Optional[torch.Tensor
 
 
 PACKED_QKV = "packed_qkv"  # attribute of a packed attention module: (weight, bias or None)
+PACKED_GATE_UP = "packed_gate_up"  # attribute of a packed MLP module: (weight, bias or None)
+
+
+def _packed(module: nn.Module, key: str, first: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """module's packed (weight, bias) under `key` while `first`'s weight still is a view of it, else
+    None (the model was moved or the parameters replaced since)."""
+    packed = module.__dict__.get(key)
+    if packed is None or first.weight.data_ptr() != packed[0].data_ptr():
+        return None
+    return packed
+
+
+def _pack_each_layer(decoder: nn.Module, part: str, names: tuple[str, ...], key: str,
+                     allowed: Optional[Callable[[nn.Module], bool]] = None) -> int:
+    """In each decoder layer's `part` module, the weights of projections `names` packed into one tensor
+    (a plain attribute under `key`: not a parameter or buffer), where they are plain nn.Linear and
+    `allowed(module)` (when given). Returns the number of layers packed."""
+    packed = 0
+    for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+        module = getattr(layer, part)
+        projections = [getattr(module, name) for name in names]
+        if (_packed(module, key, projections[0]) is None and (allowed is None or allowed(module))
+                and _plain_linears(projections)):
+            module.__dict__[key] = _pack(projections)
+            packed += 1
+    return packed
 
 
 def pack_qkv(decoder: nn.Module) -> int:
@@ -75,25 +101,12 @@ def pack_qkv(decoder: nn.Module) -> int:
     final device and dtype (moving it afterwards gives the modules new tensors, and the layers then
     run unpacked, with the same results). Only plain nn.Linear projections are packed: LoRA-wrapped
     or quantised ones stay as they are. Returns the number of layers packed."""
-    packed = 0
-    for layer in decoder.layers[:decoder.config.num_hidden_layers]:
-        a = layer.self_attn
-        projections = [a.q_proj, a.k_proj, a.v_proj]
-        if _packed_of(a) is None and _plain_linears(projections):
-            a.__dict__[PACKED_QKV] = _pack(projections)  # a plain attribute: not a parameter or buffer
-            packed += 1
-    return packed
+    return _pack_each_layer(decoder, "self_attn", ("q_proj", "k_proj", "v_proj"), PACKED_QKV)
 
 
 def _packed_of(attn: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """The packed (weight, bias) of a layer whose q/k/v parameters still are views of it, else None."""
-    packed = attn.__dict__.get(PACKED_QKV)
-    if packed is None or attn.q_proj.weight.data_ptr() != packed[0].data_ptr():
-        return None
-    return packed
-
-
-PACKED_GATE_UP = "packed_gate_up"  # attribute of a packed MLP module: (weight, bias or None)
+    return _packed(attn, PACKED_QKV, attn.q_proj)
 
 
 def _silu(mlp: nn.Module) -> bool:
@@ -105,23 +118,13 @@ def pack_gate_up(decoder: nn.Module) -> int:
     """Pack each decoder layer's gate/up weights into one (2 * intermediate, hidden) tensor, in place,
     as `pack_qkv` does for q/k/v (same conditions: plain nn.Linear, final device and dtype), where the
     activation is SiLU. Returns the number of layers packed."""
-    packed = 0
-    for layer in decoder.layers[:decoder.config.num_hidden_layers]:
-        mlp = layer.mlp
-        projections = [mlp.gate_proj, mlp.up_proj]
-        if _gate_up_of(mlp) is None and _silu(mlp) and _plain_linears(projections):
-            mlp.__dict__[PACKED_GATE_UP] = _pack(projections)
-            packed += 1
-    return packed
+    return _pack_each_layer(decoder, "mlp", ("gate_proj", "up_proj"), PACKED_GATE_UP, _silu)
 
 
 def _gate_up_of(mlp: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """The packed (weight, bias) of an MLP whose gate/up parameters still are views of it and whose
     activation still is SiLU, else None."""
-    packed = mlp.__dict__.get(PACKED_GATE_UP)
-    if packed is None or not _silu(mlp) or mlp.gate_proj.weight.data_ptr() != packed[0].data_ptr():
-        return None
-    return packed
+    return _packed(mlp, PACKED_GATE_UP, mlp.gate_proj) if _silu(mlp) else None
 
 
 class LlamaLayers:
