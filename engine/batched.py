@@ -62,6 +62,7 @@ from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel
 from model.transforms import normalize_and_pad
 from utils.mask_rle_torch import encode_rle_stacks
 
+from . import rotary_kernel
 from .cache import GroupKVCache, StepBuffers
 from .config import EngineConfig
 from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
@@ -425,15 +426,28 @@ class BatchedInference:
         cos, signed_sin = rotary_tables(decoder, x, positions)
         batch, length = x.shape[:2]
         gqa = {"enable_gqa": True} if heads != kv_heads else {}
+        # on CUDA the rotary kernel writes keys and values to the cache itself (rows: a slice)
+        first_row = 0 if mask is not None else prefix_rows.start if isinstance(prefix_rows, slice) else None
+        token_columns = None
+        if first_row is not None and rotary_kernel.can_store(cache.kv[0]):
+            token_columns = (columns if isinstance(columns, torch.Tensor) else
+                             torch.arange(*((0, length) if columns is None else (columns.start, columns.stop)),
+                                          device=x.device))
         for i, layer in enumerate(layers.layers):
             attn = layer.self_attn
             qkv = layers.qkv(i, rms_norm(layer.input_layernorm, x))  # (B, L, heads + 2 kv_heads, d)
-            rotate_(qkv[:, :, :heads + kv_heads], cos, signed_sin)  # q and k together
             q = qkv[:, :, :heads].transpose(1, 2)
             new_kv = qkv[:, :, heads:].unflatten(2, (2, kv_heads))  # (B, L, 2, kv_heads, d)
             store = cache.kv[i]
+            if token_columns is not None:  # q rotated in place; keys rotated into the cache, with values
+                rotary_kernel.rotate_and_store_(qkv, cos, signed_sin, heads, kv_heads, store, first_row,
+                                                token_columns)
+            else:
+                rotate_(qkv[:, :, :heads + kv_heads], cos, signed_sin)  # q and k together
             if mask is None:
-                if isinstance(prefix_rows, slice):
+                if token_columns is not None:
+                    new_kv = store[prefix_rows, :length]
+                elif isinstance(prefix_rows, slice):
                     store[prefix_rows, :length].copy_(new_kv)
                 else:
                     rows, source = prefix_rows
@@ -441,9 +455,9 @@ class BatchedInference:
                 k, v = new_kv[:, :, 0].transpose(1, 2), new_kv[:, :, 1].transpose(1, 2)
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
             else:
-                if isinstance(columns, slice):
+                if token_columns is None and isinstance(columns, slice):
                     store[:batch, columns].copy_(new_kv)
-                else:  # a replayed graph's columns, on the device
+                elif token_columns is None:  # a replayed graph's columns, on the device
                     store[:batch].index_copy_(1, columns, new_kv)
                 k, v = cache.keys_values(i, batch, read)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)

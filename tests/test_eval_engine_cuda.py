@@ -136,6 +136,64 @@ def test_rotary_kernel_equals_transformers(heads, kv_heads, d):
     assert not rotary_kernel.available(qkv.float()) and not rotary_kernel.available(qkv.half())
 
 
+@pytest.mark.parametrize("heads,kv_heads,d", [(32, 32, 128), (4, 2, 16), (3, 1, 64)])
+def test_rotary_kernel_stores_what_rotating_and_copying_store(heads, kv_heads, d):
+    """rotate_and_store_: queries rotated in place and keys (rotated) and values written to their
+    cache rows and columns, bit for bit what rotate_ of q and k and then a copy give; nothing else in
+    the cache is touched."""
+    from engine import rotary_kernel
+
+    torch.manual_seed(0)
+    batch, length, rows, columns, first_row = 3, 37, 6, 90, 2
+    qkv = torch.randn(batch, length, heads + 2 * kv_heads, d, device="cuda", dtype=torch.bfloat16) * 4
+    positions = torch.randint(0, 2000, (batch, 1, length), device="cuda").float()
+    angles = positions.transpose(1, 2)[..., None] * torch.rand(d, device="cuda")  # (B, L, 1, d)
+    cos, sin = angles.cos().to(qkv.dtype), angles.sin().to(qkv.dtype)
+    where = torch.randperm(columns, device="cuda")[:length]  # any columns, not only consecutive ones
+    want = qkv.clone()
+    rotary_kernel.rotate_triton_(want[:, :, :heads + kv_heads], cos, sin)
+    want_cache = torch.full((rows, columns, 2, kv_heads, d), 7.0, device="cuda", dtype=qkv.dtype)
+    got_cache = want_cache.clone()
+    want_cache[first_row:first_row + batch, where] = want[:, :, heads:].unflatten(2, (2, kv_heads))
+    assert rotary_kernel.can_store(got_cache)
+    rotary_kernel.rotate_and_store_(qkv, cos, sin, heads, kv_heads, got_cache, first_row, where)
+    assert torch.equal(qkv[:, :, :heads], want[:, :, :heads])
+    assert torch.equal(got_cache, want_cache)
+    with pytest.raises(ValueError, match="key/value heads"):
+        rotary_kernel.rotate_and_store_(qkv, cos, sin, heads + 1, kv_heads, got_cache, first_row, where)
+    assert not rotary_kernel.can_store(got_cache.float()) and not rotary_kernel.can_store(got_cache[:, ::2])
+
+
+@pytest.mark.parametrize("graphs,slots", [(False, 4), (True, 4), (False, 2)])
+def test_keys_stored_by_the_rotary_kernel_change_nothing(tokenizer, token_ids, monkeypatch, graphs, slots):
+    """bf16 engine: keys and values written to the cache by the rotary kernel, against rotated in
+    place and copied: the same answers, [SEG] states and masks (slots 2: images of several groups,
+    whose prefix goes to the cache the old way)."""
+    from engine import rotary_kernel
+
+    model = tiny_model(token_ids, len(tokenizer), seed=3, dtype=torch.bfloat16).to("cuda")
+    pack_qkv(model.language_model.model)
+    works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77)], [3, 1, 4])
+    stores = []
+    original = rotary_kernel.rotate_and_store_
+    monkeypatch.setattr(rotary_kernel, "rotate_and_store_", lambda *a: stores.append(int(a[-1][0])) or original(*a))
+    runs = {}
+    can_store = rotary_kernel.can_store
+    for fused in (False, True):
+        monkeypatch.setattr(rotary_kernel, "can_store", can_store if fused else lambda cache: False)
+        engine = BatchedInference(model, EngineConfig(slots_per_group=slots, first_capacity=4, cuda_graphs=graphs,
+                                                      column_block=8, row_block=2), logits_hook=_hook(token_ids))
+        runs[fused] = [p for ps in engine.run(works, 9) for p in ps]
+        assert bool(stores) == fused
+    for plain, fused in zip(runs[False], runs[True]):
+        assert fused.output_ids == plain.output_ids
+        assert torch.equal(fused.seg_hidden, plain.seg_hidden)
+        assert torch.equal(fused.masks, plain.masks)
+    assert any(p.masks.shape[0] for p in runs[True])
+    # the prefix pass (first column 0) stores through the kernel when each image has one group
+    assert (0 in stores) == (slots == 4)
+
+
 def test_fused_kernels_in_the_engine_change_only_rounding(tokenizer, token_ids, monkeypatch):
     """bf16 on the GPU: the engine with the fused RMSNorm and SiLU-product kernels, against the engine
     with the PyTorch calls: the same answers, [SEG] states equal to bf16 rounding, masks that agree."""
