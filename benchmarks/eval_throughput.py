@@ -340,7 +340,7 @@ def profile_one_batch(loaded, images, args, out_dir: str, trace_dir: str, predic
     os.makedirs(trace_dir, exist_ok=True)
     path = os.path.join(trace_dir, "eval_trace.json")
     prof.export_chrome_trace(path)
-    rows = summarize_trace(path)
+    rows = summarize_trace(path, args.profile_top)
     with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
         shutil.copyfileobj(f, g)
     os.remove(path)
@@ -452,6 +452,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile_dir", default=None,
                     help="also profile one batch (per-stage GPU busy time and top kernels; trace saved here) and one "
                          "whole unsynchronised run (GPU busy and idle time over the run, idle charged to host stages)")
+    ap.add_argument("--profile_top", type=int, default=4, help="with --profile_dir: kernels listed per stage")
     ap.add_argument("--fresh_predictor", action="store_true",
                     help="every run builds its own predictor (before session 16: per-predictor state such as "
                          "captured CUDA graphs was paid again in each timed run); default: one predictor per "

@@ -3,7 +3,9 @@ project uses (model/sam.py), with its relative-position channels written by the 
 (model/sam_rel_pos_kernel.py) and by PyTorch calls, optionally under torch.compile. Random bf16
 weights on the GPU.
 
-    python benchmarks/sam_encoder.py [--batch 8] [--iters 5] [--compile]
+    python benchmarks/sam_encoder.py [--batch 8] [--iters 5] [--compile] [--profile]
+
+--profile: the encoder's costliest GPU kernels (torch.profiler, one batch), in ms per image.
 """
 import argparse
 import os
@@ -34,16 +36,49 @@ def timeit(fn, x, iters):
     return (time.time() - t0) / iters, out
 
 
+def profile_kernels(encoder, x, top: int) -> None:
+    """One profiled batch: GPU busy time, and the `top` kernels by summed time, per image."""
+    import tempfile
+
+    from eval_throughput import _costliest, _read_trace, _union_length
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        encoder(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            encoder(x)
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        _, kernels = _read_trace(path)
+    images = x.shape[0]
+    busy = _union_length([(a, b) for a, b, _, _ in kernels]) / 1e3
+    counts: dict[str, int] = {}
+    for _, _, name, _ in kernels:
+        counts[name[:80]] = counts.get(name[:80], 0) + 1
+    print(f"| profiled batch of {images} | GPU busy {busy / images:.2f} ms/image, {len(kernels)} kernels |")
+    print("| kernel (first 80 characters) | ms/image | launches |")
+    for name, ms in _costliest(kernels, top):
+        print(f"| {name} | {ms / images:.3f} | {counts[name]} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     torch.manual_seed(0)
     encoder = build_sam(SAM_PRESETS["vit_h"]).image_encoder.to("cuda", torch.bfloat16).eval()
     assert all(isinstance(b.attn, SdpaSamAttention) for b in encoder.blocks)
-    x = torch.randn(args.batch, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    # channels-last pixels, as the engine passes them (engine/batched.py `_encode_sam`): the encoder's
+    # token grid is then contiguous, so its elementwise kernels read it as they do in an evaluation
+    x = torch.randn(args.batch, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
     lib = library_encoder(encoder)
     t_lib, out_lib = timeit(lib, x, args.iters)
     t_sdpa, out_sdpa = timeit(encoder, x, args.iters)
@@ -61,6 +96,8 @@ def main():
           f"by the Triton kernels {1000 * t_sdpa / args.batch:.1f} ms/image "
           f"| max |diff| vs library {diff:.3g}, kernels vs PyTorch calls {diff_torch:.3g} "
           f"(output max |value| {out_lib.float().abs().max().item():.3g}) |")
+    if args.profile:
+        profile_kernels(encoder, x, args.top)
     if args.compile:
         compiled = torch.compile(encoder)
         t0 = time.time()
