@@ -21,7 +21,7 @@ import glob
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
@@ -55,7 +55,10 @@ class QueryRecord:
         return (self.image_id, self.ref_id, self.sent_id)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"), default=_plain)
+        """One line of JSON: `json.dumps(asdict(self))` (compact, UTF-8), with the masks' RLE strings
+        escaped by `_string_json`, which is several times faster for them."""
+        return "{" + ",".join(f'"{f.name}":' + (_rle_json if f.name in _RLE_FIELDS else _dumps)(getattr(self, f.name))
+                              for f in fields(self)) + "}"
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "record") -> "QueryRecord":
@@ -63,6 +66,30 @@ class QueryRecord:
             return cls(**d)
         except TypeError as e:
             raise ValueError(f"{where}: not a query record ({e})") from None
+
+
+_RLE_FIELDS = ("pred_mask", "gt_mask", "gt_ignore")
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_plain)
+
+
+def _string_json(text: str) -> str:
+    """`_dumps(text)` for a string, by `str.replace` when only backslashes need escaping (no quote,
+    no control character): the case of COCO RLE counts, written in the characters '0'..'o'. json's
+    escaper goes character by character: 0.5 ms for a noisy 640 x 480 mask's 150 kB string, against
+    0.1 ms here, and an evaluation batch writes hundreds of them while the GPU waits at a run's end."""
+    if '"' in text or (text and np.frombuffer(text.encode(), np.uint8).min() < 32):
+        return _dumps(text)
+    return '"' + text.replace("\\", "\\\\") + '"'
+
+
+def _rle_json(rle) -> str:
+    if not isinstance(rle, dict):
+        return _dumps(rle)
+    return "{" + ",".join(f"{_dumps(k)}:{_string_json(v) if isinstance(v, str) else _dumps(v)}"
+                          for k, v in rle.items()) + "}"
 
 
 def _plain(value):

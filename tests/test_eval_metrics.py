@@ -36,6 +36,30 @@ def _record(i, gt, pred, gt_exists=True, pred_exists=None, answer="", gt_sent=No
                        gt_ignore=encode_optional(ignore), height=H, width=W, gt_sent=gt_sent, extra=extra or {})
 
 
+def test_record_json_is_what_json_dumps_writes():
+    """QueryRecord.to_json's faster escaping of RLE strings writes what json.dumps(asdict(record))
+    writes, for noisy masks' long strings (backslashes among their characters) and for strings that
+    need json's own escaper (quotes, control characters, non-ASCII) in any field."""
+    from dataclasses import asdict
+
+    rng = np.random.default_rng(3)
+    noisy = _record(0, None, rng.random((H, W)) > 0.5, answer='say "hi"\n\t é \u2028 [SEG]',
+                    extra={"is_sentence": np.bool_(True), "n": np.int64(3), "a": np.arange(2)})
+    noisy.pred_mask = encode_rle(rng.random((480, 640)) > 0.5)
+    assert "\\" in noisy.pred_mask["counts"]
+    records = [noisy,
+               _record(1, np.ones((H, W)), None, gt_sent="ok", ignore=np.eye(H, W, dtype=bool)),
+               QueryRecord(image_id=2, ref_id=2, sent_id=2, image_path="p\\q.jpg", sentence="s\x01", question="q",
+                           answer="", gt_exists=False, pred_exists=True, height=H, width=W,
+                           pred_mask={"size": [H, W], "counts": 'a\\b"c'}, gt_mask={"size": [H, W], "counts": "x\x1fy"},
+                           gt_ignore={"size": [H, W], "counts": "é\\ü"})]
+    for r in records:
+        want = json.dumps(asdict(r), ensure_ascii=False, separators=(",", ":"),
+                          default=lambda v: v.item() if isinstance(v, np.generic) else v.tolist())
+        assert r.to_json() == want
+        assert QueryRecord.from_dict(json.loads(r.to_json())) == QueryRecord.from_dict(json.loads(want))
+
+
 def test_rle_round_trip():
     rng = np.random.default_rng(0)
     for shape in [(1, 1), (7, 13), (480, 640)]:
