@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from model.predictor import ImageWork, RowLogitsHook
 from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel
 from model.transforms import normalize_and_pad
+from utils.host_copy import to_host_async
 from utils.mask_rle_torch import encode_rle_stacks
 
 from . import rotary_kernel
@@ -622,31 +623,37 @@ class BatchedInference:
         eos = model.config.llm.eos_token_id
         self._sam_ready()
         tokens = tokens[:, :, :steps_run].cpu()
-        # [SEG] states per (group, slot), in step order
-        seg_states: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for _, active, is_seg, hidden in seg_steps:
-            where = is_seg.cpu().nonzero().tolist()
-            if not where:
-                continue
-            groups = active.tolist()
-            for (row, j), h in zip(where, hidden[is_seg]):
-                seg_states.setdefault((groups[row], j), []).append(h)
+        # every [SEG] state, step after step, and its (group, slot): one gather puts them in query order
+        states, owners = [], []
+        sizes = [is_seg.numel() for _, _, is_seg, _ in seg_steps]
+        flags = torch.cat([is_seg.flatten() for _, _, is_seg, _ in seg_steps]).cpu().split(sizes) if sizes else []
+        for (_, active, is_seg, hidden), host_flags in zip(seg_steps, flags):
+            where = host_flags.view(is_seg.shape).nonzero().tolist()
+            if where:
+                groups = active.tolist()
+                owners += [(groups[row], j) for row, j in where]
+                states.append(hidden[is_seg])
+        rows_of: dict[tuple[int, int], list[int]] = {}
+        for row, owner in enumerate(owners):
+            rows_of.setdefault(owner, []).append(row)
         answer_ids: dict[int, list[int]] = {}
-        answer_seg: dict[int, torch.Tensor] = {}
-        width = model.language_model.config.hidden_size
+        seg_rows: dict[int, list[int]] = {}
         for g, slot_list in enumerate(plan.slot_query):
             for j, local in enumerate(slot_list):
                 ids = tokens[g, j].tolist()
                 if eos in ids:
                     ids = ids[:ids.index(eos) + 1]
-                states = seg_states.get((g, j))
                 answer_ids[local] = ids
-                answer_seg[local] = torch.stack(states) if states else sam_embeddings.new_zeros((0, width),
-                                                                                               dtype=model.dtype)
+                seg_rows[local] = rows_of.get((g, j), [])
         count = len(queries)
         image_of = [queries[q][0] for q in range(count)]
-        seg_hidden = torch.cat([answer_seg[q] for q in range(count)])
-        seg_query = [q for q in range(count) for _ in range(answer_seg[q].shape[0])]
+        seg_query = [q for q in range(count) for _ in seg_rows[q]]
+        order = [row for q in range(count) for row in seg_rows[q]]
+        width = model.language_model.config.hidden_size
+        seg_hidden = (torch.cat(states)[torch.tensor(order, device=sam_embeddings.device)] if order else
+                      sam_embeddings.new_zeros((0, width), dtype=model.dtype))
+        ends = list(accumulate(len(seg_rows[q]) for q in range(count)))
+        answer_seg = {q: seg_hidden[end - len(seg_rows[q]):end] for q, end in enumerate(ends)}
         sasp_states = None
         if model.config.sasp is not None:
             sasp_states = torch.stack([image_hidden[image_of[q]] for q in seg_query]) if seg_query else None
@@ -681,7 +688,7 @@ class BatchedInference:
             binary = torch.cat([per_answer[q].logits for q in members]) > MASK_THRESHOLD
             firsts = [start for start, k in zip(accumulate([0, *counts]), counts) if k]
             seen = binary[firsts].flatten(1).any(1) if firsts else binary.new_zeros(0)
-            copies.append((members, counts, binary.to("cpu", non_blocking=True), seen.to("cpu", non_blocking=True)))
+            copies.append((members, counts, to_host_async(binary), to_host_async(seen)))
             stacks.append(binary)
         flat = encode_rle_stacks(stacks) if encode else None  # mask after mask, size after size
         if device.type == "cuda":

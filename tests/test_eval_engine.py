@@ -111,6 +111,28 @@ def test_engine_equals_predict_forced_seg(tokenizer, token_ids, slots, first_cap
     assert (calls["grow"] >= 1) == (first_capacity < 9)
 
 
+def test_answers_with_several_segs_keep_their_states_in_order(tokenizer, token_ids):
+    """Answers with two or three [SEG]s at different steps, answers with none, groups dropped as they
+    end: each answer's [SEG] states and masks in its own step order, as predict gives them."""
+    def hook(step, logits, query):
+        logits = logits.clone()
+        q = query.clamp(min=0)
+        seg = (query >= 0) & (((q % 2 == 0) & ((step == 0) | (step == 2))) | ((q % 3 == 0) & (step == 1)))
+        logits[seg, token_ids.seg] += 1e4
+        logits[(query >= 0) & (step == 4 + q % 3), token_ids.eos] += 1e4
+        return logits
+
+    model = tiny_model(token_ids, len(tokenizer), seed=2)
+    works = _work(model, tokenizer, [(40, 60), (23, 77), (50, 50)], [4, 1, 5])
+    engine = BatchedInference(model, EngineConfig(slots_per_group=3, first_capacity=2), logits_hook=hook)
+    batched = engine.run(works, 8)
+    _assert_same(batched, _one_at_a_time(model, works, token_ids, 8, hook))
+    counts = [len(p.seg_hidden) for ps in batched for p in ps]
+    assert 3 in counts and 2 in counts and 0 in counts
+    several = next(p for ps in batched for p in ps if len(p.seg_hidden) == 3)
+    assert not torch.allclose(several.seg_hidden[0], several.seg_hidden[1])  # an order swap would show
+
+
 def test_engine_equals_predict_free_generation(tokenizer, token_ids):
     """No forcing: whatever the random model says, up to 12 tokens (runs past the first capacity)."""
     model = tiny_model(token_ids, len(tokenizer), seed=5)
