@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from .host_copy import to_host_async
+
 _GROUPS = 7  # 5-bit groups per count: 35 bits hold any difference of two counts below 2**31
 
 
@@ -85,7 +87,10 @@ def encode_rle_stacks(stacks: Sequence[torch.Tensor]) -> list[dict]:
     keep = torch.arange(_GROUPS, device=device)[None, :] < used[:, None]
     text = chars[keep].to(torch.uint8)  # (waits for the device)
     lengths = torch.zeros(len(shapes), dtype=torch.long, device=device).index_add_(0, owner, used)
-    data = text.cpu().numpy().tobytes()
+    text, lengths = to_host_async(text), to_host_async(lengths)  # a noisy mask's text is ~150 kB
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    data = text.numpy().tobytes()
     offset = 0
     for place, (h, w), n in zip(places, shapes, lengths.tolist()):
         out[place] = {"size": [h, w], "counts": data[offset:offset + n].decode("ascii")}
