@@ -220,10 +220,11 @@ class BatchedInference:
             pixels = torch.stack([_to_device(im.clip_pixels, device) for im in part])
             clip_features.append(self.model.encode_images_clip(pixels))
 
+        # the first chunk is one image: the GPU starts as soon as it is decoded, not once `chunk` are
         start = 0
         for im in images:
             seen.append(im)
-            if len(seen) - start == chunk:
+            if len(seen) - start == (chunk if start else 1):
                 encode(seen[start:])
                 start = len(seen)
         if start < len(seen):
