@@ -16,7 +16,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import get_rel_pos, window_unpartition
 
-from . import sam_rel_pos_kernel
+from . import sam_block_kernels, sam_rel_pos_kernel
 from .config import SamConfig
 
 
@@ -144,7 +144,8 @@ def add_unpartitioned(shortcut: torch.Tensor, windows: torch.Tensor, window: int
 class WindowedBlock(nn.Module):
     """segment_anything's image-encoder Block (the same submodules, so the same parameters and
     state-dict keys) with its window partition and reverse partition done by `partition_windows`
-    and `add_unpartitioned`: the same numbers, three fewer full-size copies per windowed block."""
+    and `add_unpartitioned`: the same numbers, three fewer full-size copies per windowed block. On the
+    GPU outside autograd, the LayerNorms are done in the same passes (model/sam_block_kernels.py)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -152,8 +153,16 @@ class WindowedBlock(nn.Module):
         self.window_size = block.window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.window_size > 0:
-            x = add_unpartitioned(x, self.attn(partition_windows(self.norm1(x), self.window_size)), self.window_size)
+        window = self.window_size
+        if sam_block_kernels.available(x, self):
+            if window > 0:
+                windows = self.attn(sam_block_kernels.norm_to_windows(x, self.norm1, window))
+                x, normed = sam_block_kernels.add_windows_and_norm(x, windows, window, self.norm2)
+            else:
+                x, normed = sam_block_kernels.add_and_norm(x, self.attn(self.norm1(x)), self.norm2)
+            return x + self.mlp(normed)
+        if window > 0:
+            x = add_unpartitioned(x, self.attn(partition_windows(self.norm1(x), window)), window)
         else:
             x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
