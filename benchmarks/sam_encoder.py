@@ -1,7 +1,7 @@
-"""SAM ViT-H image encoder throughput: segment_anything's own attention vs the SDPA attention this
-project uses (model/sam.py), with its relative-position channels written by the Triton kernels
-(model/sam_rel_pos_kernel.py) and by PyTorch calls, optionally under torch.compile. Random bf16
-weights on the GPU.
+"""SAM ViT-H image encoder throughput: segment_anything's own blocks against this project's (model/sam.py:
+SDPA attention, WindowedBlock), with every GPU kernel family on, and with each off in turn (the
+relative-position channels, the fused LayerNorm / window passes, the fused MLP product + GELU),
+optionally under torch.compile. Random bf16 weights on the GPU.
 
     python benchmarks/sam_encoder.py [--batch 8] [--iters 5] [--compile] [--profile]
 
@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -20,9 +21,24 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the library reference encoder
 
 from sam_reference import library_encoder  # noqa: E402
 
-from model import sam_rel_pos_kernel  # noqa: E402
+from model import sam_block_kernels, sam_mlp_kernel, sam_rel_pos_kernel  # noqa: E402
 from model.config import SAM_PRESETS  # noqa: E402
 from model.sam import SdpaSamAttention, build_sam  # noqa: E402
+
+# the encoder's GPU kernel families, each with the `available` check that turns it on
+KERNELS = {"relative-position kernels": sam_rel_pos_kernel, "fused LayerNorm / window kernels": sam_block_kernels,
+           "fused first MLP product + GELU": sam_mlp_kernel}
+
+
+@contextmanager
+def kernels_off(module):
+    """module's kernels not used: its `available` says no."""
+    available = module.available
+    module.available = lambda *_: False
+    try:
+        yield
+    finally:
+        module.available = available
 
 
 def timeit(fn, x, iters):
@@ -81,21 +97,19 @@ def main():
         memory_format=torch.channels_last)
     lib = library_encoder(encoder)
     t_lib, out_lib = timeit(lib, x, args.iters)
-    t_sdpa, out_sdpa = timeit(encoder, x, args.iters)
-    kernel = sam_rel_pos_kernel.available
-    sam_rel_pos_kernel.available = lambda _qkv: False  # the relative-position channels in PyTorch calls
-    try:
-        t_torch, out_torch = timeit(encoder, x, args.iters)
-    finally:
-        sam_rel_pos_kernel.available = kernel
-    diff = (out_lib.float() - out_sdpa.float()).abs().max().item()
-    diff_torch = (out_torch.float() - out_sdpa.float()).abs().max().item()
-    print(f"| SAM ViT-H encoder, batch {args.batch}, bf16 | library blocks {1000 * t_lib / args.batch:.1f} ms/image "
-          f"| this project's blocks (SDPA attention, WindowedBlock), relative-position channels by PyTorch calls "
-          f"{1000 * t_torch / args.batch:.1f} ms/image, "
-          f"by the Triton kernels {1000 * t_sdpa / args.batch:.1f} ms/image "
-          f"| max |diff| vs library {diff:.3g}, kernels vs PyTorch calls {diff_torch:.3g} "
-          f"(output max |value| {out_lib.float().abs().max().item():.3g}) |")
+    t_all, out_all = timeit(encoder, x, args.iters)
+    scale = out_lib.float().abs().max().item()
+    print(f"| SAM ViT-H encoder, batch {args.batch}, bf16 | ms/image "
+          f"| max abs diff vs library (output max {scale:.3g}) |")
+    print("|---|---|---|")
+    print(f"| segment_anything's blocks | {1000 * t_lib / args.batch:.2f} | 0 |")
+    print(f"| this project's blocks, every GPU kernel | {1000 * t_all / args.batch:.2f} | "
+          f"{(out_all.float() - out_lib.float()).abs().max().item():.3g} |")
+    for name, module in KERNELS.items():  # each kernel family off in turn: PyTorch calls instead
+        with kernels_off(module):
+            t, out = timeit(encoder, x, args.iters)
+        print(f"| ... without the {name} | {1000 * t / args.batch:.2f} | "
+              f"{(out.float() - out_lib.float()).abs().max().item():.3g} |")
     if args.profile:
         profile_kernels(encoder, x, args.top)
     if args.compile:

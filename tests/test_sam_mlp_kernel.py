@@ -20,6 +20,26 @@ for shape, n in [((37, 48), 80), ((2, 5, 40), 72), ((16, 32), 32), ((3, 7, 8), 1
     assert kernel_err <= 2 * eager_err + 1e-6, ("accuracy", shape, n, kernel_err, eager_err)
     print(shape, n, "max ulp", worst, "equal", equal, "| vs eager", eager_diff,
           "| err vs float64: kernel", kernel_err, "eager", eager_err)
+
+# WindowedBlock's MLP takes the kernel where it applies (forced on here: the interpreter runs on the
+# CPU), and not for another activation
+from unittest import mock
+from segment_anything.modeling.common import MLPBlock
+from segment_anything.modeling.image_encoder import Block
+from model import sam_mlp_kernel
+from model.sam import WindowedBlock
+torch.manual_seed(0)
+block = WindowedBlock(Block(32, 2, window_size=4)).half()
+x = torch.randn(2, 6, 6, 32, dtype=torch.half)
+with torch.inference_mode(), mock.patch.object(sam_mlp_kernel, "available", lambda *_: True):
+    calls = []
+    real = sam_mlp_kernel.linear_gelu
+    with mock.patch.object(sam_mlp_kernel, "linear_gelu", lambda *a: calls.append(1) or real(*a)):
+        fused, plain = block._mlp(x), block.mlp(x)
+        assert calls and (fused - plain).abs().max() <= 0.01 * plain.abs().max(), (fused - plain).abs().max()
+        block.mlp = MLPBlock(32, 128, act=torch.nn.ReLU).half()
+        calls.clear()
+        assert torch.equal(block._mlp(x), block.mlp(x)) and not calls
 print("kernel ok")
 """
 
