@@ -1,4 +1,4 @@
-"""SdpaSamAttention's extended queries and keys, written by two GPU kernels (Triton).
+"""SdpaSamAttention's extended queries and keys, written by one GPU kernel (Triton).
 
 SdpaSamAttention (model/sam.py) feeds SAM's decomposed relative positions to SDPA as extra channels:
 
@@ -6,11 +6,18 @@ SdpaSamAttention (model/sam.py) feeds SAM's decomposed relative positions to SDP
 
 In eager PyTorch that is two einsums (each copying q into the layout its batched product wants) and
 two concatenations (each writing its inputs again): about a quarter of the ViT-H encoder's GPU time on
-an H100, all of it copies (benchmarks/RESULTS.md). Here each q/k row is read once from the qkv
-projection's output and each extended row written once; the relative-position products run as small
-matrix products inside the kernels (one program per grid row for Rh, one per grid column for Rw, where
-all tokens share one table). Products accumulate in float32 and round once, as cuBLAS does for the
-einsum, so values agree to float rounding (tests/test_sam_kernel_cuda.py).
+an H100, all of it copies (benchmarks/RESULTS.md). Here each q/k row is read from the qkv projection's
+output and each extended row written once; the relative-position products run as small matrix
+products inside the kernel, over tokens that share one table (a grid row's for Rh, a grid column's
+for Rw). Products accumulate in float32 and round once, as cuBLAS does for the einsum, so values agree
+to float rounding (tests/test_sam_kernel_cuda.py).
+
+One kernel, one program per (window or image, grid row, a few grid columns) with all heads: a token's
+heads lie side by side in qkv and in the output, so programs move whole token rows. It writes the
+copies, q . Rh[row]^T, the zeros and the keys, then q . Rw[column]^T for each of its columns (q read
+from DRAM once). Two kernels with a program per (window x head, grid row) and per (window x head,
+grid column) took 0.378 + 0.340 ms where this takes 0.300 + 0.273 (ViT-H windowed + global layer, 8
+images, H100; benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -31,68 +38,76 @@ def available(qkv: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _queries_times_table(qkv_ptr, table_ptr, b, n, token, keep, table_row, heads, length, size,
-                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-        """The queries of `token` (one head, one window), their rows' start in qkv, and their products
-        with table[table_row]^T (size x D): (tokens, BLOCK_R), float32 accumulation."""
-        c = tl.arange(0, BLOCK_D)
-        base = qkv_ptr + b.to(tl.int64) * length * 3 * heads * D + token[:, None].to(tl.int64) * 3 * heads * D + n * D
-        q = tl.load(base + c[None, :], mask=keep[:, None] & (c[None, :] < D), other=0.0)
-        r = tl.arange(0, BLOCK_R)
-        table = tl.load(table_ptr + table_row * size * D + r[:, None] * D + c[None, :],
-                        mask=(r[:, None] < size) & (c[None, :] < D), other=0.0)
-        return base, q, tl.dot(q, tl.trans(table))
+    def _start(b, token, n, length, heads, width):
+        """Where row (b, token, n) of (B, length, heads, width) memory starts: one per token, or per
+        (token, head) when n is a vector. qkv is (B, length, 3 * heads, d): q at head n, k at heads + n."""
+        return ((b.to(tl.int64) * length + token.to(tl.int64)) * heads + n) * width
 
     @triton.jit
-    def _extended_rows(b, n, token, heads, length, width):
-        """Where the extended rows of `token` (one head, one window) start: (B, h*w, heads, width) memory."""
-        return ((b.to(tl.int64) * length + token[:, None].to(tl.int64)) * heads + n) * width
+    def _load(ptr, start, keep, count, BLOCK: tl.constexpr):
+        """(rows, BLOCK): `count` elements from each row start, zeros after and in rows not kept."""
+        c = tl.arange(0, BLOCK)
+        return tl.load(ptr + start[:, None] + c[None, :], mask=keep[:, None] & (c[None, :] < count), other=0.0)
 
     @triton.jit
-    def _rows_kernel(qkv_ptr, th_ptr, q_out, k_out, heads, length, grid_h, grid_w, width,
-                     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr):
-        """One program per (window x head, grid row): q copied, q . Rh[row]^T, the zero channels, and
-        the whole extended key row."""
-        bn, row = tl.program_id(0), tl.program_id(1)
-        b, n = bn // heads, bn % heads
-        col = tl.arange(0, BLOCK_T)
-        keep = col < grid_w
-        token = row * grid_w + col
-        base, q, rel = _queries_times_table(qkv_ptr, th_ptr, b, n, token, keep, row, heads, length, grid_h,
-                                            D, BLOCK_D, BLOCK_R)
-        dst = _extended_rows(b, n, token, heads, length, width)
-        c = tl.arange(0, BLOCK_D)
-        tl.store(q_out + dst + c[None, :], q, mask=keep[:, None] & (c[None, :] < D))
+    def _store(ptr, start, values, keep, count, BLOCK: tl.constexpr):
+        """The first `count` of values' BLOCK columns to each kept row start."""
+        c = tl.arange(0, BLOCK)
+        tl.store(ptr + start[:, None] + c[None, :], values, mask=keep[:, None] & (c[None, :] < count))
+
+    @triton.jit
+    def _row_part(qkv_ptr, th_ptr, q_out, k_out, b, n, token, keep, row, col, heads, length, grid_h, grid_w,
+                  width, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_Z: tl.constexpr):
+        """The extended rows of `token` (columns `col` of grid row `row`; head n, or one per token): q
+        copied, q . Rh[row]^T, the zero channels, and the whole key row (k copied, one-hots)."""
+        src, dst = _start(b, token, n, length, 3 * heads, D), _start(b, token, n, length, heads, width)
+        q = _load(qkv_ptr, src, keep, D, BLOCK_D)
         r = tl.arange(0, BLOCK_R)
-        tl.store(q_out + dst + D + r[None, :], rel.to(q.dtype), mask=keep[:, None] & (r[None, :] < grid_h))
-        z = D + grid_h + grid_w + tl.arange(0, BLOCK_Z)
-        tl.store(q_out + dst + z[None, :], tl.zeros((BLOCK_T, BLOCK_Z), q.dtype),
-                 mask=keep[:, None] & (z[None, :] < width))
+        table = _load(th_ptr + row * grid_h * D, r * D, r < grid_h, D, BLOCK_D)
+        _store(q_out, dst, q, keep, D, BLOCK_D)
+        _store(q_out, dst + D, tl.dot(q, tl.trans(table)).to(q.dtype), keep, grid_h, BLOCK_R)
+        zeros_from = D + grid_h + grid_w
+        _store(q_out, dst + zeros_from, tl.zeros((q.shape[0], BLOCK_Z), q.dtype), keep, width - zeros_from, BLOCK_Z)
         kc = tl.arange(0, BLOCK_K)
-        key = tl.load(base + heads * D + kc[None, :], mask=keep[:, None] & (kc[None, :] < D), other=0.0)
+        key = _load(qkv_ptr, src + heads * D, keep, D, BLOCK_K)
         one_hot = (kc[None, :] == D + row) | (kc[None, :] == D + grid_h + col[:, None])
-        key = tl.where(one_hot, 1.0, key.to(tl.float32)).to(q.dtype)
-        tl.store(k_out + dst + kc[None, :], key, mask=keep[:, None] & (kc[None, :] < width))
+        _store(k_out, dst, tl.where(one_hot, 1.0, key.to(tl.float32)).to(q.dtype), keep, width, BLOCK_K)
 
     @triton.jit
-    def _cols_kernel(qkv_ptr, tw_ptr, q_out, heads, length, grid_h, grid_w, width,
-                     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One program per (window x head, grid column): q . Rw[column]^T."""
-        bn, column = tl.program_id(0), tl.program_id(1)
-        b, n = bn // heads, bn % heads
-        row = tl.arange(0, BLOCK_T)
-        keep = row < grid_h
-        token = row * grid_w + column
-        _, q, rel = _queries_times_table(qkv_ptr, tw_ptr, b, n, token, keep, column, heads, length, grid_w,
-                                         D, BLOCK_D, BLOCK_C)
-        dst = _extended_rows(b, n, token, heads, length, width)
-        k = tl.arange(0, BLOCK_C)
-        tl.store(q_out + dst + D + grid_h + k[None, :], rel.to(q.dtype), mask=keep[:, None] & (k[None, :] < grid_w))
+    def _column_part(qkv_ptr, tw_ptr, q_out, b, n, token, keep, column, heads, length, grid_h, grid_w, width,
+                     D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """q . Rw[column]^T of `token` (all in grid column `column`; head n, or one per token)."""
+        src, dst = _start(b, token, n, length, 3 * heads, D), _start(b, token, n, length, heads, width)
+        q = _load(qkv_ptr, src, keep, D, BLOCK_D)
+        c = tl.arange(0, BLOCK_C)
+        table = _load(tw_ptr + column * grid_w * D, c * D, c < grid_w, D, BLOCK_D)
+        _store(q_out, dst + D + grid_h, tl.dot(q, tl.trans(table)).to(q.dtype), keep, grid_w, BLOCK_C)
+
+    @triton.jit
+    def _extend_kernel(qkv_ptr, th_ptr, tw_ptr, q_out, k_out, heads, length, grid_h, grid_w, width,
+                       D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr, COLS: tl.constexpr, BLOCK_H: tl.constexpr):
+        """One program per (window, grid row, COLS columns), all heads (rows (column, head)): all but
+        q . Rw^T, then that, in a loop over the columns."""
+        b, row, first = tl.program_id(0), tl.program_id(1), tl.program_id(2) * COLS
+        i = tl.arange(0, COLS * BLOCK_H)
+        col, n = first + i // BLOCK_H, i % BLOCK_H
+        _row_part(qkv_ptr, th_ptr, q_out, k_out, b, n, row * grid_w + col, (col < grid_w) & (n < heads), row,
+                  col, heads, length, grid_h, grid_w, width, D, BLOCK_R, BLOCK_D, BLOCK_K, BLOCK_Z)
+        n = tl.arange(0, BLOCK_H)
+        for column in range(first, tl.minimum(first + COLS, grid_w)):
+            _column_part(qkv_ptr, tw_ptr, q_out, b, n, row * grid_w + column, n < heads, column, heads, length,
+                         grid_h, grid_w, width, D, BLOCK_C, BLOCK_D)
 
 
 def _block(size: int) -> int:
     return max(16, triton.next_power_of_2(size))  # tl.dot wants every side >= 16
+
+
+def _columns_per_program(size: int, block_h: int) -> int:
+    """Grid columns a program of all heads takes: 64 (token, head) rows (128 and 256 ran slower)."""
+    return min(triton.next_power_of_2(size), max(1, 64 // block_h))
 
 
 def extend_qk(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, grid: tuple[int, int],
@@ -107,11 +122,10 @@ def extend_qk(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, g
     q_ext = qkv.new_empty((batch, length, heads, width))
     k_ext = torch.empty_like(q_ext)
     table_h, table_w = table_h.to(qkv.dtype).contiguous(), table_w.to(qkv.dtype).contiguous()
-    block_d = _block(d)
-    _rows_kernel[(batch * heads, h)](qkv, table_h, q_ext, k_ext, heads, length, h, w, width, D=d,
-                                     BLOCK_T=_block(w), BLOCK_R=_block(h), BLOCK_D=block_d,
-                                     BLOCK_K=triton.next_power_of_2(width),
-                                     BLOCK_Z=max(1, triton.next_power_of_2(max(1, width - d - h - w))))
-    _cols_kernel[(batch * heads, w)](qkv, table_w, q_ext, heads, length, h, w, width, D=d,
-                                     BLOCK_T=_block(h), BLOCK_C=_block(w), BLOCK_D=block_d)
+    block_h = _block(heads)
+    cols = _columns_per_program(w, block_h)
+    _extend_kernel[(batch, h, triton.cdiv(w, cols))](
+        qkv, table_h, table_w, q_ext, k_ext, heads, length, h, w, width, D=d, BLOCK_R=_block(h), BLOCK_C=_block(w),
+        BLOCK_D=_block(d), BLOCK_K=triton.next_power_of_2(width),
+        BLOCK_Z=max(1, triton.next_power_of_2(max(1, width - d - h - w))), COLS=cols, BLOCK_H=block_h)
     return q_ext.transpose(1, 2), k_ext.transpose(1, 2)

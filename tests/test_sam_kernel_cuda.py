@@ -11,8 +11,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 # (windows or images, grid h, grid w, heads, head width): ViT-H's windowed and global layers, a tiny
-# model's, and grids that are not square or not a power of two wide
-GEOMETRIES = [(6, 14, 14, 16, 80), (1, 64, 64, 16, 80), (3, 4, 4, 2, 8), (2, 12, 20, 4, 24), (2, 7, 5, 3, 40)]
+# model's, grids that are not square or not a power of two wide, and more heads than one program takes
+GEOMETRIES = [(6, 14, 14, 16, 80), (1, 64, 64, 16, 80), (3, 4, 4, 2, 8), (2, 12, 20, 4, 24), (2, 7, 5, 3, 40),
+              (1, 20, 17, 20, 16)]
 
 
 @pytest.mark.parametrize("batch,h,w,heads,d", GEOMETRIES)
