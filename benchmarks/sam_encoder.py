@@ -1,7 +1,7 @@
 """SAM ViT-H image encoder throughput: segment_anything's own blocks against this project's (model/sam.py:
 SDPA attention, WindowedBlock), with every GPU kernel family on, and with each off in turn (the
-relative-position channels, the fused LayerNorm / window passes, the fused MLP product + GELU),
-optionally under torch.compile. Random bf16 weights on the GPU.
+relative-position channels, the fused LayerNorm / window passes), optionally under torch.compile.
+Random bf16 weights on the GPU.
 
     python benchmarks/sam_encoder.py [--batch 8] [--iters 5] [--compile] [--profile]
 
@@ -21,13 +21,12 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the library reference encoder
 
 from sam_reference import library_encoder  # noqa: E402
 
-from model import sam_block_kernels, sam_mlp_kernel, sam_rel_pos_kernel  # noqa: E402
+from model import sam_block_kernels, sam_rel_pos_kernel  # noqa: E402
 from model.config import SAM_PRESETS  # noqa: E402
 from model.sam import SdpaSamAttention, build_sam  # noqa: E402
 
 # the encoder's GPU kernel families, each with the `available` check that turns it on
-KERNELS = {"relative-position kernels": sam_rel_pos_kernel, "fused LayerNorm / window kernels": sam_block_kernels,
-           "fused first MLP product + GELU": sam_mlp_kernel}
+KERNELS = {"relative-position kernel": sam_rel_pos_kernel, "fused LayerNorm / window kernels": sam_block_kernels}
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import get_rel_pos, window_unpartition
 
-from . import sam_block_kernels, sam_mlp_kernel, sam_rel_pos_kernel
+from . import sam_block_kernels, sam_rel_pos_kernel
 from .config import SamConfig
 
 
@@ -160,20 +160,12 @@ class WindowedBlock(nn.Module):
                 x, normed = sam_block_kernels.add_windows_and_norm(x, windows, window, self.norm2)
             else:
                 x, normed = sam_block_kernels.add_and_norm(x, self.attn(self.norm1(x)), self.norm2)
-            return x + self._mlp(normed)
+            return x + self.mlp(normed)
         if window > 0:
             x = add_unpartitioned(x, self.attn(partition_windows(self.norm1(x), window)), window)
         else:
             x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """self.mlp(x); on the GPU, its first product and exact GELU as one kernel (model/sam_mlp_kernel.py)."""
-        mlp = self.mlp
-        act = getattr(mlp, "act", None)
-        if type(act) is nn.GELU and act.approximate == "none" and sam_mlp_kernel.available(x, mlp.lin1):
-            return mlp.lin2(sam_mlp_kernel.linear_gelu(x, mlp.lin1))
-        return mlp(x)
 
 
 def use_sdpa_attention(encoder: ImageEncoderViT) -> ImageEncoderViT:
