@@ -87,6 +87,23 @@ def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Eve
     return host, done
 
 
+def _store_keys_values(store: torch.Tensor, new_kv: torch.Tensor, prefix_rows, columns) -> None:
+    """A layer's new keys and values (B, L, 2, kv_heads, d) into its cache `store`: the prefix pass's
+    (prefix_rows: a slice of cache rows, one per row of new_kv, or (cache rows, new_kv rows) index
+    tensors) into columns [0, L); a later pass's into rows [0, B), columns `columns` (a slice, or a
+    replayed graph's column tensor on the device)."""
+    batch, length = new_kv.shape[:2]
+    if prefix_rows is None and isinstance(columns, slice):
+        store[:batch, columns].copy_(new_kv)
+    elif prefix_rows is None:
+        store[:batch].index_copy_(1, columns, new_kv)
+    elif isinstance(prefix_rows, slice):
+        store[prefix_rows, :length].copy_(new_kv)
+    else:
+        rows, source = prefix_rows
+        store[rows, :length] = new_kv[source]
+
+
 def _read(pending: tuple[torch.Tensor, Optional[torch.cuda.Event]]) -> list:
     host, done = pending
     if done is not None:
@@ -220,11 +237,10 @@ class BatchedInference:
             pixels = torch.stack([_to_device(im.clip_pixels, device) for im in part])
             clip_features.append(self.model.encode_images_clip(pixels))
 
-        # the first chunk is one image: the GPU starts as soon as it is decoded, not once `chunk` are
         start = 0
         for im in images:
             seen.append(im)
-            if len(seen) - start == (chunk if start else 1):
+            if len(seen) - start == chunk:
                 encode(seen[start:])
                 start = len(seen)
         if start < len(seen):
@@ -446,21 +462,13 @@ class BatchedInference:
                                                 token_columns)
             else:
                 rotate_(qkv[:, :, :heads + kv_heads], cos, signed_sin)  # q and k together
+                _store_keys_values(store, new_kv, prefix_rows if mask is None else None, columns)
             if mask is None:
-                if token_columns is not None:
+                if token_columns is not None:  # qkv's keys were left unrotated: read them from the cache
                     new_kv = store[prefix_rows, :length]
-                elif isinstance(prefix_rows, slice):
-                    store[prefix_rows, :length].copy_(new_kv)
-                else:
-                    rows, source = prefix_rows
-                    store[rows, :length] = new_kv[source]
                 k, v = new_kv[:, :, 0].transpose(1, 2), new_kv[:, :, 1].transpose(1, 2)
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
             else:
-                if token_columns is None and isinstance(columns, slice):
-                    store[:batch, columns].copy_(new_kv)
-                elif token_columns is None:  # a replayed graph's columns, on the device
-                    store[:batch].index_copy_(1, columns, new_kv)
                 k, v = cache.keys_values(i, batch, read)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))

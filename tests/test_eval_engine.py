@@ -349,11 +349,11 @@ def test_engine_takes_resized_uint8_sam_input_and_lazy_images(tokenizer, token_i
             yield w
 
     engine = BatchedInference(model, cfg, logits_hook=hook)
-    encoded_after = []  # images pulled when each SAM chunk was queued: the first goes alone, at once
+    encoded_after = []  # images pulled when each SAM chunk was queued: as soon as it has all its images
     encode_sam = engine._encode_sam
     engine._encode_sam = lambda pixels: encoded_after.append((len(pulled), len(pixels))) or encode_sam(pixels)
     got = engine.run(lazily(), 6)
-    assert len(pulled) == 3 and encoded_after == [(1, 1), (3, 2)]
+    assert len(pulled) == 3 and encoded_after == [(2, 2), (3, 1)]
     _assert_same(got, want)
 
 
