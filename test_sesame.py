@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ReasonSeg question wording: LISA's fixed prompts (what READ reports) or SESAME's templates")
     p.add_argument("--queries_per_batch", type=int, default=None,
                    help="queries decoded together (KV memory grows with it); default: as many as free GPU memory "
-                        "allows, up to 256")
+                        "allows, up to 512")
     p.add_argument("--sam_batch", type=int, default=None, help="images per CLIP / SAM encoder call (default: from "
                    "free GPU memory, up to 8)")
     p.add_argument("--prefix_batch", type=int, default=None, help="images per LLM prefix pass (default: from free GPU "
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries of one image sharing one cached prefix")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="replay decode steps as captured CUDA graphs (each new step shape costs a capture)")
+    p.add_argument("--column_block", type=int, default=engine.column_block,
+                   help="with --cuda_graphs: a step reads the KV cache in blocks of this many columns (larger: fewer "
+                        "step shapes to capture, more masked columns read)")
     p.add_argument("--compile_sam", action="store_true",
                    help="torch.compile SAM's image encoder (a one-time compile of about a minute)")
     p.add_argument("--no_overlap_sam", action="store_true",
@@ -79,7 +82,7 @@ def engine_config(args):
 
     return EngineConfig(queries_per_batch=args.queries_per_batch, sam_batch=args.sam_batch,
                         prefix_batch=args.prefix_batch, slots_per_group=args.slots_per_group,
-                        cuda_graphs=args.cuda_graphs, compile_sam=args.compile_sam,
+                        cuda_graphs=args.cuda_graphs, column_block=args.column_block, compile_sam=args.compile_sam,
                         overlap_sam=not args.no_overlap_sam)
 
 

@@ -163,6 +163,7 @@ def eval_arguments(args, out_dir: str) -> argparse.Namespace:
             str(args.slots_per_group), "--num_workers", str(args.num_workers), "--no_progress"]
     argv += ["--queries_per_batch", str(args.queries_per_batch)] if args.queries_per_batch else []
     argv += (["--cuda_graphs"] if args.cuda_graphs else []) + (["--compile_sam"] if args.compile_sam else [])
+    argv += ["--column_block", str(args.column_block)] if args.column_block else []
     argv += ["--no_overlap_sam"] if args.no_overlap_sam else []
     return test_sesame.build_parser().parse_args(argv)
 
@@ -440,6 +441,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--original_chunk", type=int, default=5)
     ap.add_argument("--skip_original", action="store_true")
     ap.add_argument("--cuda_graphs", action="store_true", help="decode steps replayed as CUDA graphs")
+    ap.add_argument("--column_block", type=int, default=None,
+                    help="with --cuda_graphs: cache columns a step reads per block (test_sesame.py's default: 256)")
     ap.add_argument("--no_overlap_sam", action="store_true",
                     help="SAM's image encoder on the main stream (the old way)")
     ap.add_argument("--compile_sam", action="store_true", help="torch.compile SAM's image encoder (compile counted "
@@ -525,7 +528,8 @@ def main(argv=None) -> dict:
         "queries_per_batch": args.queries_per_batch, "engine_sizes": summary["engine_sizes"],
         "slots_per_group": args.slots_per_group, "memory_cap_gib": args.memory_cap_gib,
         "llm_weights": f"int{quant}" if quant else "bf16", "resident_gib": resident,
-        "cuda_graphs": args.cuda_graphs, "compile_sam": args.compile_sam, "overlap_sam": not args.no_overlap_sam,
+        "cuda_graphs": args.cuda_graphs, "column_block": args.column_block, "compile_sam": args.compile_sam,
+        "overlap_sam": not args.no_overlap_sam,
         "engine_seconds": summary["seconds"], "engine_queries_per_s": qps,
         "decode_graphs": summary.get("decode_graphs"),
         "cold_queries": cold["queries_run"], "cold_seconds": cold["seconds"], "profile": profile_rows,

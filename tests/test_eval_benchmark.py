@@ -76,3 +76,19 @@ def test_timeline_charges_idle_gaps_to_the_host_stage(tmp_path):
     assert t["idle_ms_by_host_stage"] == {"no stage": 1.5, "decode": 0.25}
     assert t["gaps_over_1ms"] == 1
     assert t["top_kernels_ms"][0] == ("gemm", 0.5)
+
+
+def test_engine_flags_reach_the_engine_config():
+    """The benchmark's engine flags become test_sesame.py's, and those the EngineConfig's."""
+    import argparse
+
+    import test_sesame
+
+    bench = _benchmark()
+    args = argparse.Namespace(max_new_tokens=24, slots_per_group=8, num_workers=2, queries_per_batch=None,
+                              cuda_graphs=True, compile_sam=False, no_overlap_sam=True, column_block=64)
+    config = test_sesame.engine_config(bench.eval_arguments(args, "/tmp/x"))
+    assert (config.cuda_graphs, config.column_block, config.overlap_sam, config.queries_per_batch) == (True, 64, False,
+                                                                                                       None)
+    args.column_block = None
+    assert test_sesame.engine_config(bench.eval_arguments(args, "/tmp/x")).column_block == 256  # EngineConfig's
