@@ -33,9 +33,11 @@ def test_rotate_is_bit_exact(dtype):
     assert torch.equal(qk[:, :, 4:], want_k.transpose(1, 2))
 
 
-def _pack_keeping_parameters(model, pack) -> None:
+def _pack_keeping_the_model(model, pack) -> None:
     """pack(model) packs both layers, and only once; the parameters keep their names and values (the
-    projections become views of one tensor per layer and group)."""
+    projections become views of one tensor per layer and group), and the model its outputs."""
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(input_ids=ids).last_hidden_state
     separate = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert pack(model) == 2
     assert pack(model) == 0  # once
@@ -43,20 +45,18 @@ def _pack_keeping_parameters(model, pack) -> None:
     assert after.keys() == separate.keys()
     for name, p in after.items():
         assert torch.equal(p, separate[name]), name
+    assert torch.equal(model(input_ids=ids).last_hidden_state, before)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_packing_keeps_the_model_and_its_outputs(bias):
     model = _llama(bias=bias)
-    ids = torch.randint(0, 50, (2, 7))
-    before = model(input_ids=ids).last_hidden_state
-    _pack_keeping_parameters(model, pack_qkv)
+    _pack_keeping_the_model(model, pack_qkv)
     layers = LlamaLayers(model)
     assert layers.packed
     attn = model.layers[0].self_attn
     base = attn.q_proj.weight.untyped_storage().data_ptr()
     assert attn.k_proj.weight.untyped_storage().data_ptr() == base == attn.v_proj.weight.untyped_storage().data_ptr()
-    assert torch.equal(model(input_ids=ids).last_hidden_state, before)
     # the packed products equal the modules' own
     h = torch.randn(2, 7, 32)
     qkv = layers.qkv(0, h)
@@ -103,14 +103,11 @@ def test_no_packing_unless_asked_and_none_after_a_move():
 @pytest.mark.parametrize("bias", [False, True])
 def test_gate_up_packing_keeps_the_model_and_its_outputs(bias):
     model = _llama(bias=bias)
-    ids = torch.randint(0, 50, (2, 7))
-    before = model(input_ids=ids).last_hidden_state
-    _pack_keeping_parameters(model, pack_gate_up)
+    _pack_keeping_the_model(model, pack_gate_up)
     layers = LlamaLayers(model)
     assert layers.gate_up_packed and not layers.packed  # q/k/v are packed on their own
     mlp = model.layers[1].mlp
     assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
-    assert torch.equal(model(input_ids=ids).last_hidden_state, before)
     h = torch.randn(2, 7, 32)
     for i, layer in enumerate(model.layers):
         torch.testing.assert_close(layers.mlp(i, h), layer.mlp(h), atol=1e-5, rtol=1e-5)
