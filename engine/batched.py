@@ -60,7 +60,6 @@ import torch.nn.functional as F
 from model.predictor import ImageWork, RowLogitsHook
 from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel
 from model.transforms import normalize_and_pad
-from utils.host_copy import to_host_async
 from utils.mask_rle_torch import encode_rle_stacks
 
 from . import rotary_kernel
@@ -697,7 +696,8 @@ class BatchedInference:
             binary = torch.cat([per_answer[q].logits for q in members]) > MASK_THRESHOLD
             firsts = [start for start, k in zip(accumulate([0, *counts]), counts) if k]
             seen = binary[firsts].flatten(1).any(1) if firsts else binary.new_zeros(0)
-            copies.append((members, counts, to_host_async(binary), to_host_async(seen)))
+            # non_blocking copies from CUDA land in page-locked memory (PyTorch pins them): no wait here
+            copies.append((members, counts, binary.to("cpu", non_blocking=True), seen.to("cpu", non_blocking=True)))
             stacks.append(binary)
         flat = encode_rle_stacks(stacks) if encode else None  # mask after mask, size after size
         if device.type == "cuda":
