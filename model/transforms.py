@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
+
+from . import pil_resize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,9 +40,64 @@ def build_clip_processor(image_size: int, name_or_path: str | None = None):
                                  image_std=list(CLIP_STD))
 
 
+def _setting(settings, key: str):
+    """A key of a transformers size dict (a dict, or a SizeDict with attributes)."""
+    if settings is None:
+        return None
+    return settings.get(key) if isinstance(settings, dict) else getattr(settings, key, None)
+
+
+@dataclass(frozen=True)
+class ClipSteps:
+    """What the CLIP processor does, as `ClipTransform.on_tensor` repeats it: shortest side to
+    `shortest_edge` (Pillow `filter`), centre `crop` (h, w), x * `rescale` in float64 then float32,
+    (x - mean) / std in float32."""
+
+    shortest_edge: int
+    filter: str
+    crop: Optional[tuple[int, int]]
+    rescale: Optional[float]
+    mean: Optional[tuple[float, ...]]
+    std: Optional[tuple[float, ...]]
+
+    @staticmethod
+    def of(processor) -> Optional["ClipSteps"]:
+        """The steps of a transformers CLIP image processor, or None when its settings are ones that
+        `on_tensor` does not make (then the processor itself runs)."""
+        size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+        shortest = _setting(size, "shortest_edge")
+        filters = {2: "bilinear", 3: "bicubic"}
+        if (not getattr(processor, "do_resize", False) or shortest is None or _setting(size, "longest_edge")
+                or _setting(size, "height") or int(getattr(processor, "resample", -1)) not in filters
+                or getattr(processor, "do_pad", None)):
+            return None
+        do_crop = getattr(processor, "do_center_crop", False)
+        if do_crop and (_setting(crop, "height") is None or _setting(crop, "width") is None):
+            return None
+        normalize = getattr(processor, "do_normalize", False)
+        return ClipSteps(int(shortest), filters[int(processor.resample)],
+                         (int(_setting(crop, "height")), int(_setting(crop, "width"))) if do_crop else None,
+                         float(processor.rescale_factor) if getattr(processor, "do_rescale", False) else None,
+                         tuple(processor.image_mean) if normalize else None,
+                         tuple(processor.image_std) if normalize else None)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """transformers' output size for a shortest side (the long side truncated, not rounded)."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.shortest_edge * long / short)
+        return (new_long, self.shortest_edge) if width <= height else (self.shortest_edge, new_long)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(C, 1, 1) float32 constants on `device`, made once (a copy from Python lists blocks a GPU stream)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
 class ClipTransform:
     def __init__(self, image_size: int, name_or_path: str | None = None):
         self.processor = build_clip_processor(image_size, name_or_path)
+        self.steps = ClipSteps.of(self.processor)
 
     def __call__(self, image_rgb: np.ndarray) -> torch.Tensor:
         """uint8 HxWx3 RGB -> float32 3xSxS."""
@@ -47,6 +105,24 @@ class ClipTransform:
         # (3, W, 3) or a (1, 3, 3) one for channels-first and mixes up its pixels
         out = self.processor(images=image_rgb, return_tensors="pt", input_data_format="channels_last")
         return out["pixel_values"][0]
+
+    def on_tensor(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The same float32 (3, s, s) as __call__, from a uint8 (H, W, 3) tensor, computed where the
+        tensor is (model/pil_resize.py's resize; the same float operations in the same order)."""
+        steps = self.steps
+        h, w = steps.resized_size(*rgb.shape[:2]) if steps is not None else (0, 0)
+        crop = None
+        if steps is not None and steps.crop is not None:
+            top, left = (h - steps.crop[0]) // 2, (w - steps.crop[1]) // 2
+            crop = (top, left, *steps.crop)
+        if steps is None or (crop is not None and min(crop[:2]) < 0):  # settings (or a crop with padding) not made here
+            return self(rgb.cpu().numpy()).to(rgb.device)
+        x = pil_resize.resize(rgb, (h, w), steps.filter, crop=crop).permute(2, 0, 1)
+        if steps.rescale is not None:
+            x = (x.double() * steps.rescale).float()  # transformers rescales in float64
+        if steps.mean is not None:
+            x = (x.float() - _channel_constants(steps.mean, x.device)) / _channel_constants(steps.std, x.device)
+        return x.float().contiguous()
 
 
 @dataclass(frozen=True)
@@ -74,6 +150,15 @@ class SamTransform:
         h, w = resized.shape[:2]
         return SamInput(torch.from_numpy(np.ascontiguousarray(resized)), (h, w),
                         (int(image_rgb.shape[0]), int(image_rgb.shape[1])))
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        return tuple(self.resizer.get_preprocess_shape(height, width, self.image_size))
+
+    def resized_tensor(self, rgb: torch.Tensor) -> SamInput:
+        """What `resized` gives (segment_anything resizes with Pillow, bilinear), from a uint8 (H, W, 3)
+        tensor, computed where the tensor is (model/pil_resize.py)."""
+        size = self.resized_size(*rgb.shape[:2])
+        return SamInput(pil_resize.resize(rgb, size, "bilinear"), size, (int(rgb.shape[0]), int(rgb.shape[1])))
 
 
 @functools.lru_cache(maxsize=None)
