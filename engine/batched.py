@@ -71,11 +71,6 @@ from .plan import Plan, common_start, plan_groups, round_up, split_prompt
 from .timing import StageTimer
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # pinned host memory (the loader pins on CUDA runs) copies without blocking this thread
-    return t.to(device, non_blocking=t.is_pinned())
-
-
 def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
     """A small tensor's copy on its way to the host (pinned, not waited for), and the event after it."""
     if not flags.is_cuda:
@@ -226,15 +221,15 @@ class BatchedInference:
             return torch.cuda.stream(side) if side is not None else nullcontext()
 
         def encode(part: list[ImageWork]) -> None:
-            sam_inputs = [_to_device(im.sam_pixels, device) for im in part]
-            if side is not None:  # SAM on its stream, after these copies; CLIP meanwhile on the main one
+            inputs = [im.encoder_inputs(device) for im in part]  # copies (and any preprocessing) on the main stream
+            sam_inputs = [sam for _, sam in inputs]
+            if side is not None:  # SAM on its stream, after these; CLIP meanwhile on the main one
                 side.wait_stream(main)
                 for t in sam_inputs:
                     t.record_stream(side)  # made on the main stream, read on the side one
             with on_sam_stream():
                 sam_embeddings.append(self._encode_sam(self._sam_pixels(sam_inputs)))
-            pixels = torch.stack([_to_device(im.clip_pixels, device) for im in part])
-            clip_features.append(self.model.encode_images_clip(pixels))
+            clip_features.append(self.model.encode_images_clip(torch.stack([clip for clip, _ in inputs])))
 
         start = 0
         for im in images:

@@ -36,13 +36,15 @@ class ImageLoader:
 
     pending: (EvalImage, queries to run) per item; prompts: their token ids; read_rgb(image) -> uint8
     (H, W, 3) at the annotated size, or None for an image to skip (dataset.eval_sets.read_eval_image).
-    SAM's input is only resized here (the engine normalises and pads it on the GPU);
-    `pin`: page-locked pixels, so that host-to-GPU copies run without blocking the engine."""
+    SAM's input is only resized here (the engine normalises and pads it). `pin`: page-locked pixels,
+    so that host-to-GPU copies run without blocking the engine; `defer`: only decoding happens here,
+    both resizes are left to the backend's device (on a GPU run they would hold the GIL the engine's
+    thread needs; model.predictor.RawImage)."""
 
     def __init__(self, pending, prompts, predictor: SesamePredictor, read_rgb: Callable[[object], Optional[np.ndarray]],
-                 keep_rgb: bool, pin: bool = False):
+                 keep_rgb: bool, pin: bool = False, defer: bool = False):
         self.pending, self.prompts, self.predictor, self.read_rgb = pending, prompts, predictor, read_rgb
-        self.keep_rgb, self.pin = keep_rgb, pin
+        self.keep_rgb, self.pin, self.defer = keep_rgb, pin, defer
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -52,8 +54,11 @@ class ImageLoader:
         rgb = self.read_rgb(im)
         if rgb is None:
             return LoadedImage(i, None, [], None)
-        work = self.predictor.prepare(rgb, self.prompts[i], resize_only=True)
-        if self.pin:
+        # for a GPU model only the decoding happens here; the resizes run there (model.predictor.RawImage)
+        work = self.predictor.prepare(rgb, self.prompts[i], resize_only=True, defer=self.defer)
+        if self.pin and work.raw is not None:
+            work = replace(work, raw=replace(work.raw, rgb=work.raw.rgb.pin_memory()))
+        elif self.pin:
             work = replace(work, clip_pixels=work.clip_pixels.pin_memory(), sam_pixels=work.sam_pixels.pin_memory())
         return LoadedImage(i, work, [ground_truth_rles(im, q) for q in todo], rgb if self.keep_rgb else None)
 

@@ -121,7 +121,8 @@ def run_shard(run: EvalRun, predictor: SesamePredictor, images, read_rgb: Callab
         total = sum(sum(m) for m in missing)
         already = sum(len(im.queries) for im in shard) - total
         prompts = [[predictor.prompt_ids(q.question) for q in todo] for _, todo in pending]
-        loader_fn = ImageLoader(pending, prompts, predictor, read_rgb, run.visualize, pin=model.device.type == "cuda")
+        on_gpu = model.device.type == "cuda"
+        loader_fn = ImageLoader(pending, prompts, predictor, read_rgb, run.visualize, pin=on_gpu, defer=on_gpu)
         backend = predictor.backend
         per_image = max(1.0, sum(len(t) for _, t in pending) / max(1, len(pending)))
         lookahead = int(min(256, max(2 * run.num_workers, 2 * backend.queries_per_batch / per_image + 1)))

@@ -29,7 +29,7 @@ from .conversation import IMAGE_TOKEN, build_prompt, tokenize_with_image
 from .sasp import SasPResult
 from .sesame import QueryPrediction, SesameModel
 from .tokenizer import SEG_TOKEN
-from .transforms import normalize_and_pad
+from .transforms import ClipTransform, SamTransform, normalize_and_pad
 
 # (step, logits (R, V) float32, query (R,) long: each row's position in the run's flat query order,
 # -1 for an empty row) -> logits. Tests and benchmarks force tokens with it.
@@ -53,15 +53,38 @@ def check_typed_question(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class RawImage:
+    """A decoded image whose encoder inputs are made where the backend runs: on a GPU the two Pillow
+    resizes cost nothing there, while on the host they take the loader threads ~15 ms per image and
+    hold the GIL the engine's thread needs (model/pil_resize.py; the same bytes either way)."""
+
+    rgb: torch.Tensor  # uint8 (H, W, 3), on the host (page-locked for a GPU run)
+    clip: ClipTransform
+    sam: SamTransform
+
+    def encoder_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb = self.rgb.to(device, non_blocking=self.rgb.is_pinned())
+        return self.clip.on_tensor(rgb), self.sam.resized_tensor(rgb).pixels
+
+
 @dataclass
 class ImageWork:
     """One image and the prompts asked about it: what a backend runs."""
 
-    clip_pixels: torch.Tensor  # (3, s, s) from ClipTransform
-    sam_pixels: torch.Tensor  # (3, S, S) from SamTransform, or uint8 (h, w, 3) from SamTransform.resized
+    clip_pixels: Optional[torch.Tensor]  # (3, s, s) from ClipTransform; None when `raw` is given
+    sam_pixels: Optional[torch.Tensor]  # (3, S, S) from SamTransform, or uint8 (h, w, 3) from SamTransform.resized
     resized_size: tuple[int, int]
     original_size: tuple[int, int]
     prompts: list[list[int]]  # token ids with exactly one IMAGE_TOKEN_INDEX each
+    raw: Optional[RawImage] = None  # the pixels still to be preprocessed, where the backend runs
+
+    def encoder_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLIP pixels (3, s, s) float32, SAM input: uint8 (h, w, 3) resized or float32 (3, S, S)
+        finished) on `device`; page-locked host tensors are copied without blocking."""
+        if self.raw is not None:
+            return self.raw.encoder_inputs(device)
+        return tuple(t.to(device, non_blocking=t.is_pinned()) for t in (self.clip_pixels, self.sam_pixels))
 
 
 class Backend(Protocol):
@@ -92,14 +115,14 @@ class ReferenceBackend:
     def run(self, images: Iterable[ImageWork], max_new_tokens: int) -> list[list[QueryPrediction]]:
         out, first = [], 0
         for work in images:
-            sam = work.sam_pixels
+            clip, sam = work.encoder_inputs(self.model.device)
             if sam.dtype == torch.uint8:
                 sam = normalize_and_pad(sam, self.model.config.sam.image_size)
             hook = None
             if self.logits_hook is not None:
                 rows = torch.arange(first, first + len(work.prompts))
                 hook = (lambda r: lambda step, logits: self.logits_hook(step, logits, r.to(logits.device)))(rows)
-            out.append(self.model.predict(work.clip_pixels[None], sam[None], [work.resized_size], [work.original_size],
+            out.append(self.model.predict(clip[None], sam[None], [work.resized_size], [work.original_size],
                                           work.prompts, [0] * len(work.prompts), max_new_tokens=max_new_tokens,
                                           logits_hook=hook))
             first += len(work.prompts)
@@ -183,10 +206,17 @@ class SesamePredictor:
                               f"the model's context is {context}")
         return ids
 
-    def prepare(self, image_rgb: np.ndarray, prompts: list[list[int]], *, resize_only: bool = False) -> ImageWork:
+    def prepare(self, image_rgb: np.ndarray, prompts: list[list[int]], *, resize_only: bool = False,
+                defer: bool = False) -> ImageWork:
         """Both encoders' inputs of one uint8 (H, W, 3) RGB image. `resize_only`: SAM's input is left
         resized, not normalised or padded (uint8, a quarter of the bytes; the engine finishes it on the
-        GPU), for loader threads feeding a GPU."""
+        GPU). `defer`: nothing is computed here; the backend preprocesses the pixels where it runs (for
+        a GPU model: the resizes leave the host, see RawImage)."""
+        if defer:
+            height, width = image_rgb.shape[:2]
+            rgb = torch.from_numpy(np.ascontiguousarray(image_rgb))
+            return ImageWork(None, None, self.sam_transform.resized_size(height, width), (int(height), int(width)),
+                             prompts, raw=RawImage(rgb, self.clip_transform, self.sam_transform))
         sam = self.sam_transform.resized(image_rgb) if resize_only else self.sam_transform(image_rgb)
         return ImageWork(self.clip_transform(image_rgb), sam.pixels, sam.resized_size, sam.original_size, prompts)
 
@@ -207,7 +237,8 @@ class SesamePredictor:
         items = [(image, list(questions)) for image, questions in items]
         # SAM's input resized only: the backend normalises and pads it where the model runs (on the GPU
         # for the engine: a quarter of the bytes to copy and ~10 ms less host work per image)
-        works = [self.prepare(image, [self.prompt_ids(q) for q in questions], resize_only=True)
+        on_gpu = self.model.device.type == "cuda"  # there the resizes run too (RawImage)
+        works = [self.prepare(image, [self.prompt_ids(q) for q in questions], resize_only=True, defer=on_gpu)
                  for image, questions in items]
         predictions = self.run(works)
         return [[self.answer_of(q, p) for q, p in zip(questions, preds)]

@@ -357,6 +357,32 @@ def test_engine_takes_resized_uint8_sam_input_and_lazy_images(tokenizer, token_i
     _assert_same(got, want)
 
 
+def test_engine_preprocesses_deferred_images_itself(tokenizer, token_ids):
+    """Works whose pixels are only decoded (`prepare(..., defer=True)`, what the loader hands a GPU
+    engine): the engine resizes them where it runs, and answers, [SEG] states and masks equal those
+    of works preprocessed on the host. The reference backend takes them too."""
+    from model.builder import LoadedSesame
+    from model.predictor import ReferenceBackend, SesamePredictor
+
+    model = tiny_model(token_ids, len(tokenizer), seed=3)
+    loaded = LoadedSesame(model, tokenizer, ClipTransform(model.config.vision.image_size),
+                          SamTransform(model.config.sam.image_size))
+    predictor = SesamePredictor(loaded, conv_type="llava_v1")
+    works = _work(model, tokenizer, [(40, 60), (52, 33), (20, 70)], [2, 3, 1])
+    deferred = []
+    for i, w in enumerate(works):  # the same images _work drew, decoded only
+        img = (np.random.default_rng(i).random((*w.original_size, 3)) * 255).astype(np.uint8)
+        d = predictor.prepare(img, w.prompts, defer=True)
+        assert d.clip_pixels is None and d.raw is not None and d.resized_size == w.resized_size
+        deferred.append(d)
+    hook = _hook(token_ids)
+    cfg = EngineConfig(sam_batch=2)
+    want = BatchedInference(model, cfg, logits_hook=hook).run(works, 6)
+    _assert_same(BatchedInference(model, cfg, logits_hook=hook).run(deferred, 6), want)
+    reference = ReferenceBackend(model, logits_hook=hook)
+    _assert_same(reference.run(deferred[:1], 6), reference.run(works[:1], 6))
+
+
 def test_answer_masks_threshold_copy_and_encode_by_size(tokenizer, token_ids):
     """_answer_masks, done once per image size: the same masks, See decisions and RLEs as answer by
     answer, for answers without masks, with an empty first mask, and of several sizes, interleaved."""
