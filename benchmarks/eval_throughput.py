@@ -64,6 +64,7 @@ EXPRESSIONS = ["man in red", "left zebra", "white car behind the bus", "person o
                "woman holding an umbrella near the door", "bowl", "second giraffe from the left",
                "blue chair", "guy in the black shirt sitting down"]
 STAGES = ("encoders", "prefill_prefix", "prefill_suffix", "decode", "masks")
+RUN_RANGE = "whole_run"  # the profiled run's host range in the timeline trace
 COMPARABLE = ("no_overlap_sam", "cuda_graphs", "compile_sam")  # engine flags --compare can toggle
 
 
@@ -385,7 +386,16 @@ def summarize_timeline(path: str, top: int = 6) -> dict:
     idle_by_stage = Counter()
     for a, b in gaps:
         idle_by_stage[stage_at(a)] += b - a
-    return {"gpu_window_ms": (end - begin) / 1e3,
+    # the host's whole run (RUN_RANGE), when present: how long before its first kernel and after its
+    # last one it took (loading the first images; records), and when each stage began and ended in it
+    run = [e for e in events if e.get("cat") == "user_annotation" and e.get("name") == RUN_RANGE]
+    around = {}
+    if run:
+        r0, r1 = run[0]["ts"], run[0]["ts"] + run[0]["dur"]
+        around = {"before_first_kernel_ms": (begin - r0) / 1e3, "after_last_kernel_ms": (r1 - end) / 1e3,
+                  "host_stage_spans_ms": [(name, round((a - r0) / 1e3, 1), round((b - r0) / 1e3, 1))
+                                          for a, b, name in stages]}
+    return {**around, "gpu_window_ms": (end - begin) / 1e3,
             "busy_ms": _union_length([(a, b) for a, b, _, _ in kernels]) / 1e3,
             "stream_busy_ms": {str(s): _union_length(v) / 1e3 for s, v in streams.items()},
             "idle_ms_by_host_stage": {k: v / 1e3 for k, v in idle_by_stage.most_common()},
@@ -398,7 +408,8 @@ def profile_timeline(loaded, images, args, out_dir: str, trace_dir: str, predict
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        summary = run_engine(loaded, images, args, out_dir, timer=StageTimer(sync=False), predictor=predictor)
+        with torch.profiler.record_function(RUN_RANGE):
+            summary = run_engine(loaded, images, args, out_dir, timer=StageTimer(sync=False), predictor=predictor)
     os.makedirs(trace_dir, exist_ok=True)
     path = os.path.join(trace_dir, "eval_timeline.json")
     prof.export_chrome_trace(path)
@@ -435,7 +446,9 @@ def main(argv=None) -> dict:
     bits.add_argument("--load_in_8bit", action="store_true", help="LLM weights in 8 bits")
     bits.add_argument("--load_in_4bit", action="store_true", help="LLM weights in 4 bits")
     ap.add_argument("--slots_per_group", type=int, default=8)
-    ap.add_argument("--num_workers", type=int, default=None, help="default 8 (tiny: 0)")
+    ap.add_argument("--num_workers", type=int, default=None,
+                    help="image loading threads; default 4, test_sesame.py's (tiny: 0). With the resizes on the GPU "
+                         "the loader only decodes, and more threads only contend for the GIL (RESULTS.md)")
     ap.add_argument("--original_images", type=int, default=None,
                     help="images for the original's strategy, the first one a warm-up (default 5; tiny: 2)")
     ap.add_argument("--original_chunk", type=int, default=5)
@@ -462,7 +475,7 @@ def main(argv=None) -> dict:
                          "setting, warmed up by the first batch, as a long evaluation's is")
     args = ap.parse_args(argv)
     tiny = args.tiny
-    defaults = dict(images=(6, 64), queries_per_image=(3, 8), max_new_tokens=(8, 24), num_workers=(0, 8),
+    defaults = dict(images=(6, 64), queries_per_image=(3, 8), max_new_tokens=(8, 24), num_workers=(0, 4),
                     original_images=(2, 5))
     for k, (t, f) in defaults.items():
         if getattr(args, k) is None:

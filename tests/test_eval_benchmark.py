@@ -63,6 +63,7 @@ def test_timeline_charges_idle_gaps_to_the_host_stage(tmp_path):
         return {"cat": "kernel", "ts": ts, "dur": dur, "name": name, "args": {"stream": stream}}
 
     events = [
+        {"cat": "user_annotation", "name": "whole_run", "ts": -300, "dur": 3000},
         {"cat": "user_annotation", "name": "decode", "ts": 0, "dur": 450},
         kernel(0, 100, 7), kernel(50, 100, 9, "sam"),  # overlap: busy 0..150
         kernel(400, 100, 7),  # idle 150..400 (host in decode)
@@ -76,6 +77,8 @@ def test_timeline_charges_idle_gaps_to_the_host_stage(tmp_path):
     assert t["idle_ms_by_host_stage"] == {"no stage": 1.5, "decode": 0.25}
     assert t["gaps_over_1ms"] == 1
     assert t["top_kernels_ms"][0] == ("gemm", 0.5)
+    assert (t["before_first_kernel_ms"], t["after_last_kernel_ms"]) == (0.3, 0.2)  # run -300..2700 us
+    assert t["host_stage_spans_ms"] == [("decode", 0.3, 0.8)]  # 0.75 ms, to 0.1 ms
 
 
 def test_engine_flags_reach_the_engine_config():
