@@ -110,13 +110,14 @@ class ClipTransform:
         """The same float32 (3, s, s) as __call__, from a uint8 (H, W, 3) tensor, computed where the
         tensor is (model/pil_resize.py's resize; the same float operations in the same order)."""
         steps = self.steps
-        h, w = steps.resized_size(*rgb.shape[:2]) if steps is not None else (0, 0)
-        crop = None
-        if steps is not None and steps.crop is not None:
-            top, left = (h - steps.crop[0]) // 2, (w - steps.crop[1]) // 2
-            crop = (top, left, *steps.crop)
-        if steps is None or (crop is not None and min(crop[:2]) < 0):  # settings (or a crop with padding) not made here
+        if steps is None:  # processor settings not made here
             return self(rgb.cpu().numpy()).to(rgb.device)
+        h, w = steps.resized_size(*rgb.shape[:2])
+        crop = None
+        if steps.crop is not None:
+            crop = ((h - steps.crop[0]) // 2, (w - steps.crop[1]) // 2, *steps.crop)
+            if min(crop[:2]) < 0:  # a crop larger than the image: the processor pads, not made here
+                return self(rgb.cpu().numpy()).to(rgb.device)
         x = pil_resize.resize(rgb, (h, w), steps.filter, crop=crop).permute(2, 0, 1)
         if steps.rescale is not None:
             x = (x.double() * steps.rescale).float()  # transformers rescales in float64

@@ -78,3 +78,9 @@ def test_unsupported_processor_settings_fall_back_to_the_processor():
     assert clip.steps is None
     img = image(50, 70)
     assert torch.equal(clip.on_tensor(torch.from_numpy(img)), clip(img))
+    # a centre crop larger than the resized image (the processor pads): the processor runs too
+    clip = ClipTransform(32)
+    clip.processor.crop_size = {"height": 40, "width": 40}
+    clip.steps = ClipSteps.of(clip.processor)
+    assert clip.steps is not None and clip.steps.crop == (40, 40)
+    assert torch.equal(clip.on_tensor(torch.from_numpy(img)), clip(img))
