@@ -122,6 +122,12 @@ class EvalQuery:
         if isinstance(self.__dict__.get("_gt_mask"), _DecodedOnAccess):
             raise TypeError("EvalQuery needs gt_mask (an (H, W) uint8 array or a mask source with .decode())")
 
+    @property
+    def gt_mask_source(self) -> object:
+        """What gt_mask is decoded from (an array, or a mask source): one object for the queries that
+        share a mask (a ref's sentences; an image's false premises), so a cache key for work on it."""
+        return self.__dict__["_gt_mask"]
+
 
 @dataclass
 class EvalImage:

@@ -60,7 +60,15 @@ class ImageLoader:
             work = replace(work, raw=replace(work.raw, rgb=work.raw.rgb.pin_memory()))
         elif self.pin:
             work = replace(work, clip_pixels=work.clip_pixels.pin_memory(), sam_pixels=work.sam_pixels.pin_memory())
-        return LoadedImage(i, work, [ground_truth_rles(im, q) for q in todo], rgb if self.keep_rgb else None)
+        # queries sharing a mask (a ref's sentences, an image's false premises) share its RLEs: each
+        # distinct mask is decoded and encoded once (pycocotools holds the GIL the engine's thread needs)
+        rles: dict = {}
+        for q in todo:
+            key = (id(q.gt_mask_source), bool(q.gt_exists))
+            if key not in rles:
+                rles[key] = ground_truth_rles(im, q)
+        gt = [rles[id(q.gt_mask_source), bool(q.gt_exists)] for q in todo]
+        return LoadedImage(i, work, gt, rgb if self.keep_rgb else None)
 
 
 def prefetched(fn: Callable[[int], object], count: int, workers: int, lookahead: int) -> Iterator:
