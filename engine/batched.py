@@ -57,6 +57,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from model.predictor import ImageWork, RowLogitsHook
 from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel
@@ -453,6 +454,8 @@ class BatchedInference:
         if first_row is not None and rotary_kernel.can_store(cache.kv[0]):
             token_columns = (columns if isinstance(columns, torch.Tensor) else
                              torch.arange(columns.start, columns.stop, device=x.device))
+        # x's token a sees the past columns and x's tokens up to a: causal, aligned to the lower right
+        after_past = causal_lower_right(length, past + length) if mask is None and past else None
         for i, layer in enumerate(layers.layers):
             attn = layer.self_attn
             qkv = layers.qkv(i, rms_norm(layer.input_layernorm, x))  # (B, L, heads + 2 kv_heads, d)
@@ -471,13 +474,10 @@ class BatchedInference:
                 elif past:  # the past columns are the same in every row: take row 0's
                     new_kv = torch.cat([store[:1, :past].expand(batch, -1, -1, -1, -1), new_kv], dim=1)
                 k, v = new_kv[:, :, 0].transpose(1, 2), new_kv[:, :, 1].transpose(1, 2)
-                if past:
-                    # `past` blank query rows in front make plain (top-left) causal attention see what
-                    # x's tokens must: the past and themselves up to each. Their outputs are dropped
-                    # and, causally, change nothing else. (cuDNN's causal kernel: 0.28 ms per prefix
-                    # call on an H100, where a lower-right causal bias took 0.70, RESULTS.md.)
-                    q = torch.cat([q.new_zeros(batch, q.shape[1], past, q.shape[3]), q], dim=2)
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)[:, :, past:]
+                if after_past is None:
+                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
+                else:
+                    o = F.scaled_dot_product_attention(q, k, v, attn_mask=after_past, scale=attn.scaling, **gqa)
             else:
                 k, v = cache.keys_values(i, batch, read)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)
