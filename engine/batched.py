@@ -10,8 +10,7 @@ Every SESAME prompt of an image starts with the same tokens:
 never depend on the question.) The engine therefore
 
 1. encodes each image once with CLIP and SAM, for all of its queries;
-2. runs the LLM over each image's prefix once (the text before the image, the same for every image,
-   once for all of them: its keys and values are copied to every row of the cache);
+2. runs the LLM over each image's prefix once;
 3. gives each query a *slot* next to its image's prefix and runs all suffixes, then all decode
    steps, as one batch over images and slots, with a KV cache;
 4. decodes the masks of all [SEG]s of a batch in one SAM mask-decoder call (`SesameModel.seg_masks`).
@@ -57,7 +56,6 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from model.predictor import ImageWork, RowLogitsHook
 from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel
@@ -84,20 +82,20 @@ def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Eve
 
 
 def _store_keys_values(store: torch.Tensor, new_kv: torch.Tensor, prefix_rows, columns) -> None:
-    """A layer's new keys and values (B, L, 2, kv_heads, d) into its cache `store`, at `columns` (a
-    slice, or a replayed graph's column tensor on the device): the prefix pass's into rows
-    prefix_rows (a slice of cache rows, one per row of new_kv, or (cache rows, new_kv rows) index
-    tensors); a later pass's into rows [0, B)."""
-    batch = new_kv.shape[0]
+    """A layer's new keys and values (B, L, 2, kv_heads, d) into its cache `store`: the prefix pass's
+    (prefix_rows: a slice of cache rows, one per row of new_kv, or (cache rows, new_kv rows) index
+    tensors) into columns [0, L); a later pass's into rows [0, B), columns `columns` (a slice, or a
+    replayed graph's column tensor on the device)."""
+    batch, length = new_kv.shape[:2]
     if prefix_rows is None and isinstance(columns, slice):
         store[:batch, columns].copy_(new_kv)
     elif prefix_rows is None:
         store[:batch].index_copy_(1, columns, new_kv)
     elif isinstance(prefix_rows, slice):
-        store[prefix_rows, columns].copy_(new_kv)
+        store[prefix_rows, :length].copy_(new_kv)
     else:
         rows, source = prefix_rows
-        store[rows, columns] = new_kv[source]
+        store[rows, :length] = new_kv[source]
 
 
 def _read(pending: tuple[torch.Tensor, Optional[torch.cuda.Event]]) -> list:
@@ -393,9 +391,7 @@ class BatchedInference:
 
     def _prefill_prefix(self, decoder, prefix, shared, image_ids, clip_features, cache: GroupKVCache, plan: Plan):
         """Cache columns [0, P) of every group: the prefix text, the image's patches, then `shared`
-        (the start of every suffix). The text does not see the image, so it is the same in every
-        row: it runs once (one row), and its keys and values go to every group's row; each image's
-        pass then attends to them and, causally, to itself."""
+        (the start of every suffix)."""
         model = self.model
         device = model.device
         embed = model.language_model.get_input_embeddings()
@@ -403,17 +399,14 @@ class BatchedInference:
         after = embed(torch.tensor(shared, dtype=torch.long, device=device))
         text_len, num_patches = len(prefix), clip_features.shape[1]
         P = text_len + num_patches + len(shared)
-        if text_len:
-            every_group = torch.arange(len(plan.group_image), device=device)
-            self._layers(decoder, text[None], torch.arange(text_len, device=device)[None], cache, None, text_len,
-                         None, prefix_rows=(every_group, torch.zeros_like(every_group)))
         keep_image_hidden = model.config.sasp is not None
         image_hidden: dict[int, torch.Tensor] = {}
         for a in range(0, len(image_ids), self.sizes.prefix_batch):
             chunk = image_ids[a:a + self.sizes.prefix_batch]
             feats = clip_features[torch.tensor(chunk, device=device)].to(text.dtype)
-            x = torch.cat([feats, after[None].expand(len(chunk), -1, -1)], dim=1)
-            positions = torch.arange(text_len, P, device=device)[None].expand(len(chunk), -1)
+            x = torch.cat([text[None].expand(len(chunk), -1, -1), feats, after[None].expand(len(chunk), -1, -1)],
+                          dim=1)
+            positions = torch.arange(P, device=device)[None].expand(len(chunk), -1)
             # cache rows (groups) of these images, and which chunk row feeds each
             rows = [g for g, im in enumerate(plan.group_image) if im in chunk]
             source = [chunk.index(plan.group_image[g]) for g in rows]
@@ -421,22 +414,21 @@ class BatchedInference:
                 target = slice(rows[0], rows[0] + len(rows))  # one group per image, in order: a plain copy
             else:
                 target = (torch.tensor(rows, device=device), torch.tensor(source, device=device))
-            x = self._layers(decoder, x, positions, cache, None, P, None, prefix_rows=target, past=text_len)
+            x = self._layers(decoder, x, positions, cache, None, P, None, prefix_rows=target)
             if keep_image_hidden:
-                states = rms_norm(decoder.norm, x[:, :num_patches])
+                states = rms_norm(decoder.norm, x[:, text_len:text_len + num_patches])
                 for r, im in enumerate(chunk):
                     image_hidden[im] = states[r]
         return image_hidden
 
     def _layers(self, decoder, x: torch.Tensor, positions: torch.Tensor, cache: GroupKVCache,
                 columns: Union[torch.Tensor, slice, None], read: int, mask: Optional[torch.Tensor],
-                prefix_rows=None, past: int = 0):
+                prefix_rows=None):
         """Run every decoder layer over x (B, L, H).
 
-        mask None (a prefix pass): causal attention over the `past` columns every cache row already
-        holds (the same in each: the prompt's text) and x itself; x's keys and values go to cache
-        columns [past, past + L) of rows prefix_rows[0], taken from x's rows prefix_rows[1] (or of the
-        rows of slice prefix_rows, one per row of x). Otherwise x's
+        mask None (the prefix pass): plain causal attention over x itself; its keys and values go to
+        cache columns [0, L) of rows prefix_rows[0], taken from x's rows prefix_rows[1] (or of the rows
+        of slice prefix_rows, one per row of x). Otherwise x's
         B rows are cache rows [0, B), its L tokens take cache columns `columns` (an (L,) tensor, or a
         slice of L columns), and they attend to columns [0, read) through `mask` (B, 1, L, read),
         additive (0 or -inf).
@@ -448,14 +440,11 @@ class BatchedInference:
         gqa = {"enable_gqa": True} if heads != kv_heads else {}
         # on CUDA the rotary kernel writes keys and values to the cache itself (rows: a slice)
         first_row = 0 if mask is not None else prefix_rows.start if isinstance(prefix_rows, slice) else None
-        if mask is None:
-            columns = slice(past, past + length)
         token_columns = None
         if first_row is not None and rotary_kernel.can_store(cache.kv[0]):
             token_columns = (columns if isinstance(columns, torch.Tensor) else
-                             torch.arange(columns.start, columns.stop, device=x.device))
-        # x's token a sees the past columns and x's tokens up to a: causal, aligned to the lower right
-        after_past = causal_lower_right(length, past + length) if mask is None and past else None
+                             torch.arange(*((0, length) if columns is None else (columns.start, columns.stop)),
+                                          device=x.device))
         for i, layer in enumerate(layers.layers):
             attn = layer.self_attn
             qkv = layers.qkv(i, rms_norm(layer.input_layernorm, x))  # (B, L, heads + 2 kv_heads, d)
@@ -469,15 +458,10 @@ class BatchedInference:
                 rotate_(qkv[:, :, :heads + kv_heads], cos, signed_sin)  # q and k together
                 _store_keys_values(store, new_kv, prefix_rows if mask is None else None, columns)
             if mask is None:
-                if token_columns is not None:  # qkv's keys were left unrotated: read them (and the past) from the cache
-                    new_kv = store[prefix_rows, :past + length]
-                elif past:  # the past columns are the same in every row: take row 0's
-                    new_kv = torch.cat([store[:1, :past].expand(batch, -1, -1, -1, -1), new_kv], dim=1)
+                if token_columns is not None:  # qkv's keys were left unrotated: read them from the cache
+                    new_kv = store[prefix_rows, :length]
                 k, v = new_kv[:, :, 0].transpose(1, 2), new_kv[:, :, 1].transpose(1, 2)
-                if after_past is None:
-                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
-                else:
-                    o = F.scaled_dot_product_attention(q, k, v, attn_mask=after_past, scale=attn.scaling, **gqa)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
             else:
                 k, v = cache.keys_values(i, batch, read)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)
