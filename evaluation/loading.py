@@ -62,13 +62,12 @@ class ImageLoader:
             work = replace(work, clip_pixels=work.clip_pixels.pin_memory(), sam_pixels=work.sam_pixels.pin_memory())
         # queries sharing a mask (a ref's sentences, an image's false premises) share its RLEs: each
         # distinct mask is decoded and encoded once (pycocotools holds the GIL the engine's thread needs)
+        keys = [(id(q.gt_mask_source), bool(q.gt_exists)) for q in todo]
         rles: dict = {}
-        for q in todo:
-            key = (id(q.gt_mask_source), bool(q.gt_exists))
+        for key, q in zip(keys, todo):
             if key not in rles:
                 rles[key] = ground_truth_rles(im, q)
-        gt = [rles[id(q.gt_mask_source), bool(q.gt_exists)] for q in todo]
-        return LoadedImage(i, work, gt, rgb if self.keep_rgb else None)
+        return LoadedImage(i, work, [rles[key] for key in keys], rgb if self.keep_rgb else None)
 
 
 def prefetched(fn: Callable[[int], object], count: int, workers: int, lookahead: int) -> Iterator:
