@@ -82,12 +82,11 @@ def _round_and_clip(sums: torch.Tensor) -> torch.Tensor:
     return ((sums + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
-def _pass(image: torch.Tensor, axis: int, out_size: int, name: str, keep: Optional[slice]) -> torch.Tensor:
+def _pass(image: torch.Tensor, axis: int, out_size: int, name: str, keep: slice) -> torch.Tensor:
     """One pass along axis 0 (rows) or 1 (columns) of a uint8 (H, W, C) image; `keep`: only these
     outputs (a crop of the resized image)."""
     index, fixed = _device_weights(image.shape[axis], out_size, name, image.device)
-    if keep is not None:
-        index, fixed = index[keep], fixed[keep]
+    index, fixed = index[keep], fixed[keep]
     # uint8 times int32 is int32 (no overflow: 255 x 2^22 x taps' absolute weights < 2^31); sums int64
     if axis == 1:  # (H, out, taps, C) weighted, summed over taps
         return _round_and_clip((image[:, index] * fixed[None, :, :, None]).sum(2))
@@ -105,10 +104,5 @@ def resize(image: torch.Tensor, size: tuple[int, int], name: str,
     rows, cols = (slice(None), slice(None)) if crop is None else (slice(crop[0], crop[0] + crop[2]),
                                                                    slice(crop[1], crop[1] + crop[3]))
     # Pillow skips a pass whose side keeps its length (that pass would be the identity anyway)
-    out = image if w == image.shape[1] else _pass(image, 1, w, name, cols if crop else None)
-    if w == image.shape[1] and crop is not None:
-        out = out[:, cols]
-    out = out if h == image.shape[0] else _pass(out, 0, h, name, rows if crop else None)
-    if h == image.shape[0] and crop is not None:
-        out = out[rows]
-    return out
+    out = image[:, cols] if w == image.shape[1] else _pass(image, 1, w, name, cols)
+    return out[rows] if h == image.shape[0] else _pass(out, 0, h, name, rows)
