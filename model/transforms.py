@@ -90,7 +90,8 @@ class ClipSteps:
 
 @functools.lru_cache(maxsize=None)
 def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """(C, 1, 1) float32 constants on `device`, made once (a copy from Python lists blocks a GPU stream)."""
+    """(C, 1, 1) float32 constants (a mean or std) on `device`, made once per device: building them
+    from Python lists on a GPU is a blocking copy, which would stall the engine at every image."""
     return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
@@ -162,18 +163,10 @@ class SamTransform:
         return SamInput(pil_resize.resize(rgb, size, "bilinear"), size, (int(rgb.shape[0]), int(rgb.shape[1])))
 
 
-@functools.lru_cache(maxsize=None)
-def _sam_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, 1, 1) float32 mean and std on `device`, made once per device: building them from Python
-    lists on a GPU is a blocking copy, which would stall the engine at every image."""
-    return (torch.tensor(SAM_PIXEL_MEAN, device=device).view(3, 1, 1),
-            torch.tensor(SAM_PIXEL_STD, device=device).view(3, 1, 1))
-
-
 def normalize_and_pad(resized: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 (h, w, 3) resized image, on any device -> float32 (3, S, S): SAM's mean/std on the
     0-255 scale, zeros to the bottom and right. The same float operations wherever it runs."""
     h, w = resized.shape[:2]
-    mean, std = _sam_mean_std(resized.device)
+    mean, std = _channel_constants(SAM_PIXEL_MEAN, resized.device), _channel_constants(SAM_PIXEL_STD, resized.device)
     x = (resized.permute(2, 0, 1).float() - mean) / std
     return F.pad(x, (0, image_size - w, 0, image_size - h))
