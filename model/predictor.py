@@ -53,6 +53,11 @@ def check_typed_question(text: str) -> str:
     return text
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # page-locked host memory (the loader pins on CUDA runs) copies without blocking this thread
+    return t.to(device, non_blocking=t.is_pinned())
+
+
 @dataclass(frozen=True)
 class RawImage:
     """A decoded image whose encoder inputs are made where the backend runs: on a GPU the two Pillow
@@ -64,7 +69,7 @@ class RawImage:
     sam: SamTransform
 
     def encoder_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        rgb = self.rgb.to(device, non_blocking=self.rgb.is_pinned())
+        rgb = _to_device(self.rgb, device)
         return self.clip.on_tensor(rgb), self.sam.resized_tensor(rgb).pixels
 
 
@@ -84,7 +89,7 @@ class ImageWork:
         finished) on `device`; page-locked host tensors are copied without blocking."""
         if self.raw is not None:
             return self.raw.encoder_inputs(device)
-        return tuple(t.to(device, non_blocking=t.is_pinned()) for t in (self.clip_pixels, self.sam_pixels))
+        return _to_device(self.clip_pixels, device), _to_device(self.sam_pixels, device)
 
 
 class Backend(Protocol):
