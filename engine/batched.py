@@ -65,7 +65,7 @@ from utils.mask_rle_torch import encode_rle_stacks
 from . import rotary_kernel
 from .cache import GroupKVCache, StepBuffers
 from .config import EngineConfig
-from .llama_layers import LlamaLayers, rms_norm, rotary_tables, rotate_
+from .llama_layers import LlamaLayers, lm_head_logits, rms_norm, rotary_tables, rotate_
 from .memory import batch_sizes
 from .plan import Plan, common_start, plan_groups, round_up, split_prompt
 from .timing import StageTimer
@@ -484,7 +484,6 @@ class BatchedInference:
         groups0 = hidden.shape[0]
         cache = self._cache
         embed_dtype = hidden.dtype
-        lm_head = llm.lm_head
         seg_id, eos_id = self.model.seg_token_id, self.model.config.llm.eos_token_id
         tokens = torch.full((groups0, n, max_new_tokens), self.model.config.llm.pad_token_id, dtype=torch.long,
                             device=device)
@@ -502,7 +501,7 @@ class BatchedInference:
         steps_run = 0
         last_flags = None  # the last step's (every group done, groups done), on their way to the host
         for step in range(max_new_tokens):
-            logits = lm_head(hidden).float()  # (g, n, V)
+            logits = lm_head_logits(llm, hidden).float()  # (g, n, V)
             if self.logits_hook is not None:
                 g = logits.shape[0]
                 logits = self.logits_hook(step, logits.reshape(g * n, -1), slot_query.reshape(-1)).reshape(g, n, -1)

@@ -9,7 +9,7 @@ from utils.errors import InputError
 
 from .batched import BatchedInference
 from .config import EngineConfig
-from .llama_layers import pack_gate_up, pack_qkv
+from .llama_layers import pack_gate_up, pack_qkv, pad_lm_head
 from .timing import StageTimer
 
 
@@ -21,13 +21,14 @@ def build_predictor(loaded, *, conv_type: str = "vicuna_v1", max_new_tokens: int
     engine: the same answers as the reference backend, faster.
 
     pack: pack the LLM's q/k/v projections, and its gate/up projections, into one weight per layer
-        and group now (`llama_layers.pack_qkv`, `pack_gate_up`; the modules keep their values, their
-        parameters become views). Leave it off while something else, e.g. an optimizer, holds those
-        parameters.
+        and group now, and pad lm_head's vocabulary to a multiple of 64 rows (`llama_layers.pack_qkv`,
+        `pack_gate_up`, `pad_lm_head`; the modules keep their values, their parameters become
+        views). Leave it off while something else, e.g. an optimizer, holds those parameters.
     """
     if pack:
         pack_qkv(loaded.model.language_model.model)
         pack_gate_up(loaded.model.language_model.model)
+        pad_lm_head(loaded.model.language_model)
     engine = BatchedInference(loaded.model, config or EngineConfig(), logits_hook=logits_hook, timer=timer)
     return SesamePredictor(loaded, conv_type=conv_type, max_new_tokens=max_new_tokens,
                            max_text_tokens=max_text_tokens, backend=engine)

@@ -14,6 +14,8 @@ transformers' caches) and calls the layers' own modules for everything else. Whe
   of ten.
 - RMSNorm with its weight product: one kernel on CUDA in bf16 / fp16, two elsewhere (transformers'
   rounding: normalise in float32, round to the input dtype, then multiply by the weight).
+- the logits through a vocabulary padded to a multiple of 64 rows, once `pad_lm_head` has made
+  lm_head's weight the first rows of a zero-padded tensor (`lm_head_logits`).
 
 A decode step is bound by how fast the host issues kernels as much as by the GPU, so kernel count
 is what this file is about.
@@ -125,6 +127,48 @@ def _gate_up_of(mlp: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.T
     """The packed (weight, bias) of an MLP whose gate/up parameters still are views of it and whose
     activation still is SiLU, else None."""
     return _packed(mlp, PACKED_GATE_UP, mlp.gate_proj) if _silu(mlp) else None
+
+
+PADDED_LM_HEAD = "padded_lm_head"  # attribute of a padded lm_head module: its (rows rounded up, hidden) weight
+
+
+def pad_lm_head(llm: nn.Module, multiple: int = 64) -> bool:
+    """lm_head's weight made the first rows of a (vocabulary rounded up to `multiple`, hidden) tensor
+    whose extra rows are zero, in place (the parameter becomes a view: same values, 61 more rows of
+    memory for LLaMA's 32003). Why: with a vocabulary that is not a multiple of 8 (SESAME adds three
+    tokens to LLaMA's 32000) the logits' rows are misaligned and cuBLAS falls back to an old
+    alignment-1 kernel, ~7x slower at a batched decode step (benchmarks/RESULTS.md).
+    Only a plain bias-free nn.Linear not tied to the input embeddings is padded. Returns whether
+    lm_head is padded now."""
+    head = llm.lm_head
+    if _padded_lm_head(head) is not None:
+        return True
+    if not _plain_linears([head]) or head.bias is not None or head.weight is llm.get_input_embeddings().weight:
+        return False
+    weight = head.weight.detach()
+    vocab = weight.shape[0]
+    padded = weight.new_zeros((-(-vocab // multiple) * multiple, weight.shape[1]))
+    padded[:vocab] = weight
+    head.weight = nn.Parameter(padded[:vocab], requires_grad=head.weight.requires_grad)
+    head.__dict__[PADDED_LM_HEAD] = padded
+    return True
+
+
+def _padded_lm_head(head: nn.Module) -> Optional[torch.Tensor]:
+    """The padded weight while lm_head's parameter still is a view of it, else None."""
+    padded = head.__dict__.get(PADDED_LM_HEAD)
+    if padded is None or head.weight.data_ptr() != padded.data_ptr():
+        return None
+    return padded
+
+
+def lm_head_logits(llm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """llm.lm_head(hidden): through the padded weight where `pad_lm_head` made one (a view of the
+    first vocabulary-size columns of the padded product), else through the module."""
+    padded = _padded_lm_head(llm.lm_head)
+    if padded is None:
+        return llm.lm_head(hidden)
+    return F.linear(hidden, padded)[..., :llm.lm_head.out_features]
 
 
 class LlamaLayers:

@@ -5,7 +5,8 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from engine.llama_layers import LlamaLayers, pack_gate_up, pack_qkv, rms_norm, rotary_tables, rotate_
+from engine.llama_layers import (LlamaLayers, lm_head_logits, pack_gate_up, pack_qkv, pad_lm_head, rms_norm,
+                                 rotary_tables, rotate_)
 
 
 def _llama(kv_heads=2, bias=False, seed=0, dtype=torch.float32):
@@ -142,3 +143,47 @@ def test_a_moved_model_runs_its_mlps_unpacked():
     assert not layers.gate_up_packed
     h = torch.randn(1, 3, 32, dtype=torch.float64)
     torch.testing.assert_close(layers.mlp(0, h), model.layers[0].mlp(h))
+
+
+def _causal_lm(vocab: int, tie: bool = False):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_padded_lm_head_keeps_the_model_and_its_logits():
+    llm = _causal_lm(vocab=53)  # not a multiple of 8, as SESAME's 32003
+    ids = torch.randint(0, 53, (2, 5))
+    before = llm(input_ids=ids).logits
+    weight = llm.lm_head.weight.detach().clone()
+    hidden = torch.randn(3, 4, 32)
+    want = llm.lm_head(hidden)
+    assert pad_lm_head(llm) and pad_lm_head(llm)  # padded once; asking again keeps it
+    head = llm.lm_head
+    padded = head.__dict__["padded_lm_head"]
+    assert padded.shape == (64, 32) and torch.equal(padded[53:], torch.zeros(11, 32))
+    assert head.weight.data_ptr() == padded.data_ptr() and torch.equal(head.weight, weight)
+    assert dict(llm.named_parameters()).keys() == {n for n, _ in _causal_lm(53).named_parameters()}
+    logits = lm_head_logits(llm, hidden)
+    assert logits.shape == (3, 4, 53)
+    torch.testing.assert_close(logits, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(llm(input_ids=ids).logits, before)
+    # a model moved since (new tensors) runs through its module again
+    llm.to(torch.float64)
+    assert torch.equal(lm_head_logits(llm, hidden.double()), llm.lm_head(hidden.double()))
+
+
+def test_tied_or_wrapped_lm_heads_are_not_padded():
+    tied = _causal_lm(vocab=53, tie=True)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    assert not pad_lm_head(tied)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    hidden = torch.randn(2, 32)
+    assert torch.equal(lm_head_logits(tied, hidden), tied.lm_head(hidden))
+    wrapped = _causal_lm(vocab=53)
+    wrapped.lm_head = nn.Sequential(wrapped.lm_head)  # not exactly nn.Linear
+    wrapped.lm_head.out_features = 53
+    assert not pad_lm_head(wrapped)
