@@ -62,7 +62,7 @@ from model.sesame import MASK_THRESHOLD, QueryPrediction, SesameModel
 from model.transforms import normalize_and_pad
 from utils.mask_rle_torch import encode_rle_stacks
 
-from . import rotary_kernel
+from . import decode_attention, rotary_kernel
 from .cache import GroupKVCache, StepBuffers
 from .config import EngineConfig
 from .llama_layers import LlamaLayers, lm_head_logits, rms_norm, rotary_tables, rotate_
@@ -462,10 +462,14 @@ class BatchedInference:
                     new_kv = store[prefix_rows, :length]
                 k, v = new_kv[:, :, 0].transpose(1, 2), new_kv[:, :, 1].transpose(1, 2)
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **gqa)
+                o = o.transpose(1, 2).reshape(batch, length, -1)
+            elif decode_attention.available(q, store, mask):  # a decode step: a few query rows per cache row
+                o = decode_attention.attend(q, store, mask, attn.scaling)
             else:
                 k, v = cache.keys_values(i, batch, read)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, **gqa)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
+                o = o.transpose(1, 2).reshape(batch, length, -1)
+            x = x + attn.o_proj(o)
             x = x + layers.mlp(i, rms_norm(layer.post_attention_layernorm, x))
         return x
 

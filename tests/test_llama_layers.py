@@ -5,8 +5,16 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from engine.llama_layers import (LlamaLayers, lm_head_logits, pack_gate_up, pack_qkv, pad_lm_head, rms_norm,
-                                 rotary_tables, rotate_)
+from engine.llama_layers import (
+    LlamaLayers,
+    lm_head_logits,
+    pack_gate_up,
+    pack_qkv,
+    pad_lm_head,
+    rms_norm,
+    rotary_tables,
+    rotate_,
+)
 
 
 def _llama(kv_heads=2, bias=False, seed=0, dtype=torch.float32):
@@ -149,8 +157,9 @@ def _causal_lm(vocab: int, tie: bool = False):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=tie)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
 
 
