@@ -203,6 +203,40 @@ def build_sam(cfg: SamConfig) -> Sam:
     return sam
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(b, C, h, w) x in channels-last memory format; a batch dimension broadcast with stride 0 (an
+    expanded view) stays broadcast rather than being written out b times."""
+    if x.shape[0] > 1 and x.stride(0) == 0:
+        return x[:1].contiguous(memory_format=torch.channels_last).expand_as(x)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _decode_first_mask(decoder: MaskDecoder, src: torch.Tensor, pos: torch.Tensor,
+                       sparse: torch.Tensor) -> torch.Tensor:
+    """The mask-decoder steps for `multimask_output=False` (mask token 0 only, no IoU head), with
+    src (n, C, h, w) channels-last as given and pos (1, C, h, w) broadcast over the batch.
+
+    `decoder(...)` is not called: its predict_masks repeats the image embedding and positional
+    encoding per prompt (repeat_interleave, NCHW-contiguous copies), so the transformer's image
+    tokens (n, h*w, C) are a transposed view and every add and linear on them takes a strided path.
+    Here both are channels-last, so those token views are contiguous. Same submodules, so the same
+    parameters and state-dict keys."""
+    n, c, h, w = src.shape
+    learned = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([learned.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+    # TwoWayTransformer only adds the positional tokens to the image tokens: a batch of one broadcasts
+    hs, image_tokens = decoder.transformer(src, pos, tokens)
+    grid = image_tokens.transpose(1, 2).reshape(n, c, h, w)  # a view: channels-last again
+    upscaled = decoder.output_upscaling(grid)
+    # token 0 is the IoU token, tokens 1.. the masks'. All mask MLPs run (they are tiny) so that, as with
+    # the library's slicing, the unused ones get zero gradients rather than none (optimizer steps, weight
+    # decay and gradient-set checks see the same parameters); only mask 0, the one multimask_output=False
+    # keeps, is multiplied out.
+    hyper = torch.stack([mlp(hs[:, 1 + k]) for k, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+    masks = hyper[:, :1] @ upscaled.flatten(2)  # (n, 1, 4h * 4w)
+    return masks.unflatten(2, upscaled.shape[2:])
+
+
 def decode_masks(
     sam: Sam,
     image_embeddings: torch.Tensor,
@@ -221,22 +255,20 @@ def decode_masks(
     SAM's decoder repeats one image embedding per prompt and adds the dense prompt to it. Each
     prompt's own image embedding therefore goes in as part of its dense prompt (plus SAM's no-mask
     embedding, the true dense prompt) with a zero image embedding: the same sums, so the same logits
-    as a call per image, for prompts on any number of images.
+    as a call per image, for prompts on any number of images. The zero image embedding is left out
+    (0 + x == x) and the decoder's steps run in `_decode_first_mask`, on channels-last tensors.
     """
     n = seg_embeddings.shape[0]
     dtype = seg_embeddings.dtype
     sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
     # segment_anything computes positional encodings in float32; bring them to the working dtype.
     sparse = torch.cat([sparse.to(dtype).expand(n, -1, -1), seg_embeddings.unsqueeze(1)], dim=1)
-    own_image = image_embeddings.to(dtype) + dense.to(dtype)
-    low_res, _ = sam.mask_decoder(
-        image_embeddings=torch.zeros_like(own_image[:1]),
-        image_pe=sam.prompt_encoder.get_dense_pe().to(dtype),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=own_image,
-        multimask_output=False,
-    )
-    return low_res
+    # dense (no-mask embedding, broadcast) goes first: its channels-last strides set the sum's layout,
+    # so the sum is written channels-last in one pass whatever image_embeddings' layout
+    own = _channels_last(dense.to(dtype)) + image_embeddings.to(dtype)
+    own = own.contiguous(memory_format=torch.channels_last)  # a no-op when the sum already is
+    pos = _channels_last(sam.prompt_encoder.get_dense_pe().to(dtype))
+    return _decode_first_mask(sam.mask_decoder, own, pos, sparse)
 
 
 def masks_at_original_size(sam: Sam, low_res: torch.Tensor, resized_size: tuple[int, int],

@@ -302,12 +302,8 @@ def test_sparse_prompt_is_points_then_pad_then_seg(tokenizer, token_ids):
     seg, img = torch.randn(2, hidden), torch.randn(2, 64, hidden)
     points = model.sasp_points(seg, img, (96, 128), (30, 40)).sam_prompts()
     seen = {}
-    original = sam.mask_decoder.forward
-
-    def spy(**kw):
-        seen["sparse"] = kw["sparse_prompt_embeddings"]
-        return original(**kw)
-    sam.mask_decoder.forward = spy
+    first = 1 + sam.mask_decoder.num_mask_tokens  # the transformer's tokens: IoU, masks, then the prompts
+    sam.mask_decoder.transformer.register_forward_pre_hook(lambda m, args: seen.update(sparse=args[2][:, first:]))
     embedding = model.encode_images_sam(torch.zeros(1, 3, 128, 128))
     with torch.no_grad():
         decode_masks(sam, embedding.expand(2, -1, -1, -1), model.project_seg(seg), points)
