@@ -182,15 +182,32 @@ def new_predictor(loaded, args):
                            logits_hook=make_hook(cfg.seg_token_id, cfg.llm.eos_token_id))
 
 
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+
+def allocator_counts(device: str) -> dict[str, int]:
+    """PyTorch's CUDA allocator counters: retries (an allocation that failed, after which every cached
+    block was freed, synchronously), and the cudaMalloc / cudaFree calls made; {} off CUDA."""
+    if not device.startswith("cuda"):
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
+
+
 def run_engine(loaded, images, args, out_dir: str, timer=None, predictor=None) -> dict:
-    """One evaluation run (test_sesame.py's loop) with `predictor`, or with a new one when None."""
+    """One evaluation run (test_sesame.py's loop) with `predictor`, or with a new one when None.
+    The summary's "allocator": the allocator counters' change over the run (what makes one run of
+    the same code slower than another when memory is nearly full)."""
     if predictor is None:
         predictor = new_predictor(loaded, args)
     predictor.backend.timer = timer
     eval_args = eval_arguments(args, out_dir)
     sync(args.device)
+    before = allocator_counts(args.device)
     summary = run_shard(test_sesame.eval_run(eval_args), predictor, images, test_sesame.image_reader(eval_args, None))
     sync(args.device)
+    after = allocator_counts(args.device)
+    summary["allocator"] = {k: after[k] - before[k] for k in after}
     predictor.backend.timer = None
     summary["engine_sizes"] = vars(predictor.backend.sizes)
     return summary
@@ -206,26 +223,28 @@ def warmed_predictor(loaded, warm, args, out_dir: str):
     return predictor
 
 
-def alternate_rounds(loaded, images, warm, args, tmp: str) -> Optional[dict[str, list[float]]]:
+def alternate_rounds(loaded, images, warm, args, tmp: str) -> tuple[Optional[dict[str, list[float]]], dict]:
     """--repeats N: N more engine runs as configured, each followed by one with --compare's flag
     toggled when given, so that both settings see the same machine at nearly the same time. Each run
     has a predictor of its own, warmed up first (not timed) unless --fresh_predictor.
-    Returns queries/s per setting, in round order."""
+    Returns queries/s per setting, in round order, and each run's allocator counters likewise."""
     if args.repeats <= 0:
-        return None
+        return None, {}
     settings = {"as run": args}
     if args.compare:
         toggled = argparse.Namespace(**{**vars(args), args.compare: not getattr(args, args.compare)})
         settings[f"--{args.compare} {'on' if getattr(toggled, args.compare) else 'off'}"] = toggled
     out: dict[str, list[float]] = {name: [] for name in settings}
+    allocator: dict[str, list[dict]] = {name: [] for name in settings}
     for k in range(args.repeats):
         for i, (name, setting) in enumerate(settings.items()):
             where = os.path.join(tmp, f"round{k}-setting{i}")
             predictor = warmed_predictor(loaded, warm, setting, where + "-warmup")
             summary = run_engine(loaded, images, setting, where, predictor=predictor)
             out[name].append(summary["queries_per_s"])
+            allocator[name].append(summary["allocator"])
             del predictor
-    return out
+    return out, allocator
 
 
 @torch.inference_mode()
@@ -520,7 +539,7 @@ def main(argv=None) -> dict:
             timeline = profile_timeline(loaded, images, args, os.path.join(tmp, "timeline"), args.profile_dir,
                                         predictor=predictor)
         del predictor
-        rounds = alternate_rounds(loaded, images, warm, args, tmp)
+        rounds, rounds_allocator = alternate_rounds(loaded, images, warm, args, tmp)
         original = None
         if not args.skip_original:
             n_orig, s_orig = run_original(loaded, images[:args.original_images], args)
@@ -549,7 +568,8 @@ def main(argv=None) -> dict:
         "timeline": timeline, "fresh_predictor": args.fresh_predictor,
         "breakdown_s": breakdown, "waited_s": waits, "breakdown_run_seconds": stage_total, "peak_gib": peak_engine,
         "original": original, "speedup": (qps / original["queries_per_s"]) if original else None,
-        "rounds": rounds,
+        "rounds": rounds, "allocator": {"run": summary["allocator"], "synchronised run": timed["allocator"],
+                                        "rounds": rounds_allocator},
     }
     print("\n| what | figure |\n|---|---|")
     print(f"| device | {device_name}, torch {torch.__version__}, transformers {transformers.__version__} |")
@@ -574,6 +594,12 @@ def main(argv=None) -> dict:
         runs = ", ".join(f"{q:.1f}" for q in figures_of)
         print(f"| {len(figures_of)} more rounds, {name} | {runs} queries/s (median "
               f"**{statistics.median(figures_of):.1f}**) |")
+    if summary["allocator"]:
+        def counts(c: dict) -> str:
+            return "/".join(str(c[k]) for k in ALLOCATOR_COUNTS)
+        runs = "; ".join(f"{name}: " + ", ".join(counts(c) for c in cs) for name, cs in rounds_allocator.items())
+        print(f"| allocator retries / cudaMalloc / cudaFree per run | run {counts(summary['allocator'])}; synchronised "
+              f"run {counts(timed['allocator'])}{'; ' + runs if runs else ''} |")
     if original:
         print(f"| original strategy ({original['queries']} queries after a warm-up chunk) | "
               f"**{original['queries_per_s']:.2f} queries/s** ({original['seconds']:.1f} s) |")
