@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 import pytest
+from child_env import child_pythonpath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_in_interpreter(check: str) -> subprocess.CompletedProcess:
     pytest.importorskip("triton")
-    path = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
+    # the host's own PYTHONPATH entries are kept (a GPU host may keep installed packages there)
+    path = os.pathsep.join([os.path.join(ROOT, "tests"), child_pythonpath(with_repo=True)])
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
