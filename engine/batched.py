@@ -23,7 +23,8 @@ columns are
 (S: the longest sum of a group's suffix lengths; no per-query padding is computed or read).
 
 A query attends to the prefix and to its own slot's columns only (an additive mask handed to PyTorch's
-`scaled_dot_product_attention`). The prefix is read once per group and step however many queries
+`scaled_dot_product_attention`, or at a decode step on CUDA to engine/decode_attention.py's kernel,
+which reads it the same way). The prefix is read once per group and step however many queries
 share it, which is what makes large batches cheap: decode is bound by reading weights and cache.
 
 A decode step is ~600 PyTorch calls for LLaMA-7B (engine/llama_layers.py runs packed projections and
