@@ -222,7 +222,11 @@ def _decode_first_mask(decoder: MaskDecoder, src: torch.Tensor, pos: torch.Tenso
     Here both are channels-last, so those token views are contiguous. Same submodules, so the same
     parameters and state-dict keys."""
     n, c, h, w = src.shape
-    learned = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    # the learned tokens through their Embedding modules' forward, not `.weight`: under DeepSpeed ZeRO-3 a
+    # module's parameters are gathered only while its forward runs (the library reads `.weight` inside
+    # MaskDecoder.forward, which is not called here); a lookup of every row is the weight itself
+    rows = torch.arange(decoder.num_mask_tokens + 1, device=sparse.device)
+    learned = torch.cat([decoder.iou_token(rows[:1]), decoder.mask_tokens(rows[:-1])], dim=0)
     tokens = torch.cat([learned.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
     # TwoWayTransformer only adds the positional tokens to the image tokens: a batch of one broadcasts
     hs, image_tokens = decoder.transformer(src, pos, tokens)
