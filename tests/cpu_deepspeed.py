@@ -35,12 +35,17 @@ def cpu_process_group():
     """DeepSpeed's CPU accelerator and a one-process gloo group for this test process. The previous
     accelerator and launcher variables come back afterwards, so later tests and their subprocesses
     see the host as it is."""
+    import torch.distributed as dist
     from deepspeed.accelerator import real_accelerator, set_accelerator
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
     saved_env = {k: os.environ.get(k) for k in dist_utils.LAUNCH_ENV}
     saved_accelerator = real_accelerator.ds_accelerator
     set_accelerator(CPU_Accelerator())
+    if dist.is_initialized() and dist.get_backend() != "gloo":
+        # on a GPU host an earlier test of this process (train_sesame.main run in-process, under pytest-xdist
+        # a test of another file) may have left an NCCL group, which has no CPU backend: start afresh
+        dist.destroy_process_group()
     try:
         dist_utils.init_distributed()
         assert dist_utils.accelerator_device().type == "cpu"
