@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cpu_deepspeed import cpu_process_group
 from torch.autograd import DeviceType
 
 import merge_lora_weights
@@ -109,14 +110,15 @@ def test_training_from_scratch_learns_to_see_and_segment(tmp_path, one_thread):
     answers = tmp_path / "answers.json"
     answers.write_text(json.dumps(ANSWERS))
 
-    train_sesame.main([
-        "--version", str(start), "--vision_pretrained", str(start / "sam.pth"), "--dataset_dir", str(world),
-        "--dataset", "refer_seg||correct_refer_seg", "--sample_rates", "1,3", "--refer_seg_data", "refcoco",
-        "--correct_refer_seg_data", "fprefcoco", "--templates", str(answers), "--train_all", "--precision", "fp32",
-        "--epochs", "1", "--steps_per_epoch", "200", "--batch_size", "8", "--lr", "5e-3", "--warmup_steps", "10",
-        "--num_classes_per_sample", "6",
-        "--workers", "1", "--no_eval", "--no-gradient_checkpointing", "--log_base_dir", str(runs),
-        "--exp_name", "shapes", "--logger", "none", "--no_progress", "--print_freq", "50"])
+    with cpu_process_group():  # on any host, as CI runs it
+        train_sesame.main([
+            "--version", str(start), "--vision_pretrained", str(start / "sam.pth"), "--dataset_dir", str(world),
+            "--dataset", "refer_seg||correct_refer_seg", "--sample_rates", "1,3", "--refer_seg_data", "refcoco",
+            "--correct_refer_seg_data", "fprefcoco", "--templates", str(answers), "--train_all", "--precision",
+            "fp32", "--epochs", "1", "--steps_per_epoch", "200", "--batch_size", "8", "--lr", "5e-3",
+            "--warmup_steps", "10", "--num_classes_per_sample", "6",
+            "--workers", "1", "--no_eval", "--no-gradient_checkpointing", "--log_base_dir", str(runs),
+            "--exp_name", "shapes", "--logger", "none", "--no_progress", "--print_freq", "50"])
     merged = tmp_path / "merged"
     merge_lora_weights.main(["--ckpt_dir", str(runs / "shapes" / "ckpt_model"), "--save_path", str(merged),
                              "--dtype", "bf16", "--safe_serialization"])  # as the shipped checkpoint
@@ -135,13 +137,14 @@ def test_training_keeps_each_mask_with_its_seg(tmp_path, one_thread):
     teaches it to segment the other objects in 20 steps."""
     world, runs = tmp_path / "world", tmp_path / "runs"
     generate_world(str(world), WorldConfig(images=160, seed=13, val_fraction=0.0, test_fraction=0.25), workers=2)
-    train_sesame.main([
-        "--version", SHIPPED, "--dataset_dir", str(world), "--dataset", "refer_seg||correct_refer_seg",
-        "--sample_rates", "1,1", "--refer_seg_data", "refcoco", "--correct_refer_seg_data", "fprefcoco",
-        "--train_all", "--freeze_vision_tower", "--conv_type", "vicuna_v1", "--precision", "fp32", "--epochs", "1",
-        "--steps_per_epoch", "20", "--batch_size", "2", "--lr", "2e-3", "--warmup_steps", "2",
-        "--num_classes_per_sample", "6", "--workers", "1", "--no_eval", "--no-gradient_checkpointing",
-        "--log_base_dir", str(runs), "--exp_name", "ft", "--logger", "none", "--no_progress"])
+    with cpu_process_group():  # on any host, as CI runs it
+        train_sesame.main([
+            "--version", SHIPPED, "--dataset_dir", str(world), "--dataset", "refer_seg||correct_refer_seg",
+            "--sample_rates", "1,1", "--refer_seg_data", "refcoco", "--correct_refer_seg_data", "fprefcoco",
+            "--train_all", "--freeze_vision_tower", "--conv_type", "vicuna_v1", "--precision", "fp32", "--epochs",
+            "1", "--steps_per_epoch", "20", "--batch_size", "2", "--lr", "2e-3", "--warmup_steps", "2",
+            "--num_classes_per_sample", "6", "--workers", "1", "--no_eval", "--no-gradient_checkpointing",
+            "--log_base_dir", str(runs), "--exp_name", "ft", "--logger", "none", "--no_progress"])
     merged = tmp_path / "merged"
     merge_lora_weights.main(["--ckpt_dir", str(runs / "ft" / "ckpt_model"), "--save_path", str(merged),
                              "--dtype", "bf16", "--safe_serialization"])
@@ -162,9 +165,10 @@ def test_shapes_step_benchmark_smoke(tmp_path, one_thread):
     spec = importlib.util.spec_from_file_location("shapes_step", os.path.join(ROOT, "benchmarks", "shapes_step.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    r = bench.main(["--version", str(start), "--vision_pretrained", str(start / "sam.pth"), "--dataset_dir", str(world),
-                    "--batch_size", "2", "--warmup", "1", "--steps", "1", "--profile_steps", "1", "--workers", "0",
-                    "--", "--zero_stage", "0", "--sdpa_backends", "efficient,math"])
+    with cpu_process_group():  # the CPU, as the docstring says, on any host
+        r = bench.main(["--version", str(start), "--vision_pretrained", str(start / "sam.pth"), "--dataset_dir",
+                        str(world), "--batch_size", "2", "--warmup", "1", "--steps", "1", "--profile_steps", "1",
+                        "--workers", "0", "--", "--zero_stage", "0", "--sdpa_backends", "efficient,math"])
     set_sdpa_backends(())  # a process-wide torch setting: back to torch's default for the other tests
     assert r["zero_stage"] == 0  # flags after "--" reach train_sesame.py's parser (the recipe says 2)
     assert r["sdpa_backends"] == "efficient,math"
