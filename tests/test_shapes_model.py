@@ -111,7 +111,12 @@ def test_a_moved_checkpoint_finds_its_clip_beside_it(tmp_path, caplog):
 
 
 def test_shapes_recipe_prepares_data_and_start_point_then_trains_everything(tmp_path):
-    env = dict(os.environ, DRY_RUN="1", DATASET_DIR=str(tmp_path / "data"), VERSION=str(tmp_path / "start"))
+    stub = tmp_path / "bin"  # a `deepspeed` command on PATH, as pip installs it (hosts with wheels unpacked lack it)
+    stub.mkdir()
+    (stub / "deepspeed").write_text("#!/bin/sh\n")
+    (stub / "deepspeed").chmod(0o755)
+    env = dict(os.environ, DRY_RUN="1", DATASET_DIR=str(tmp_path / "data"), VERSION=str(tmp_path / "start"),
+               PATH=f"{stub}{os.pathsep}{os.environ.get('PATH', '')}")
     out = subprocess.run(["bash", os.path.join(ROOT, "train_sesame.sh"), "Shapes", "localhost:0", "15990",
                           "--epochs", "1"], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("python -m dataset.shapes " + str(tmp_path / "data"))
