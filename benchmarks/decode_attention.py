@@ -16,25 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from cuda_timing import time_call  # noqa: E402 - beside this script
 from decode_attention_check import engine_like_inputs  # noqa: E402
 
 from engine import decode_attention  # noqa: E402
 
 ROWS, HEADS, N, D = 64, 32, 8, 128
 SETTINGS = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4)]  # block_n, warps, stages
-
-
-def time_call(fn, iters: int) -> float:
-    """ms per call: CUDA events around `iters` calls, after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def attention_rows(iters: int) -> list[str]:

@@ -18,24 +18,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from cuda_timing import time_call  # noqa: E402 - beside this script
+
 from model.sam_rel_pos_kernel import extend_qk  # noqa: E402
 
 HEADS, D = 16, 80
 # name, calls per image batch: (windows or images per image, grid side, layers)
 GEOMETRIES = [("windowed 14x14", 25, 14, 28), ("global 64x64", 1, 64, 4)]
-
-
-def time_call(fn, iters: int) -> float:
-    """ms per call: CUDA events around `iters` calls, after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def differences(got, want, d: int, h: int, w: int) -> tuple[float, float]:
