@@ -4,13 +4,11 @@ tests/test_decode_attention.py runs the kernel in Triton's interpreter."""
 import pytest
 import torch
 from decode_attention_check import engine_like_inputs, worst_error
-from test_eval_engine import _hook, _work
+from test_eval_engine_cuda import assert_only_rounding_differs, bf16_engine_work
 
 from engine import decode_attention
 from engine.batched import BatchedInference
 from engine.config import EngineConfig
-from engine.llama_layers import pack_gate_up, pack_qkv
-from model.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,11 +39,7 @@ def test_available_only_where_the_kernel_applies():
 def test_kernel_in_the_engine_changes_only_rounding(tokenizer, token_ids, monkeypatch, graphs):
     """bf16: the engine with the decode attention kernel against the engine with SDPA: the same
     answers, [SEG] states equal to bf16 rounding, masks that agree; the kernel did run."""
-    model = tiny_model(token_ids, len(tokenizer), seed=3, dtype=torch.bfloat16).to("cuda")
-    pack_qkv(model.language_model.model)
-    pack_gate_up(model.language_model.model)
-    works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77)], [3, 1, 4])
-    hook = _hook(token_ids)
+    model, works, hook = bf16_engine_work(tokenizer, token_ids)
     calls = []
     attend, available = decode_attention.attend, decode_attention.available
     monkeypatch.setattr(decode_attention, "attend", lambda *a: calls.append(a[0].shape) or attend(*a))
@@ -57,12 +51,4 @@ def test_kernel_in_the_engine_changes_only_rounding(tokenizer, token_ids, monkey
         runs[kernel] = [p for ps in engine.run(works, 9) for p in ps]
         assert bool(calls) == kernel
         assert engine.graph_failure is None and (engine.graph_captures > 0) == graphs
-    for plain, fused in zip(runs[False], runs[True]):
-        assert fused.output_ids == plain.output_ids
-        assert fused.seg_hidden.shape == plain.seg_hidden.shape
-        if plain.seg_hidden.numel():
-            scale = plain.seg_hidden.float().abs().max()
-            assert float((fused.seg_hidden.float() - plain.seg_hidden.float()).abs().max()) <= 0.05 * scale
-        if plain.masks.numel():
-            assert float((fused.masks == plain.masks).float().mean()) >= 0.98
-    assert any(p.masks.shape[0] for p in runs[True])
+    assert_only_rounding_differs(runs[False], runs[True])

@@ -199,16 +199,34 @@ def test_keys_stored_by_the_rotary_kernel_change_nothing(tokenizer, token_ids, m
     assert (0 in stores) == (slots == 4)
 
 
+def bf16_engine_work(tokenizer, token_ids):
+    """A packed bf16 tiny model on the GPU, three images' work and the logits hook: what the tests
+    that run the engine with and without a kernel compare on."""
+    model = tiny_model(token_ids, len(tokenizer), seed=3, dtype=torch.bfloat16).to("cuda")
+    pack_qkv(model.language_model.model)
+    pack_gate_up(model.language_model.model)
+    return model, _work(model, tokenizer, [(40, 60), (64, 32), (23, 77)], [3, 1, 4]), _hook(token_ids)
+
+
+def assert_only_rounding_differs(plain_run, kernel_run) -> None:
+    """The same answers, [SEG] states equal to bf16 rounding, masks that agree, some mask drawn."""
+    for plain, fused in zip(plain_run, kernel_run):
+        assert fused.output_ids == plain.output_ids
+        assert fused.seg_hidden.shape == plain.seg_hidden.shape
+        if plain.seg_hidden.numel():
+            scale = plain.seg_hidden.float().abs().max()
+            assert float((fused.seg_hidden.float() - plain.seg_hidden.float()).abs().max()) <= 0.05 * scale
+        if plain.masks.numel():
+            assert float((fused.masks == plain.masks).float().mean()) >= 0.98
+    assert any(p.masks.shape[0] for p in kernel_run)
+
+
 def test_fused_kernels_in_the_engine_change_only_rounding(tokenizer, token_ids, monkeypatch):
     """bf16 on the GPU: the engine with the fused RMSNorm and SiLU-product kernels, against the engine
     with the PyTorch calls: the same answers, [SEG] states equal to bf16 rounding, masks that agree."""
     from engine import fused_kernels
 
-    model = tiny_model(token_ids, len(tokenizer), seed=3, dtype=torch.bfloat16).to("cuda")
-    pack_qkv(model.language_model.model)
-    pack_gate_up(model.language_model.model)
-    works = _work(model, tokenizer, [(40, 60), (64, 32), (23, 77)], [3, 1, 4])
-    hook = _hook(token_ids)
+    model, works, hook = bf16_engine_work(tokenizer, token_ids)
     calls = []
     for name in ("rms_norm_weighted", "silu_mul"):
         original = getattr(fused_kernels, name)
@@ -220,12 +238,4 @@ def test_fused_kernels_in_the_engine_change_only_rounding(tokenizer, token_ids, 
         engine = BatchedInference(model, EngineConfig(slots_per_group=3, first_capacity=4), logits_hook=hook)
         runs[fused] = [p for ps in engine.run(works, 9) for p in ps]
         assert bool(calls) == fused and (not fused or set(calls) == {"rms_norm_weighted", "silu_mul"})
-    for plain, fused in zip(runs[False], runs[True]):
-        assert fused.output_ids == plain.output_ids
-        assert fused.seg_hidden.shape == plain.seg_hidden.shape
-        if plain.seg_hidden.numel():
-            scale = plain.seg_hidden.float().abs().max()
-            assert float((fused.seg_hidden.float() - plain.seg_hidden.float()).abs().max()) <= 0.05 * scale
-        if plain.masks.numel():
-            assert float((fused.masks == plain.masks).float().mean()) >= 0.98
-    assert any(p.masks.shape[0] for p in runs[True])
+    assert_only_rounding_differs(runs[False], runs[True])
